@@ -1,0 +1,158 @@
+"""LightningDataModule for HAM10000: validated load, lesion-level split, timm-configured transforms."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import pandas as pd
+import torch
+from torch.utils.data import DataLoader, WeightedRandomSampler
+
+from lesionnet.classes import CLASS_NAMES
+from lesionnet.data.dataset import LesionImageDataset
+from lesionnet.data.metadata import load_ham10000
+from lesionnet.data.split import SPLITS, check_splits_nonempty, load_split, save_split, split_lesions
+from lesionnet.data.transforms import build_eval_transform, build_train_transform, resolve_data_config
+
+log = logging.getLogger(__name__)
+
+IMBALANCE_MODES: tuple[str, ...] = ("none", "loss", "sampler")
+
+
+def embedded_sample_root() -> Path:
+    """The small real HAM10000 sample shipped inside the package (the default when data.root is unset)."""
+    return Path(str(resources.files("lesionnet.data") / "sample"))
+
+
+def class_weights(labels: Sequence[int], num_classes: int, power: float = 1.0) -> torch.Tensor:
+    """Inverse-frequency weights ``(N / (K * n_c)) ** power``: 1 = fully balanced, 0.5 = square root, 0 = none."""
+    counts = np.bincount(np.asarray(labels), minlength=num_classes).astype(float)
+    missing = [CLASS_NAMES[i] if num_classes == len(CLASS_NAMES) else i for i in np.flatnonzero(counts == 0)]
+    if missing:
+        raise ValueError(f"No training images for class(es) {missing}; cannot weight them.")
+    return torch.tensor((counts.sum() / (num_classes * counts)) ** power, dtype=torch.float32)
+
+
+class HAM10000DataModule(L.LightningDataModule):
+    """Reads a HAM10000-layout folder, splits it by lesion and serves train/val/test loaders.
+
+    ``backbone`` names the timm model whose pretrained data config fixes input size, mean/std and
+    interpolation; ``image_size``/``crop_pct`` override it (e.g. 96 px crops for CPU runs).
+    """
+
+    def __init__(
+        self,
+        backbone: str,
+        root: str | None = None,
+        image_size: int | Sequence[int] | None = None,
+        crop_pct: float | None = None,
+        split_fractions: Mapping[str, float] | None = None,
+        split_seed: int = 42,
+        split_file: str | None = None,
+        batch_size: int = 32,
+        eval_batch_size: int | None = None,
+        num_workers: int = 2,
+        pin_memory: bool = False,
+        imbalance: str = "none",
+        imbalance_power: float = 1.0,
+        augment: Mapping[str, Any] | None = None,
+        check_headers: bool = True,
+    ) -> None:
+        super().__init__()
+        if imbalance not in IMBALANCE_MODES:
+            raise ValueError(f"data.imbalance must be one of {list(IMBALANCE_MODES)}, got '{imbalance}'.")
+        if batch_size < 1:
+            raise ValueError(f"data.batch_size must be >= 1, got {batch_size}.")
+        self.root = Path(root).expanduser() if root else embedded_sample_root()
+        self.split_fractions = dict(split_fractions or {"train": 0.7, "val": 0.15, "test": 0.15})
+        self.split_seed = split_seed
+        self.split_file = split_file
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size or batch_size
+        self.num_workers = num_workers
+        self.pin_memory = pin_memory
+        self.imbalance = imbalance
+        self.imbalance_power = imbalance_power
+        self.augment = dict(augment or {})
+        self.check_headers = check_headers
+        self.class_names = CLASS_NAMES
+        self.data_config = resolve_data_config(backbone, image_size=image_size, crop_pct=crop_pct)
+        self.table: pd.DataFrame | None = None
+        self.datasets: dict[str, LesionImageDataset] = {}
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.table is not None:
+            return
+        if self.root == embedded_sample_root():
+            log.info("data.root not set: using the embedded HAM10000 sample at %s", self.root)
+        table = load_ham10000(self.root, check_headers=self.check_headers)
+        if self.split_file:
+            table["split"] = load_split(table, self.split_file)
+        else:
+            table["split"] = split_lesions(table, self.split_fractions, seed=self.split_seed)
+        check_splits_nonempty(table, tuple(s for s in SPLITS if self.split_file or self.split_fractions.get(s, 0) > 0))
+        table["label"] = table["dx"].map({c: i for i, c in enumerate(self.class_names)})
+        self.table = table
+        train_tf = build_train_transform(self.data_config, **self.augment)
+        eval_tf = build_eval_transform(self.data_config)
+        for split in SPLITS:
+            part = table[table["split"] == split]
+            self.datasets[split] = LesionImageDataset(
+                part["path"].tolist(), part["label"].tolist(), train_tf if split == "train" else eval_tf
+            )
+        log.info("Split (images): %s", {s: len(d) for s, d in self.datasets.items()})
+
+    @property
+    def loss_weights(self) -> torch.Tensor | None:
+        """Class weights for the loss when ``imbalance == 'loss'``, else None."""
+        if self.imbalance != "loss":
+            return None
+        return class_weights(self._train_labels(), len(self.class_names), self.imbalance_power)
+
+    def _train_labels(self) -> list[int]:
+        if "train" not in self.datasets:
+            self.setup("fit")
+        return self.datasets["train"].labels.tolist()
+
+    def save_split(self, path: str | Path) -> Path:
+        if self.table is None:
+            self.setup()
+        return save_split(self.table, path)
+
+    def split_summary(self) -> pd.DataFrame:
+        """Images per class and split (rows: dx, columns: splits), for logs and reports."""
+        if self.table is None:
+            self.setup()
+        return pd.crosstab(self.table["dx"], self.table["split"]).reindex(columns=list(SPLITS), fill_value=0)
+
+    def _loader(self, split: str, train: bool) -> DataLoader:
+        dataset = self.datasets[split]
+        sampler = None
+        if train and self.imbalance == "sampler":
+            weights = class_weights(self._train_labels(), len(self.class_names), self.imbalance_power)
+            sampler = WeightedRandomSampler(weights[dataset.labels].double(), num_samples=len(dataset))
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size if train else self.eval_batch_size,
+            shuffle=train and sampler is None,
+            sampler=sampler,
+            drop_last=train and len(dataset) > self.batch_size,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", train=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", train=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", train=False)

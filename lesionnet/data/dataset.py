@@ -1,0 +1,47 @@
+"""A map-style dataset over image paths and labels; a corrupt image stops training with its path."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+
+from lesionnet.data.metadata import DatasetError
+
+
+def read_rgb(path: str | Path) -> np.ndarray:
+    """Decode an image fully to an RGB uint8 array.
+
+    Pillow raises on truncated JPEGs (OpenCV would silently return a partly grey image), which is
+    why decoding goes through Pillow: a damaged file must never become a training sample.
+    """
+    try:
+        with Image.open(path) as img:
+            return np.asarray(img.convert("RGB"))
+    except (OSError, SyntaxError, ValueError) as err:
+        raise DatasetError(
+            f"Cannot decode image {path}: {err}. Replace it with the original file (re-download the "
+            "dataset) or delete its row from the metadata CSV."
+        ) from err
+
+
+class LesionImageDataset(Dataset):
+    """(image tensor, class index) pairs; ``transform`` is an albumentations pipeline."""
+
+    def __init__(self, paths: Sequence[str], labels: Sequence[int], transform: Callable[..., dict]) -> None:
+        if len(paths) != len(labels):
+            raise ValueError(f"{len(paths)} paths but {len(labels)} labels.")
+        self.paths = list(paths)
+        self.labels = torch.as_tensor(list(labels), dtype=torch.long)
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        image = self.transform(image=read_rgb(self.paths[index]))["image"]
+        return image, self.labels[index]

@@ -1,0 +1,139 @@
+"""Lesion-level stratified train/val/test split, saved and re-loadable so runs stay comparable.
+
+HAM10000 has up to six images of one lesion; an image-level split puts near-duplicates on both sides
+and inflates test accuracy. Here whole lesions are assigned to splits, per class, so class
+proportions are kept (at lesion level) and no lesion_id can appear in two splits.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from lesionnet.data.metadata import DatasetError, preview_items
+
+SPLITS: tuple[str, ...] = ("train", "val", "test")
+
+
+def _check_fractions(fractions: Mapping[str, float]) -> dict[str, float]:
+    unknown = set(fractions) - set(SPLITS)
+    if unknown:
+        raise ValueError(f"Unknown split name(s) {sorted(unknown)} in split fractions; use {list(SPLITS)}.")
+    out = {s: float(fractions.get(s, 0.0)) for s in SPLITS}
+    if any(v < 0 for v in out.values()) or out["train"] <= 0:
+        raise ValueError(f"Split fractions must be >= 0 with train > 0, got {out}.")
+    total = sum(out.values())
+    if abs(total - 1.0) > 1e-6:
+        raise ValueError(f"Split fractions must sum to 1, got {out} (sum {total:g}).")
+    return out
+
+
+def _allocate(n: int, fractions: dict[str, float]) -> dict[str, int]:
+    """Lesion counts per split for one class: every split with a positive fraction gets >= 1."""
+    active = [s for s in SPLITS if fractions[s] > 0]
+    counts = {s: 0 for s in SPLITS}
+    for s in active:
+        if s != "train":
+            counts[s] = max(1, round(n * fractions[s]))
+    counts["train"] = n - sum(counts.values())
+    return counts
+
+
+def split_lesions(df: pd.DataFrame, fractions: Mapping[str, float], seed: int) -> pd.Series:
+    """Assign every image to a split by its lesion; returns a Series of split names aligned to ``df``.
+
+    Stratified by dx at lesion level with a fixed seed. Raises if a class has too few lesions to put
+    at least one in every split with a positive fraction (a split without a class cannot measure it).
+    """
+    fr = _check_fractions(fractions)
+    lesions = df.drop_duplicates("lesion_id")[["lesion_id", "dx"]].sort_values("lesion_id")
+    rng = np.random.default_rng(seed)
+    assignment: dict[str, str] = {}
+    n_needed = sum(1 for v in fr.values() if v > 0)
+    for dx, group in lesions.groupby("dx", sort=True):
+        ids = group["lesion_id"].to_numpy()
+        if len(ids) < n_needed:
+            raise DatasetError(
+                f"Class '{dx}' has {len(ids)} lesion(s) but the split needs at least {n_needed} "
+                f"(one per split with a positive fraction: {fr}). Add data for '{dx}' or set its fraction "
+                "to 0 (e.g. data.split_fractions.test=0)."
+            )
+        counts = _allocate(len(ids), fr)
+        if counts["train"] < 1:
+            raise DatasetError(
+                f"Class '{dx}' has {len(ids)} lesion(s): too few to leave any for training after val/test "
+                f"({counts}). Add data for '{dx}' or lower the val/test fractions."
+            )
+        ids = rng.permutation(ids)
+        start = 0
+        for split in SPLITS:
+            for lesion in ids[start : start + counts[split]]:
+                assignment[lesion] = split
+            start += counts[split]
+    split = df["lesion_id"].map(assignment)
+    assert_no_leak(df.assign(split=split))
+    return split
+
+
+def assert_no_leak(df: pd.DataFrame) -> None:
+    """Raise if any lesion_id has images in more than one split."""
+    per_lesion = df.groupby("lesion_id")["split"].nunique()
+    leaked = per_lesion[per_lesion > 1].index
+    if len(leaked):
+        raise DatasetError(
+            f"Split leak: lesion(s) {preview_items(leaked)} have images in more than one split. "
+            "Use a lesion-level split (delete the split file to make a new one)."
+        )
+
+
+def check_splits_nonempty(df: pd.DataFrame, required: tuple[str, ...] = SPLITS) -> None:
+    """Every required split must hold images, or its metrics would be silently missing."""
+    counts = df["split"].value_counts()
+    empty = [s for s in required if counts.get(s, 0) == 0]
+    if empty:
+        raise DatasetError(
+            f"Split(s) {empty} are empty (counts: {counts.to_dict()}). Use more data or change "
+            "data.split_fractions so every split gets images."
+        )
+
+
+def save_split(df: pd.DataFrame, path: str | Path) -> Path:
+    """Write image_id, lesion_id, dx, split as CSV (the run's record of exactly which images were where)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    df[["image_id", "lesion_id", "dx", "split"]].to_csv(path, index=False)
+    return path
+
+
+def load_split(df: pd.DataFrame, path: str | Path) -> pd.Series:
+    """Apply a saved split file to ``df``; it must cover exactly these images and be leak-free."""
+    path = Path(path)
+    if not path.is_file():
+        raise DatasetError(f"Split file not found: {path}. Give the split.csv written by an earlier run.")
+    saved = pd.read_csv(path, dtype=str)
+    missing_cols = {"image_id", "split"} - set(saved.columns)
+    if missing_cols:
+        raise DatasetError(f"Split file {path} lacks column(s) {sorted(missing_cols)}.")
+    bad = ~saved["split"].isin(SPLITS)
+    if bad.any():
+        raise DatasetError(
+            f"Split file {path} has unknown split name(s) {sorted(saved.loc[bad, 'split'].unique())}; "
+            f"use {list(SPLITS)}."
+        )
+    mapping = saved.set_index("image_id")["split"]
+    if mapping.index.duplicated().any():
+        raise DatasetError(f"Split file {path} lists some image_id more than once.")
+    not_in_file = sorted(set(df["image_id"]) - set(mapping.index))
+    not_in_data = sorted(set(mapping.index) - set(df["image_id"]))
+    if not_in_file or not_in_data:
+        raise DatasetError(
+            f"Split file {path} does not match the dataset: {len(not_in_file)} image(s) missing from it "
+            f"({preview_items(not_in_file)}), {len(not_in_data)} listed but not in the data ({preview_items(not_in_data)}). "
+            "Use the split file written for this dataset, or drop data.split_file to make a new split."
+        )
+    split = df["image_id"].map(mapping)
+    assert_no_leak(df.assign(split=split))
+    return split

@@ -1,0 +1,156 @@
+"""LightningModule wrapping any timm backbone for 7-class lesion classification.
+
+Hyperparameters are plain data (strings, numbers, lists, dicts with Hydra ``_target_``), so a
+checkpoint carries everything needed to rebuild the model and its preprocessing and can be read
+with ``torch.load(weights_only=True)``; optimizer and scheduler are instantiated from that config.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import lightning as L
+import timm
+import torch
+import torch.nn.functional as F
+import torchmetrics as tm
+from hydra.utils import instantiate
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from timm.scheduler.scheduler import Scheduler as TimmScheduler
+from torchmetrics.classification import MulticlassAccuracy, MulticlassAUROC, MulticlassRecall
+from torchmetrics.wrappers import ClasswiseWrapper
+
+from lesionnet.classes import CLASS_NAMES
+
+DEFAULT_OPTIMIZER: dict[str, Any] = {
+    "_target_": "timm.optim.create_optimizer_v2", "_partial_": True, "opt": "adamw", "lr": 1e-3, "weight_decay": 0.05,
+}
+
+
+def plain(value: Any) -> Any:
+    """OmegaConf containers -> builtin types (checkpoints must hold plain data only)."""
+    if isinstance(value, DictConfig | ListConfig):
+        return OmegaConf.to_container(value, resolve=True)
+    if isinstance(value, tuple):
+        return [plain(v) for v in value]
+    if isinstance(value, Mapping):
+        return {k: plain(v) for k, v in value.items()}
+    return value
+
+
+def build_metrics(class_names: Sequence[str], prefix: str) -> tm.MetricCollection:
+    """Accuracy, balanced accuracy (macro recall), macro AUROC and recall per class, all on probabilities."""
+    n = len(class_names)
+    return tm.MetricCollection(
+        {
+            "acc": MulticlassAccuracy(n, average="micro"),
+            "balanced_acc": MulticlassRecall(n, average="macro"),
+            "auroc": MulticlassAUROC(n, average="macro"),
+            "recall": ClasswiseWrapper(MulticlassRecall(n, average=None), labels=list(class_names), prefix="recall_"),
+        },
+        prefix=f"{prefix}/",
+        compute_groups=False,  # ClasswiseWrapper must not share state with the macro recall
+    )
+
+
+class LesionClassifier(L.LightningModule):
+    """timm backbone + cross-entropy (optional class weights, label smoothing) + torchmetrics per stage."""
+
+    def __init__(
+        self,
+        backbone: str = "lesionnet_baseline",
+        pretrained: bool = False,
+        class_names: Sequence[str] = CLASS_NAMES,
+        model_kwargs: Mapping[str, Any] | None = None,
+        optimizer: Mapping[str, Any] | None = None,
+        scheduler: Mapping[str, Any] | None = None,
+        label_smoothing: float = 0.0,
+        class_weights: Sequence[float] | torch.Tensor | None = None,
+        data_config: Mapping[str, Any] | None = None,
+    ) -> None:
+        super().__init__()
+        if not 0.0 <= label_smoothing < 1.0:
+            raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}.")
+        if isinstance(class_weights, torch.Tensor):
+            class_weights = class_weights.tolist()
+        if class_weights is not None and len(class_weights) != len(class_names):
+            raise ValueError(f"{len(class_weights)} class weights for {len(class_names)} classes.")
+        self.save_hyperparameters({
+            "backbone": backbone, "pretrained": bool(pretrained), "class_names": list(class_names),
+            "model_kwargs": plain(model_kwargs or {}), "optimizer": plain(optimizer or DEFAULT_OPTIMIZER),
+            "scheduler": plain(scheduler), "label_smoothing": float(label_smoothing),
+            "class_weights": plain(class_weights), "data_config": plain(data_config),
+        })
+        self.model = timm.create_model(
+            backbone, pretrained=pretrained, num_classes=len(class_names), **self.hparams.model_kwargs
+        )
+        weights = torch.tensor(class_weights, dtype=torch.float32) if class_weights is not None else None
+        self.register_buffer("class_weights", weights, persistent=False)
+        # Separate attributes (not a ModuleDict keyed "train": that name is nn.Module.train).
+        self.train_metrics = build_metrics(class_names, "train")
+        self.val_metrics = build_metrics(class_names, "val")
+        self.test_metrics = build_metrics(class_names, "test")
+
+    def _metrics(self, stage: str) -> tm.MetricCollection:
+        return getattr(self, f"{stage}_metrics")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x)
+
+    def _shared_step(self, batch: tuple[torch.Tensor, torch.Tensor], stage: str) -> torch.Tensor:
+        images, targets = batch
+        logits = self(images)
+        loss = F.cross_entropy(logits, targets, weight=self.class_weights,
+                               label_smoothing=self.hparams.label_smoothing)
+        self._metrics(stage).update(logits.softmax(dim=-1), targets)
+        self.log(f"{stage}/loss", loss, on_step=stage == "train", on_epoch=True, prog_bar=True,
+                 batch_size=images.shape[0], sync_dist=stage != "train")
+        return loss
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        return self._shared_step(batch, "train")
+
+    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        self._shared_step(batch, "val")
+
+    def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        self._shared_step(batch, "test")
+
+    def predict_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        images = batch[0] if isinstance(batch, list | tuple) else batch
+        return self(images).softmax(dim=-1)
+
+    def _log_epoch_metrics(self, stage: str) -> None:
+        metrics = self._metrics(stage)
+        self.log_dict(metrics.compute(), prog_bar=False)
+        metrics.reset()
+
+    def on_train_epoch_end(self) -> None:
+        self._log_epoch_metrics("train")
+
+    def on_validation_epoch_end(self) -> None:
+        if not self.trainer.sanity_checking:
+            self._log_epoch_metrics("val")
+        self.val_metrics.reset()
+
+    def on_test_epoch_end(self) -> None:
+        self._log_epoch_metrics("test")
+
+    def configure_optimizers(self) -> Any:
+        optimizer = instantiate(self.hparams.optimizer)(self.model)
+        if not self.hparams.scheduler:
+            return optimizer
+        scheduler = instantiate(self.hparams.scheduler)(optimizer)
+        if isinstance(scheduler, tuple):  # timm's create_scheduler_v2 returns (scheduler, num_epochs)
+            scheduler = scheduler[0]
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
+
+    def lr_scheduler_step(self, scheduler: Any, metric: Any) -> None:
+        # timm schedulers are told which epoch starts next; torch ones just step.
+        if isinstance(scheduler, TimmScheduler):
+            scheduler.step(epoch=self.current_epoch + 1, metric=metric)
+        elif metric is None:
+            scheduler.step()
+        else:
+            scheduler.step(metric)
