@@ -131,7 +131,8 @@ def load_split(df: pd.DataFrame, path: str | Path) -> pd.Series:
     if not_in_file or not_in_data:
         raise DatasetError(
             f"Split file {path} does not match the dataset: {len(not_in_file)} image(s) missing from it "
-            f"({preview_items(not_in_file)}), {len(not_in_data)} listed but not in the data ({preview_items(not_in_data)}). "
+            f"({preview_items(not_in_file)}), {len(not_in_data)} listed but not in the data "
+            f"({preview_items(not_in_data)}). "
             "Use the split file written for this dataset, or drop data.split_file to make a new split."
         )
     split = df["image_id"].map(mapping)

@@ -1,0 +1,70 @@
+"""Shared fixtures: a tiny synthetic dataset in HAM10000's published layout, made fresh per test."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a hub miss must fail at once, never hang or download
+
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from lesionnet.classes import CLASS_NAMES
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+REAL_DATA = REPO_ROOT.parent / "shared" / "data"
+
+
+def write_image(path: Path, rng: np.random.Generator, size: tuple[int, int] = (40, 30)) -> None:
+    """A random RGB JPEG of ``size`` (width, height)."""
+    pixels = rng.integers(0, 256, size=(size[1], size[0], 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(path, quality=90)
+
+
+def make_ham_dir(
+    root: Path,
+    lesions_per_class: int = 6,
+    images_per_lesion: tuple[int, ...] = (1, 2, 3),
+    folders: tuple[str, ...] = ("images",),
+    seed: int = 0,
+) -> Path:
+    """Write HAM10000_metadata.csv and random images; lesions cycle through ``images_per_lesion`` images each."""
+    rng = np.random.default_rng(seed)
+    for folder in folders:
+        (root / folder).mkdir(parents=True, exist_ok=True)
+    rows, n = [], 0
+    for c, dx in enumerate(CLASS_NAMES):
+        for k in range(lesions_per_class):
+            lesion = f"HAM_{c:02d}{k:05d}"
+            for _ in range(images_per_lesion[k % len(images_per_lesion)]):
+                image_id = f"ISIC_{n:07d}"
+                write_image(root / folders[n % len(folders)] / f"{image_id}.jpg", rng)
+                rows.append({
+                    "lesion_id": lesion, "image_id": image_id, "dx": dx, "dx_type": "histo",
+                    "age": float(30 + n % 50), "sex": ("male", "female")[n % 2], "localization": "back",
+                })
+                n += 1
+    pd.DataFrame(rows).to_csv(root / "HAM10000_metadata.csv", index=False)
+    return root
+
+
+@pytest.fixture
+def ham_dir(tmp_path: Path) -> Path:
+    """A valid tiny dataset: 7 classes x 6 lesions x 1-3 images (84 images), 40x30 px."""
+    return make_ham_dir(tmp_path / "ham")
+
+
+@pytest.fixture
+def make_ham(tmp_path: Path) -> Callable[..., Path]:
+    """Factory for variants of the synthetic dataset (folder layout, lesion counts)."""
+    counter = iter(range(1000))
+
+    def factory(**kwargs: object) -> Path:
+        return make_ham_dir(tmp_path / f"ham{next(counter)}", **kwargs)
+
+    return factory

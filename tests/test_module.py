@@ -1,0 +1,77 @@
+"""LesionClassifier: loss options, metrics, optimizer/scheduler from plain config."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from timm.scheduler.scheduler import Scheduler
+
+from lesionnet.module import LesionClassifier, build_metrics
+
+SCHED = {"_target_": "timm.scheduler.create_scheduler_v2", "_partial_": True, "sched": "cosine", "num_epochs": 10,
+         "warmup_epochs": 0, "min_lr": 0.0}
+
+
+def test_hyperparameters_are_plain_data() -> None:
+    model = LesionClassifier(class_weights=torch.ones(7), data_config={"input_size": (3, 64, 64)})
+    allowed = (str, int, float, bool, type(None), list, dict)
+
+    def check(value: object) -> None:
+        assert isinstance(value, allowed), type(value)
+        if isinstance(value, dict):
+            for v in value.values():
+                check(v)
+        elif isinstance(value, list):
+            for v in value:
+                check(v)
+
+    check(dict(model.hparams))
+
+
+def test_class_weights_change_the_loss() -> None:
+    torch.manual_seed(0)
+    batch = (torch.randn(8, 3, 64, 64), torch.tensor([0, 0, 0, 0, 0, 0, 4, 4]))
+    plain_model = LesionClassifier()
+    weighted = LesionClassifier(class_weights=[1, 1, 1, 1, 10, 1, 1])
+    weighted.load_state_dict(plain_model.state_dict())
+    plain_model.eval(), weighted.eval()
+    logits = plain_model(batch[0])
+    expected = torch.nn.functional.cross_entropy(logits, batch[1], weight=torch.tensor([1., 1, 1, 1, 10, 1, 1]))
+    plain_model.log = weighted.log = lambda *a, **k: None  # not attached to a Trainer
+    assert weighted._shared_step(batch, "val").item() == pytest.approx(expected.item(), rel=1e-5)
+    assert plain_model._shared_step(batch, "val").item() != pytest.approx(expected.item(), rel=1e-3)
+
+
+def test_wrong_number_of_class_weights_is_rejected() -> None:
+    with pytest.raises(ValueError, match="3 class weights for 7 classes"):
+        LesionClassifier(class_weights=[1, 2, 3])
+
+
+def test_timm_scheduler_is_stepped_by_epoch() -> None:
+    model = LesionClassifier(scheduler=SCHED)
+    conf = model.configure_optimizers()
+    optimizer, scheduler = conf["optimizer"], conf["lr_scheduler"]["scheduler"]
+    assert isinstance(scheduler, Scheduler)
+    lr0 = optimizer.param_groups[0]["lr"]
+    scheduler.step(epoch=5)
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(lr0 / 2, rel=1e-6)  # cosine midpoint
+
+
+def test_optimizer_skips_frozen_parameters() -> None:
+    model = LesionClassifier()
+    for p in model.model.features.parameters():
+        p.requires_grad_(False)
+    optimizer = model.configure_optimizers()
+    in_optimizer = {id(p) for g in optimizer.param_groups for p in g["params"]}
+    assert not any(id(p) in in_optimizer for p in model.model.features.parameters())
+    assert all(id(p) in in_optimizer for p in model.model.classifier.parameters())
+
+
+def test_metrics_match_hand_computed_values() -> None:
+    metrics = build_metrics(["a", "b", "c"], "val")
+    probs = torch.tensor([[0.8, 0.1, 0.1], [0.6, 0.3, 0.1], [0.2, 0.7, 0.1], [0.1, 0.2, 0.7]])
+    targets = torch.tensor([0, 1, 1, 2])
+    out = metrics(probs, targets)
+    assert out["val/acc"].item() == pytest.approx(3 / 4)
+    assert out["val/balanced_acc"].item() == pytest.approx((1 + 0.5 + 1) / 3)
+    assert out["val/recall_b"].item() == pytest.approx(0.5)

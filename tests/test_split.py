@@ -1,0 +1,104 @@
+"""Lesion-level split: leak-free, stratified, reproducible, saved and reloadable, with clear errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from lesionnet.data.metadata import DatasetError, load_ham10000
+from lesionnet.data.split import SPLITS, assert_no_leak, check_splits_nonempty, load_split, save_split, split_lesions
+
+FRACTIONS = {"train": 0.6, "val": 0.2, "test": 0.2}
+
+
+@pytest.fixture
+def table(ham_dir: Path) -> pd.DataFrame:
+    return load_ham10000(ham_dir)
+
+
+def test_no_lesion_appears_in_two_splits(table: pd.DataFrame) -> None:
+    split = split_lesions(table, FRACTIONS, seed=0)
+    assert (table.assign(split=split).groupby("lesion_id")["split"].nunique() == 1).all()
+
+
+def test_every_class_is_in_every_split_in_proportion(table: pd.DataFrame) -> None:
+    split = split_lesions(table, FRACTIONS, seed=0)
+    lesions = table.assign(split=split).drop_duplicates("lesion_id")
+    counts = pd.crosstab(lesions["dx"], lesions["split"])
+    # 6 lesions per class at 60/20/20 -> 4/1/1 for every class
+    assert (counts["train"] == 4).all() and (counts["val"] == 1).all() and (counts["test"] == 1).all()
+
+
+def test_same_seed_same_split_other_seed_other_split(table: pd.DataFrame) -> None:
+    a = split_lesions(table, FRACTIONS, seed=3)
+    assert a.equals(split_lesions(table, FRACTIONS, seed=3))
+    assert not a.equals(split_lesions(table, FRACTIONS, seed=4))
+
+
+def test_split_does_not_depend_on_row_order(table: pd.DataFrame) -> None:
+    a = table.assign(split=split_lesions(table, FRACTIONS, seed=1)).set_index("image_id")["split"]
+    shuffled = table.sample(frac=1.0, random_state=0).reset_index(drop=True)
+    b = shuffled.assign(split=split_lesions(shuffled, FRACTIONS, seed=1)).set_index("image_id")["split"]
+    assert a.sort_index().equals(b.sort_index())
+
+
+def test_class_with_too_few_lesions_names_the_class(make_ham) -> None:
+    table = load_ham10000(make_ham(lesions_per_class=2))
+    with pytest.raises(DatasetError, match=r"Class 'akiec' has 2 lesion\(s\) but the split needs at least 3"):
+        split_lesions(table, FRACTIONS, seed=0)
+
+
+def test_zero_test_fraction_needs_only_two_lesions(make_ham) -> None:
+    table = load_ham10000(make_ham(lesions_per_class=2))
+    split = split_lesions(table, {"train": 0.5, "val": 0.5, "test": 0.0}, seed=0)
+    assert set(split) == {"train", "val"}
+
+
+@pytest.mark.parametrize(
+    "fractions, message",
+    [
+        ({"train": 0.5, "val": 0.2, "test": 0.2}, "sum to 1"),
+        ({"train": 0.8, "valid": 0.2}, "Unknown split name"),
+        ({"train": 0.0, "val": 0.5, "test": 0.5}, "train > 0"),
+    ],
+)
+def test_bad_fractions_are_rejected(table: pd.DataFrame, fractions: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        split_lesions(table, fractions, seed=0)
+
+
+def test_saved_split_reloads_identically(table: pd.DataFrame, tmp_path: Path) -> None:
+    table["split"] = split_lesions(table, FRACTIONS, seed=5)
+    path = save_split(table, tmp_path / "run" / "split.csv")
+    reloaded = load_split(table.drop(columns="split"), path)
+    assert reloaded.equals(table["split"])
+
+
+def test_split_file_for_other_data_is_rejected(table: pd.DataFrame, tmp_path: Path) -> None:
+    table["split"] = split_lesions(table, FRACTIONS, seed=5)
+    path = save_split(table.iloc[:-2], tmp_path / "split.csv")
+    with pytest.raises(DatasetError, match=r"2 image\(s\) missing from it"):
+        load_split(table, path)
+
+
+def test_leaky_split_file_is_rejected(table: pd.DataFrame, tmp_path: Path) -> None:
+    table["split"] = split_lesions(table, FRACTIONS, seed=5)
+    multi = table.lesion_id[table.lesion_id.duplicated()].iloc[0]
+    rows = table.index[table.lesion_id == multi]
+    table.loc[rows[0], "split"] = "train"
+    table.loc[rows[1], "split"] = "test"
+    path = save_split(table, tmp_path / "split.csv")
+    with pytest.raises(DatasetError, match=rf"Split leak: lesion\(s\) {multi}"):
+        load_split(table.drop(columns="split"), path)
+
+
+def test_assert_no_leak_passes_on_clean_split(table: pd.DataFrame) -> None:
+    assert_no_leak(table.assign(split=split_lesions(table, FRACTIONS, seed=0)))
+
+
+def test_empty_split_is_an_error(table: pd.DataFrame) -> None:
+    with pytest.raises(DatasetError, match=r"Split\(s\) \['test'\] are empty"):
+        check_splits_nonempty(table.assign(split="train").assign(split=lambda d: d["split"].where(
+            d.index % 2 == 0, "val")), SPLITS)
