@@ -182,6 +182,8 @@ def _open(spec: FileSpec, offset: int, settings: Settings) -> http.client.HTTPRe
         ) from err
     except (URLError, OSError, http.client.HTTPException) as err:
         raise TransientError(str(getattr(err, "reason", err))) from err
+    except ValueError as err:  # urllib's answer to a malformed or unsupported url
+        raise DownloadError(f"Cannot download {spec.name}: {err}. Fix its url in the download config.") from err
 
 
 def _start_and_total(response: http.client.HTTPResponse, offset: int, spec: FileSpec) -> tuple[int, int | None]:
@@ -217,10 +219,17 @@ def _download_once(spec: FileSpec, part: Path, settings: Settings) -> None:
     if response is None:
         return
     with response:
-        start, total = _start_and_total(response, offset, spec)
-        with part.open("ab" if start else "wb") as out, tqdm(
-            total=total, initial=start, unit="B", unit_scale=True, unit_divisor=1024, desc=spec.name, leave=False
-        ) as bar:
+        try:
+            start, total = _start_and_total(response, offset, spec)
+        except TransientError:
+            part.unlink()  # the server will not continue where we stopped: the retry starts from 0
+            raise
+        with (
+            part.open("ab" if start else "wb") as out,
+            tqdm(
+                total=total, initial=start, unit="B", unit_scale=True, unit_divisor=1024, desc=spec.name, leave=False
+            ) as bar,
+        ):
             while chunk := _read(response):
                 out.write(chunk)
                 bar.update(len(chunk))
@@ -392,7 +401,10 @@ def build_isic_metadata(dest: Path, convert: dict[str, str]) -> None:
     gt_path, groups_path = dest / convert["ground_truth"], dest / convert["lesion_groupings"]
     for p in (gt_path, groups_path):
         if not p.is_file():
-            raise DatasetError(f"{p} is missing after download. Run the command again with --force.")
+            raise DatasetError(
+                f"{p} is missing after unpacking, so the archives are laid out differently from what the "
+                "download config expects: check the target, strip_prefix and convert paths of this source."
+            )
     gt, groups = pd.read_csv(gt_path), pd.read_csv(groups_path, dtype=str)
     columns = [c.upper() for c in CLASS_NAMES]
     if "image" not in gt.columns or not set(columns) <= set(gt.columns):
@@ -435,7 +447,8 @@ def fetch_file(spec: FileSpec, dest: Path, settings: Settings, state: dict[str, 
     """Download (or reuse a kept archive), verify, install and record one file."""
     archive = dest / DOWNLOADS_DIR / spec.name
     if archive.is_file():
-        print(f"{spec.name}: verifying the kept archive")
+        print(f"{spec.name}: verifying the kept archive {archive}")
+        verify(archive, spec)
     else:
         part = dest / PARTIAL_DIR / f"{spec.name}.part"
         print(f"{spec.name}: downloading from {spec.url}")
@@ -443,7 +456,6 @@ def fetch_file(spec: FileSpec, dest: Path, settings: Settings, state: dict[str, 
         verify(part, spec)
         archive.parent.mkdir(parents=True, exist_ok=True)
         part.replace(archive)
-    verify(archive, spec)
     files = install(archive, spec, dest)
     state[spec.name] = {"url": spec.url, "md5": spec.md5, "files": files}
     write_state(dest, state)
@@ -487,6 +499,9 @@ def run(dest: Path, config: Path, source_name: str, keep: bool = False, force: b
         if kind not in CONVERTERS:
             raise DownloadError(f"{config}: unknown convert kind {kind!r}; known: {sorted(CONVERTERS)}.")
         CONVERTERS[kind](dest, source.convert)
+    for work_dir in (PARTIAL_DIR, DOWNLOADS_DIR):  # leave no empty bookkeeping folders behind
+        if (dest / work_dir).is_dir() and not any((dest / work_dir).iterdir()):
+            (dest / work_dir).rmdir()
     return check_dataset(dest, source)
 
 
@@ -513,7 +528,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 1
     except OSError as err:
-        print(f"error: {err}. Check that {dest} is writable and has space, then run the command again.", file=sys.stderr)
+        print(
+            f"error: {err}. Check that {dest} is writable and has space, then run the command again.", file=sys.stderr
+        )
         return 1
     except KeyboardInterrupt:
         print("interrupted; run the command again to resume.", file=sys.stderr)
