@@ -11,7 +11,6 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import lightning as L
-import timm
 import torch
 import torch.nn.functional as F
 import torchmetrics as tm
@@ -22,6 +21,8 @@ from torchmetrics.classification import MulticlassAccuracy, MulticlassAUROC, Mul
 from torchmetrics.wrappers import ClasswiseWrapper
 
 from lesionnet.classes import CLASS_NAMES
+from lesionnet.finetune import apply_finetune
+from lesionnet.models.factory import create_backbone
 
 DEFAULT_OPTIMIZER: dict[str, Any] = {
     "_target_": "timm.optim.create_optimizer_v2", "_partial_": True, "opt": "adamw", "lr": 1e-3, "weight_decay": 0.05,
@@ -61,8 +62,10 @@ class LesionClassifier(L.LightningModule):
         self,
         backbone: str = "lesionnet_baseline",
         pretrained: bool = False,
+        pretrained_file: str | None = None,
         class_names: Sequence[str] = CLASS_NAMES,
         model_kwargs: Mapping[str, Any] | None = None,
+        finetune: Mapping[str, Any] | None = None,
         optimizer: Mapping[str, Any] | None = None,
         scheduler: Mapping[str, Any] | None = None,
         label_smoothing: float = 0.0,
@@ -77,14 +80,18 @@ class LesionClassifier(L.LightningModule):
         if class_weights is not None and len(class_weights) != len(class_names):
             raise ValueError(f"{len(class_weights)} class weights for {len(class_names)} classes.")
         self.save_hyperparameters({
-            "backbone": backbone, "pretrained": bool(pretrained), "class_names": list(class_names),
-            "model_kwargs": plain(model_kwargs or {}), "optimizer": plain(optimizer or DEFAULT_OPTIMIZER),
+            "backbone": backbone, "pretrained": bool(pretrained),
+            "pretrained_file": str(pretrained_file) if pretrained_file else None, "class_names": list(class_names),
+            "model_kwargs": plain(model_kwargs or {}), "finetune": plain(finetune or {"policy": "all"}),
+            "optimizer": plain(optimizer or DEFAULT_OPTIMIZER),
             "scheduler": plain(scheduler), "label_smoothing": float(label_smoothing),
             "class_weights": plain(class_weights), "data_config": plain(data_config),
         })
-        self.model = timm.create_model(
-            backbone, pretrained=pretrained, num_classes=len(class_names), **self.hparams.model_kwargs
+        self.model = create_backbone(
+            backbone, len(class_names), pretrained, self.hparams.pretrained_file, **self.hparams.model_kwargs
         )
+        # Freezing happens here, so a checkpoint rebuilt from its hparams has the same frozen parts.
+        self.frozen_modules = apply_finetune(self.model, **self.hparams.finetune)
         weights = torch.tensor(class_weights, dtype=torch.float32) if class_weights is not None else None
         self.register_buffer("class_weights", weights, persistent=False)
         # Separate attributes (not a ModuleDict keyed "train": that name is nn.Module.train).

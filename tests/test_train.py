@@ -81,11 +81,11 @@ def _group_options(group: str) -> list[str]:
 
 @pytest.mark.parametrize(
     "override",
-    [f"{g}={o}" for g in ("data", "model", "trainer", "callbacks", "logger") for o in _group_options(g)]
+    [f"{g}={o}" for g in ("data", "model", "finetune", "trainer", "callbacks", "logger") for o in _group_options(g)]
     + [f"experiment={o}" for o in _group_options("experiment")],
 )
 def test_every_config_composes_and_instantiates(override: str, tmp_path: Path) -> None:
-    cfg = compose_train([override, f"paths.output_dir={tmp_path}", "data.num_workers=0"])
+    cfg = compose_train([override, f"paths.output_dir={tmp_path}", "data.num_workers=0", "model.pretrained=false"])
     dm = instantiate(cfg.data)
     assert dm.data_config["input_size"][0] == 3
     model = instantiate(cfg.model, _recursive_=False)
