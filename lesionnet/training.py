@@ -64,6 +64,7 @@ def train(cfg: DictConfig) -> float | None:
     summary = {
         "backbone": cfg.model.backbone,
         "monitor": cfg.monitor,
+        "model": model.describe(),
         "best_checkpoint": best,
         "epochs_trained": trainer.current_epoch,
         "fit_seconds": round(fit_seconds, 1),

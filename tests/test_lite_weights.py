@@ -7,6 +7,7 @@ import os
 os.environ["HF_HUB_OFFLINE"] = "1"  # any hub lookup must fail at once, never download
 
 import socket
+from collections.abc import Iterator
 from functools import cache
 from pathlib import Path
 
@@ -63,6 +64,15 @@ def _reference_model(variant: str, **override: object) -> torch.nn.Module:
     return package.EfficientNet.from_pretrained(name, weights_path=str(package_weight_path(variant)), **override).eval()
 
 
+@pytest.fixture(autouse=True)
+def one_thread() -> Iterator[None]:
+    """Single-threaded forwards: quicker than oversubscribed ones on a small, busy CPU."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def no_network(monkeypatch: pytest.MonkeyPatch) -> None:
     """Fail loudly on any socket connection or timm download attempt."""
@@ -71,9 +81,8 @@ def no_network(monkeypatch: pytest.MonkeyPatch) -> None:
         raise AssertionError("network access attempted")
 
     monkeypatch.setattr(socket.socket, "connect", refuse)
-    monkeypatch.setattr(timm.models._builder, "load_state_dict_from_hf", refuse)
-    monkeypatch.setattr(timm.models._builder, "load_state_dict_from_url", refuse)
-    monkeypatch.setattr(timm.models._builder, "download_cached_file", refuse)
+    for name in ("load_state_dict_from_hf", "load_state_dict_from_url", "download_cached_file"):
+        monkeypatch.setattr(timm.models._builder, name, refuse, raising=False)
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
@@ -103,6 +112,13 @@ def test_same_padding_matches_reference_at_other_input_sizes() -> None:
     with torch.no_grad():
         ours, ref = _timm_model(LITE0)(x), _reference_model(LITE0, image_size=None)(x)
     torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_missing_bn_counters_are_zero_filled() -> None:
+    src = {k: v for k, v in _source(LITE0).items() if not k.endswith("num_batches_tracked")}
+    out = convert_lite_state_dict(src, LITE0)
+    timm.create_model(LITE0, pretrained=False).load_state_dict(out, strict=True)
+    assert out["bn1.num_batches_tracked"].item() == 0
 
 
 def test_shape_mismatch_is_a_clear_error() -> None:
