@@ -8,7 +8,16 @@ import pandas as pd
 import pytest
 
 from lesionnet.data.metadata import DatasetError, load_ham10000
-from lesionnet.data.split import SPLITS, assert_no_leak, check_splits_nonempty, load_split, save_split, split_lesions
+from lesionnet.data.split import (
+    SPLITS,
+    assert_no_leak,
+    check_splits_nonempty,
+    lesion_overlap,
+    load_split,
+    save_split,
+    split_images_legacy,
+    split_lesions,
+)
 
 FRACTIONS = {"train": 0.6, "val": 0.2, "test": 0.2}
 
@@ -102,3 +111,20 @@ def test_empty_split_is_an_error(table: pd.DataFrame) -> None:
     with pytest.raises(DatasetError, match=r"Split\(s\) \['test'\] are empty"):
         check_splits_nonempty(table.assign(split="train").assign(split=lambda d: d["split"].where(
             d.index % 2 == 0, "val")), SPLITS)
+
+
+def test_legacy_split_is_image_level_with_the_seed_proportions(make_ham) -> None:
+    table = load_ham10000(make_ham(lesions_per_class=20))  # 140 lesions, 273 images
+    split = split_images_legacy(table, seed=0)
+    counts = split.value_counts().to_dict()
+    assert counts == {"test": 28, "val": 25, "train": 220}  # ceil(10%) then ceil(10% of the rest), as the seed
+    assert lesion_overlap(table.assign(split=split), "train", "test") > 0  # the leak it reproduces
+    assert split.equals(split_images_legacy(table, seed=0))
+
+
+def test_legacy_split_file_loads_only_when_leaks_are_allowed(table: pd.DataFrame, tmp_path: Path) -> None:
+    table["split"] = split_images_legacy(table, seed=3)
+    path = save_split(table, tmp_path / "legacy.csv")
+    with pytest.raises(DatasetError, match="Split leak"):
+        load_split(table.drop(columns="split"), path)
+    assert load_split(table.drop(columns="split"), path, allow_leak=True).equals(table["split"])

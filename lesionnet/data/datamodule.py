@@ -17,12 +17,21 @@ from torch.utils.data import DataLoader, WeightedRandomSampler
 from lesionnet.classes import CLASS_NAMES
 from lesionnet.data.dataset import LesionImageDataset
 from lesionnet.data.metadata import load_ham10000
-from lesionnet.data.split import SPLITS, check_splits_nonempty, load_split, save_split, split_lesions
+from lesionnet.data.split import (
+    SPLITS,
+    check_splits_nonempty,
+    lesion_overlap,
+    load_split,
+    save_split,
+    split_images_legacy,
+    split_lesions,
+)
 from lesionnet.data.transforms import build_eval_transform, build_train_transform, resolve_data_config
 
 log = logging.getLogger(__name__)
 
 IMBALANCE_MODES: tuple[str, ...] = ("none", "loss", "sampler")
+SPLIT_MODES: tuple[str, ...] = ("lesion", "legacy")
 
 
 def embedded_sample_root() -> Path:
@@ -52,6 +61,7 @@ class HAM10000DataModule(L.LightningDataModule):
         root: str | None = None,
         image_size: int | Sequence[int] | None = None,
         crop_pct: float | None = None,
+        split: str = "lesion",
         split_fractions: Mapping[str, float] | None = None,
         split_seed: int = 42,
         split_file: str | None = None,
@@ -67,9 +77,12 @@ class HAM10000DataModule(L.LightningDataModule):
         super().__init__()
         if imbalance not in IMBALANCE_MODES:
             raise ValueError(f"data.imbalance must be one of {list(IMBALANCE_MODES)}, got '{imbalance}'.")
+        if split not in SPLIT_MODES:
+            raise ValueError(f"data.split must be one of {list(SPLIT_MODES)}, got '{split}'.")
         if batch_size < 1:
             raise ValueError(f"data.batch_size must be >= 1, got {batch_size}.")
         self.root = Path(root).expanduser() if root else embedded_sample_root()
+        self.split = split
         self.split_fractions = dict(split_fractions or {"train": 0.7, "val": 0.15, "test": 0.15})
         self.split_seed = split_seed
         self.split_file = split_file
@@ -92,11 +105,23 @@ class HAM10000DataModule(L.LightningDataModule):
         if self.root == embedded_sample_root():
             log.info("data.root not set: using the embedded HAM10000 sample at %s", self.root)
         table = load_ham10000(self.root, check_headers=self.check_headers)
+        legacy = self.split == "legacy"
         if self.split_file:
-            table["split"] = load_split(table, self.split_file)
+            table["split"] = load_split(table, self.split_file, allow_leak=legacy)
+        elif legacy:
+            table["split"] = split_images_legacy(table, seed=self.split_seed)
         else:
             table["split"] = split_lesions(table, self.split_fractions, seed=self.split_seed)
-        check_splits_nonempty(table, tuple(s for s in SPLITS if self.split_file or self.split_fractions.get(s, 0) > 0))
+        if legacy:
+            log.warning(
+                "data.split=legacy: image-level split as in the seed project; %d test lesions also have images in "
+                "train, so test figures are optimistic. Use it only to compare with the seed's table.",
+                lesion_overlap(table, "train", "test"),
+            )
+        required = SPLITS if self.split_file or legacy else tuple(
+            s for s in SPLITS if self.split_fractions.get(s, 0) > 0
+        )
+        check_splits_nonempty(table, required)
         table["label"] = table["dx"].map({c: i for i, c in enumerate(self.class_names)})
         self.table = table
         train_tf = build_train_transform(self.data_config, **self.augment)

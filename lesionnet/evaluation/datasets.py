@@ -1,0 +1,108 @@
+"""What to evaluate on: a training run's saved split, or an external (labelled or not) image folder.
+
+Labels come as a CSV ``image_id,dx`` (HAM10000 codes) or in the ISIC 2018 Task 3 ground-truth
+format (``image,MEL,NV,BCC,AKIEC,BKL,DF,VASC`` one-hot). Predictions are written in the ISIC 2018
+Task 3 submission format so the official scorer (``isic-challenge-scoring``) can check them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from lesionnet.classes import CLASS_NAMES
+from lesionnet.data.metadata import DatasetError, load_ham10000, preview_items
+from lesionnet.data.split import load_split
+
+ISIC_COLUMNS: tuple[str, ...] = ("MEL", "NV", "BCC", "AKIEC", "BKL", "DF", "VASC")
+IMAGE_SUFFIXES: tuple[str, ...] = (".jpg", ".jpeg", ".png")
+
+
+def run_split_table(run_dir: Path, data_root: str | Path, split: str) -> pd.DataFrame:
+    """Images of one split (train/val/test) of a train.py run, as saved in its split.csv."""
+    table = load_ham10000(data_root)
+    table["split"] = load_split(table, run_dir / "split.csv", allow_leak=True)
+    part = table[table["split"] == split].reset_index(drop=True)
+    if part.empty:
+        raise DatasetError(f"Split '{split}' of {run_dir / 'split.csv'} is empty; use data.split=test or val.")
+    return part
+
+
+def read_labels(path: str | Path, class_names: Sequence[str] = CLASS_NAMES) -> pd.DataFrame:
+    """``image_id, dx`` from a HAM10000-style CSV or an ISIC 2018 Task 3 ground-truth CSV."""
+    path = Path(path)
+    if not path.is_file():
+        raise DatasetError(f"Labels file not found: {path}.")
+    df = pd.read_csv(path, dtype={"image_id": str, "image": str})
+    if {"image_id", "dx"} <= set(df.columns):
+        labels = df[["image_id", "dx"]].copy()
+    elif {"image", *ISIC_COLUMNS} <= set(df.columns):
+        onehot = df[list(ISIC_COLUMNS)].to_numpy(dtype=float)
+        bad = ~np.isclose(onehot.sum(axis=1), 1.0) | ~np.isin(onehot, (0.0, 1.0)).all(axis=1)
+        if bad.any():
+            raise DatasetError(f"{path}: rows {preview_items(np.flatnonzero(bad) + 2)} are not one-hot.")
+        labels = pd.DataFrame({"image_id": df["image"], "dx": [ISIC_COLUMNS[i].lower() for i in onehot.argmax(1)]})
+    else:
+        raise DatasetError(
+            f"{path}: unknown labels format (columns {list(df.columns)}). Use a CSV with image_id,dx or the ISIC "
+            f"2018 Task 3 ground truth with image,{','.join(ISIC_COLUMNS)}."
+        )
+    unknown = sorted(set(labels["dx"]) - set(class_names))
+    if unknown:
+        raise DatasetError(f"{path}: labels {unknown} are not among the model's classes {list(class_names)}.")
+    if labels["image_id"].duplicated().any():
+        raise DatasetError(f"{path}: some images are labelled twice: "
+                           f"{preview_items(labels.loc[labels['image_id'].duplicated(), 'image_id'])}.")
+    return labels.reset_index(drop=True)
+
+
+def folder_images(folder: str | Path) -> pd.DataFrame:
+    """Every image file (jpg/jpeg/png) in ``folder`` as ``image_id, path``."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise DatasetError(f"Image folder not found: {folder}.")
+    paths = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not paths:
+        raise DatasetError(f"No .jpg/.jpeg/.png images in {folder}.")
+    return pd.DataFrame({"image_id": [p.stem for p in paths], "path": [str(p) for p in paths]})
+
+
+def external_table(images: str | Path, labels: str | Path | None, class_names: Sequence[str]) -> pd.DataFrame:
+    """An external set: every image of the folder, with ``dx`` when a labels file is given."""
+    found = folder_images(images)
+    if labels is None:
+        return found
+    labelled = read_labels(labels, class_names)
+    table = labelled.merge(found, on="image_id", how="left")
+    missing = table["path"].isna()
+    if missing.any():
+        raise DatasetError(
+            f"{int(missing.sum())} labelled image(s) have no file in {images}: "
+            f"{preview_items(table.loc[missing, 'image_id'])}. Add the images or remove their label rows."
+        )
+    return table
+
+
+def write_isic_predictions(image_ids: Sequence[str], probs: np.ndarray, class_names: Sequence[str],
+                           path: Path) -> Path:
+    """Probabilities as an ISIC 2018 Task 3 submission CSV (``image,MEL,NV,BCC,AKIEC,BKL,DF,VASC``)."""
+    lower = [c.lower() for c in ISIC_COLUMNS]
+    if sorted(class_names) != sorted(lower):
+        raise ValueError(f"The ISIC 2018 format needs the 7 HAM10000 classes, the model has {list(class_names)}.")
+    order = [list(class_names).index(c) for c in lower]
+    frame = pd.DataFrame(probs[:, order], columns=list(ISIC_COLUMNS))
+    frame.insert(0, "image", list(image_ids))
+    frame.to_csv(path, index=False, float_format="%.6f")
+    return path
+
+
+def write_isic_ground_truth(image_ids: Sequence[str], dx: Sequence[str], path: Path) -> Path:
+    """Labels as an ISIC 2018 Task 3 ground-truth CSV, so the official scorer can be run on our outputs."""
+    frame = pd.DataFrame({"image": list(image_ids)})
+    for column in ISIC_COLUMNS:
+        frame[column] = [1.0 if d == column.lower() else 0.0 for d in dx]
+    frame.to_csv(path, index=False)
+    return path
