@@ -1,0 +1,4 @@
+"""LesionNet web app: a FastAPI server that classifies one uploaded lesion photo and explains the answer.
+
+Run with ``python -m lesionnet.app ckpt=... [scores=.../scores.json]``; see ``conf/serve.yaml``.
+"""
