@@ -7,4 +7,4 @@ PYTHON="${PYTHON:-python3}"
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
 .venv/bin/python -m pip install --quiet --upgrade pip
 .venv/bin/python -m pip install --quiet -c constraints.txt torch torchvision
-.venv/bin/python -m pip install --quiet -c constraints.txt -e ".[dev,lite]"
+.venv/bin/python -m pip install --quiet -c constraints.txt -e ".[dev,lite,app]"

@@ -1,0 +1,170 @@
+"""The decisions on top of the probabilities: when to say "see a dermatologist" and when to say "unsure".
+
+Referral: a lesion is flagged when P(melanoma) reaches the validation-chosen threshold from evaluate.py's
+``scores.json`` (the largest threshold that still caught ``mel_target_sensitivity`` of validation melanomas), or
+when the malignant classes together (mel + bcc + akiec) reach ``malignant_threshold``. Without a scores.json only
+the second rule applies, at a default of 0.3: below one half on purpose, because missing a cancer costs more than
+an unneeded visit; this default is NOT validated. Both rules use the raw ensemble probabilities, the ones the
+threshold was chosen on; the temperature from scores.json only calibrates the probabilities that are displayed.
+
+Unsure: the max softmax probability (MSP, Hendrycks & Gimpel 2017) or the negative energy (logsumexp of the logits,
+Liu et al. 2020) below a threshold set at a low quantile (default 5%) of its values on the training run's validation
+images: about 5% of genuine validation lesions are answered "unsure" by design.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from lesionnet.app.content import MALIGNANT
+from lesionnet.app.image_check import CheckThresholds, check_image
+from lesionnet.app.predictor import Output, Predictor
+from lesionnet.data.dataset import read_rgb
+from lesionnet.evaluation.checkpoints import CheckpointError
+
+log = logging.getLogger(__name__)
+ENSEMBLE = "ensemble"
+DEFAULT_MSP_THRESHOLD = 0.4  # unvalidated fallback: below it no class has even 40%
+
+
+# ----------------------------------------------------------------------------- scores.json
+
+
+def read_scores(path: str | Path, member_names: Sequence[str]) -> tuple[str, dict[str, Any], dict[str, Any]]:
+    """(model key, its scores, the whole file) of evaluate.py's scores.json for exactly these members."""
+    path = Path(path)
+    try:
+        result = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise CheckpointError(f"Cannot read scores file {path}: {err}. Give evaluate.py's scores.json.") from err
+    scores = result.get("scores")
+    if not isinstance(scores, dict):
+        raise CheckpointError(f"{path} has no 'scores' (was evaluate.py run on a labelled set?).")
+    if len(member_names) == 1:
+        key = member_names[0]
+    else:
+        key = ENSEMBLE
+        chosen = sorted(result.get("ensemble", {}).get("members", []))
+        if chosen != sorted(member_names):
+            raise CheckpointError(f"{path} scores an ensemble of {chosen}, but the server loads "
+                                  f"{sorted(member_names)}. Serve the same checkpoints that were evaluated.")
+    if key not in scores:
+        raise CheckpointError(f"{path} has no scores for '{key}' (it has {sorted(scores)}). Serve the checkpoint(s) "
+                              "that were evaluated.")
+    return key, scores[key], result
+
+
+# ----------------------------------------------------------------------------- referral
+
+
+@dataclass(frozen=True)
+class ReferralPolicy:
+    malignant_threshold: float = 0.3
+    melanoma_threshold: float | None = None
+    target_sensitivity: float | None = None
+    temperature: float = 1.0
+    source: str = "default malignant-probability rule (not validated)"
+
+    @classmethod
+    def from_scores(cls, scores: dict[str, Any] | None, malignant_threshold: float = 0.3) -> ReferralPolicy:
+        if not scores:
+            return cls(malignant_threshold=malignant_threshold)
+        val = (scores.get("melanoma") or {}).get("val_threshold") or {}
+        if val.get("threshold") is None:
+            return cls(malignant_threshold=malignant_threshold, temperature=float(scores.get("temperature") or 1.0))
+        return cls(
+            malignant_threshold=malignant_threshold, melanoma_threshold=float(val["threshold"]),
+            target_sensitivity=val.get("target_sensitivity"), temperature=float(scores.get("temperature") or 1.0),
+            source=f"melanoma threshold chosen on validation for {val.get('target_sensitivity')} sensitivity "
+                   "(evaluate.py scores.json), plus the malignant-probability rule",
+        )
+
+    def calibrate(self, probs: np.ndarray) -> np.ndarray:
+        """softmax(log p / T), as evaluate.py's temperature scaling."""
+        logits = np.log(np.clip(probs, 1e-12, 1.0)) / self.temperature
+        z = np.exp(logits - logits.max())
+        return z / z.sum()
+
+    def assess(self, probs: np.ndarray, class_names: Sequence[str]) -> dict[str, Any]:
+        """Whether to refer, and the plain reasons, from raw probabilities."""
+        p = dict(zip(class_names, (float(v) for v in probs), strict=True))
+        p_mel = p.get("mel", 0.0)
+        p_malignant = sum(v for k, v in p.items() if k in MALIGNANT)
+        reasons = []
+        if self.melanoma_threshold is not None and p_mel >= self.melanoma_threshold:
+            reasons.append(f"Melanoma probability {p_mel:.2f} is at or above {self.melanoma_threshold:.2f}, the level "
+                           f"that caught {self.target_sensitivity:.0%} of melanomas in validation.")
+        if p_malignant >= self.malignant_threshold:
+            reasons.append(f"Probability of a skin cancer or pre-cancer (melanoma, basal cell carcinoma, actinic "
+                           f"keratosis) together is {p_malignant:.2f}, at or above {self.malignant_threshold:.2f}.")
+        return {"refer": bool(reasons), "reasons": reasons, "melanoma_probability": p_mel,
+                "malignant_probability": p_malignant, "melanoma_threshold": self.melanoma_threshold,
+                "malignant_threshold": self.malignant_threshold, "threshold_source": self.source}
+
+
+# ----------------------------------------------------------------------------- unsure
+
+
+SCORES: dict[str, Callable[[Output], float]] = {"msp": lambda o: o.msp, "energy": lambda o: o.neg_energy}
+
+
+@dataclass(frozen=True)
+class ConfidenceGate:
+    """Answer "unsure" when the confidence score is below ``threshold``."""
+
+    method: str = "msp"
+    threshold: float = DEFAULT_MSP_THRESHOLD
+    source: str = "default (not validated)"
+    model_version: str | None = None
+    fit: dict[str, Any] | None = None
+
+    def __post_init__(self) -> None:
+        if self.method not in SCORES:
+            raise ValueError(f"Unknown confidence method '{self.method}'; use one of {sorted(SCORES)}.")
+
+    def score(self, out: Output) -> float:
+        return SCORES[self.method](out)
+
+    def unsure(self, out: Output) -> bool:
+        return self.score(out) < self.threshold
+
+    def save(self, path: Path) -> Path:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(asdict(self), indent=2))
+        return path
+
+    @classmethod
+    def load(cls, path: Path, model_version: str) -> ConfidenceGate:
+        gate = cls(**json.loads(Path(path).read_text()))
+        if gate.model_version != model_version:
+            raise CheckpointError(f"{path} was fitted for model {gate.model_version}, not {model_version}. Delete it "
+                                  "to refit, or give the matching checkpoints.")
+        return gate
+
+
+def fit_gate(predictor: Predictor, paths: Sequence[str | Path], method: str = "msp", quantile: float = 0.05,
+             check: CheckThresholds | None = None, batch_size: int = 32) -> ConfidenceGate:
+    """Threshold = ``quantile`` of the scores of in-distribution images; also counts image-check refusals there."""
+    if not 0 < quantile < 1:
+        raise ValueError(f"quantile must be in (0, 1), got {quantile}.")
+    if not paths:
+        raise ValueError("No validation images to fit the confidence threshold on.")
+    scores, refused = [], 0
+    for start in range(0, len(paths), batch_size):
+        images = [read_rgb(p) for p in paths[start:start + batch_size]]
+        refused += sum(not check_image(img, check).passed for img in images)
+        scores += [SCORES[method](o) for o in predictor.predict_batch(images)]
+    threshold = float(np.quantile(scores, quantile))
+    fit = {"n_images": len(scores), "quantile": quantile, "score_median": float(np.median(scores)),
+           "image_check_refusals": refused}
+    log.info("Confidence gate (%s): threshold %.4f = %.0f%% quantile of %d validation images; image check refused %d",
+             method, threshold, 100 * quantile, len(scores), refused)
+    return ConfidenceGate(method=method, threshold=threshold, model_version=predictor.version, fit=fit,
+                          source=f"{quantile:.0%} quantile of {len(scores)} validation images")

@@ -1,0 +1,375 @@
+"""The web app: every endpoint, every bad input, the refusals, the referral rule and Grad-CAM, on a tiny checkpoint."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+from pathlib import Path
+
+import matplotlib.cbook
+import numpy as np
+import pytest
+import timm
+from fastapi.testclient import TestClient
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig
+from PIL import Image
+
+from lesionnet.app.build import build_app, build_service
+from lesionnet.app.gradcam import crop_box, find_target_layer
+from lesionnet.app.image_check import check_image
+from lesionnet.app.policy import ConfidenceGate, ReferralPolicy, fit_gate
+from lesionnet.app.predictor import Output
+from lesionnet.app.service import LesionService
+from lesionnet.evaluation.checkpoints import CheckpointError
+from lesionnet.evaluation.datasets import run_split_table
+from lesionnet.training import train
+from tests.conftest import make_ham_dir
+from tests.test_train import CONF, FAST, compose_train
+
+SAMPLE_IMAGES = Path(__file__).resolve().parents[1] / "lesionnet" / "data" / "sample" / "images"
+
+
+def jpeg(pixels: np.ndarray, quality: int = 90) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="JPEG", quality=quality)
+    return buf.getvalue()
+
+
+def lesion_like(seed: int = 0, size: tuple[int, int] = (200, 150)) -> np.ndarray:
+    """Skin-toned textured background with a darker brown blob: passes the image check like a real photo."""
+    rng = np.random.default_rng(seed)
+    w, h = size
+    y, x = np.mgrid[:h, :w]
+    blob = np.exp(-(((x - w / 2) / (w / 5)) ** 2 + ((y - h / 2) / (h / 4)) ** 2))[..., None]
+    skin, brown = np.array([215, 160, 140]), np.array([110, 60, 45])
+    img = skin * (1 - blob) + brown * blob + rng.normal(0, 10, (h, w, 3))
+    return np.clip(img, 0, 255).astype(np.uint8)
+
+
+def patterns() -> dict[str, np.ndarray]:
+    y, x = np.mgrid[:300, :400]
+    two = lambda mask: np.where(mask[..., None], [230, 180, 160], [90, 50, 40]).astype(np.uint8)  # noqa: E731
+    return {
+        "solid": np.full((300, 400, 3), (200, 150, 120), np.uint8),
+        "black": np.zeros((300, 400, 3), np.uint8),
+        "white": np.full((300, 400, 3), 255, np.uint8),
+        "stripes": two((x // 8) % 2 == 0),
+        "wide_stripes": two((x // 30) % 2 == 0),
+        "checkerboard": two((x // 20 + y // 20) % 2 == 0),
+        "fine_checkerboard": two((x // 3 + y // 3) % 2 == 0),
+        "noise": np.random.default_rng(0).integers(0, 256, (300, 400, 3), dtype=np.uint8),
+        "neon": np.dstack([np.full((300, 400), 255), (x * 255 // 400), np.zeros((300, 400))]).astype(np.uint8),
+    }
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    base = tmp_path_factory.mktemp("app")
+    data = make_ham_dir(base / "ham")
+    out = base / "run"
+    train(compose_train([f"data.root={data}", f"paths.output_dir={out}", "trainer.max_epochs=1", *FAST]))
+    return out
+
+
+@pytest.fixture(scope="module")
+def scores_file(run: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A scores.json shaped as evaluate.py writes it, with known thresholds."""
+    from lesionnet.evaluation.checkpoints import load_member, resolve_checkpoints
+
+    name = load_member(resolve_checkpoints(str(run))[0]).name
+    s = {"accuracy": 0.71, "balanced_accuracy": 0.55, "macro_auroc": 0.88, "macro_f1": 0.5,
+         "ci95": {"accuracy": [0.68, 0.74], "balanced_accuracy": [0.5, 0.6]},
+         "melanoma": {"argmax": {"sensitivity": 0.4, "specificity": 0.95, "threshold": None},
+                      "val_threshold": {"target_sensitivity": 0.95, "sensitivity": 0.93, "specificity": 0.6,
+                                        "threshold": 0.05}},
+         "temperature": 1.5, "ece_after_temperature": 0.03,
+         "per_class": {"mel": {"precision": 0.5, "recall": 0.4, "f1": 0.44, "auroc": 0.8, "support": 20}}}
+    path = tmp_path_factory.mktemp("eval") / "scores.json"
+    path.write_text(json.dumps({"evaluated": "test split", "n_images": 100, "tta": "none", "scores": {name: s},
+                                "final": name, "ensemble": {"mode": "mean", "members": []}}))
+    return path
+
+
+def compose_serve(overrides: list[str]) -> DictConfig:
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose("serve", overrides=overrides)
+
+
+@pytest.fixture(scope="module")
+def client(run: Path, scores_file: Path, tmp_path_factory: pytest.TempPathFactory) -> TestClient:
+    out = tmp_path_factory.mktemp("serve")
+    cfg = compose_serve([f"ckpt={run}", f"scores={scores_file}", f"paths.output_dir={out}", "device=cpu",
+                         "unsure.threshold=0.0", "limits.max_upload_mb=1", "limits.max_pixels=1000000"])
+    with TestClient(build_app(cfg), raise_server_exceptions=False) as c:
+        yield c
+
+
+def post(client: TestClient, data: bytes, content_type: str = "image/jpeg", name: str = "x.jpg") -> dict:
+    r = client.post("/api/v1/predict", files={"file": (name, data, content_type)})
+    return {"http": r.status_code, **r.json()}
+
+
+def png_image(b64: str) -> Image.Image:
+    img = Image.open(io.BytesIO(base64.b64decode(b64)))
+    img.load()
+    return img
+
+
+# ----------------------------------------------------------------------------- endpoints
+
+
+def test_health_model_card_and_docs(client: TestClient) -> None:
+    health = client.get("/healthz").json()
+    assert health["status"] == "ok" and "@" in health["model_version"]
+    card = client.get("/api/v1/model").json()
+    assert card["model"]["version"] == health["model_version"]
+    assert card["metrics"]["accuracy_ci95"] == [0.68, 0.74] and card["metrics"]["n_images"] == 100
+    assert "not a diagnosis" in card["not_a_diagnosis"] and card["limitations"] and card["intended_use"]
+    assert card["referral"]["melanoma_threshold"] == 0.05 and card["referral"]["temperature"] == 1.5
+    assert [c["code"] for c in card["classes"]] == ["akiec", "bcc", "bkl", "df", "mel", "nv", "vasc"]
+    assert client.get("/docs").status_code == 200
+    assert "/api/v1/predict" in client.get("/openapi.json").json()["paths"]
+
+
+def test_predict_answers_with_classes_urgency_version_and_gradcam(client: TestClient) -> None:
+    r = client.post("/api/v1/predict", files={"file": ("l.jpg", jpeg(lesion_like()), "image/jpeg")})
+    assert r.status_code == 200 and r.headers["cache-control"] == "no-store"
+    body = r.json()
+    assert body["status"] == "ok" and body["image_check"]["passed"]
+    probs = body["probabilities"]
+    assert len(probs) == 7 and abs(sum(p["probability"] for p in probs) - 1) < 1e-3
+    assert all(p["name"] and p["description"] for p in probs)
+    assert body["top_class"] == probs[0] and probs[0]["probability"] == max(p["probability"] for p in probs)
+    assert body["model_version"] == client.get("/healthz").json()["model_version"]
+    assert body["urgency"]["level"] in {"see_dermatologist", "routine"} and "not a diagnosis" in body["disclaimer"]
+    cam = body["gradcam"]
+    heat, overlay = png_image(cam["heatmap_png"]), png_image(cam["overlay_png"])
+    assert heat.mode == "RGBA" and overlay.mode == "RGB" and heat.size == overlay.size == (cam["width"], cam["height"])
+    assert max(heat.size) == 256 and cam["layer"] == "model.features"
+    assert all(0 <= v <= 1 for v in cam["crop_box"])
+
+
+def test_png_and_webp_are_accepted(client: TestClient) -> None:
+    for fmt, ctype in (("PNG", "image/png"), ("WEBP", "image/webp")):
+        buf = io.BytesIO()
+        Image.fromarray(lesion_like(1)).save(buf, format=fmt)
+        assert post(client, buf.getvalue(), ctype)["status"] == "ok"
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+def truncated_jpeg() -> bytes:
+    data = jpeg(lesion_like())
+    return data[: len(data) // 2]
+
+
+@pytest.mark.parametrize(("data", "ctype", "status", "code"), [
+    (b"", "image/jpeg", 400, "empty_file"),
+    (b"%PDF-1.4 not an image at all" * 10, "image/jpeg", 422, "not_an_image"),
+    ("truncated", "image/jpeg", 422, "corrupt_image"),
+    ("small", "image/jpeg", 422, "image_too_small"),
+    ("lesion", "text/plain", 415, "unsupported_media_type"),
+    ("lesion", "application/octet-stream", 415, "unsupported_media_type"),
+    ("gif", "image/gif", 415, "unsupported_media_type"),
+    ("gif", "image/jpeg", 422, "not_an_image"),  # a GIF declared as JPEG is still refused by its bytes
+])
+def test_bad_uploads_get_clear_json_errors(client: TestClient, data: bytes | str, ctype: str, status: int,
+                                           code: str) -> None:
+    if data == "truncated":
+        data = truncated_jpeg()
+    elif data == "small":
+        data = jpeg(lesion_like(size=(20, 16)))
+    elif data == "lesion":
+        data = jpeg(lesion_like())
+    elif data == "gif":
+        buf = io.BytesIO()
+        Image.fromarray(lesion_like()).save(buf, format="GIF")
+        data = buf.getvalue()
+    body = post(client, data, ctype)
+    assert (body["http"], body["error"]["code"]) == (status, code)
+    assert body["error"]["message"] and "Traceback" not in json.dumps(body)
+
+
+@pytest.mark.filterwarnings("error::PIL.Image.DecompressionBombWarning")  # as guard_pillow sets it in the server
+@pytest.mark.parametrize("side", [1100, 1500])  # Pillow's warning zone (1-2x the limit) and its error zone (> 2x)
+def test_decompression_bombs_are_refused_before_decoding(client: TestClient, side: int) -> None:
+    buf = io.BytesIO()
+    Image.new("RGB", (side, side), (200, 150, 120)).save(buf, format="PNG")  # a few KB, 1.2-2.25 Mpx
+    body = post(client, buf.getvalue(), "image/png", "bomb.png")
+    assert (body["http"], body["error"]["code"]) == (413, "too_many_pixels")
+
+
+def test_oversized_files_are_refused_by_length_and_while_streaming(client: TestClient) -> None:
+    big = np.random.default_rng(0).integers(0, 256, 1_200_000, dtype=np.uint8).tobytes()
+    body = post(client, big)
+    assert (body["http"], body["error"]["code"]) == (413, "file_too_large")
+    boundary = "lesionnetboundary"
+    head = (f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="x.jpg"\r\n'
+            "Content-Type: image/jpeg\r\n\r\n").encode()
+    tail = f"\r\n--{boundary}--\r\n".encode()
+    chunks = iter([head, *[big[i:i + 100_000] for i in range(0, len(big), 100_000)], tail])
+    r = client.post("/api/v1/predict", content=chunks,
+                    headers={"content-type": f"multipart/form-data; boundary={boundary}"})
+    assert r.status_code == 413 and r.json()["error"]["code"] == "file_too_large"
+
+
+def test_malformed_requests_and_unknown_routes_are_json(client: TestClient) -> None:
+    r = client.post("/api/v1/predict", data={"other": "x"})
+    assert r.status_code == 422 and "'file'" in r.json()["error"]["message"]
+    assert client.get("/api/v1/predict").json()["error"]["code"] == "method_not_allowed"
+    assert client.get("/nope").json()["error"]["code"] == "not_found"
+
+
+def test_internal_errors_and_overload_never_leak_a_trace(client: TestClient, monkeypatch: pytest.MonkeyPatch) -> None:
+    service: LesionService = client.app.state.service
+    monkeypatch.setattr(service, "analyse", lambda image: 1 / 0)
+    r = client.post("/api/v1/predict", files={"file": ("l.jpg", jpeg(lesion_like()), "image/jpeg")})
+    assert r.status_code == 500 and r.json()["error"]["code"] == "internal_error" and "ZeroDivision" not in r.text
+    admission = client.app.state.admission
+    monkeypatch.setattr(admission, "count", admission.limit)
+    r = client.post("/api/v1/predict", files={"file": ("l.jpg", jpeg(lesion_like()), "image/jpeg")})
+    assert r.status_code == 503 and r.headers["retry-after"] == "2"
+
+
+# ----------------------------------------------------------------------------- refusing when unsure
+
+
+@pytest.mark.parametrize("name", sorted(patterns()))
+def test_blank_synthetic_and_noise_images_are_rejected(client: TestClient, name: str) -> None:
+    body = post(client, jpeg(patterns()[name]))
+    assert (body["http"], body["status"], body["top_class"], body["probabilities"]) == (200, "rejected", None, [])
+    assert body["urgency"]["refer"] is None and body["image_check"]["reasons"]
+    assert body["message"].startswith("This does not look like")
+
+
+def test_every_embedded_real_lesion_passes_the_image_check() -> None:
+    refused = [p.name for p in sorted(SAMPLE_IMAGES.glob("*.jpg"))
+               if not check_image(np.asarray(Image.open(p).convert("RGB"))).passed]
+    assert refused == []
+
+
+def test_a_natural_photo_passes_the_image_check_and_needs_the_confidence_gate(run: Path) -> None:
+    """Known limit: the statistics check is no lesion detector; a portrait is left to the model's confidence."""
+    with matplotlib.cbook.get_sample_data("grace_hopper.jpg") as f:
+        photo = np.asarray(Image.open(f).convert("RGB"))
+    assert check_image(photo).passed
+    service = stub_service(run, [0.02, 0.02, 0.35, 0.25, 0.02, 0.3, 0.04], gate=ConfidenceGate("msp", 0.4))
+    body = service.analyse(photo)
+    assert body["status"] == "unsure" and body["top_class"] is None and body["urgency"]["refer"] is None
+
+
+def stub_service(run: Path, probs: np.ndarray, gate: ConfidenceGate | None = None,
+                 referral: ReferralPolicy | None = None) -> LesionService:
+    """The real service with the model's output replaced by ``probs`` (a 1-epoch model is not confident)."""
+    cfg = compose_serve([f"ckpt={run}", "device=cpu", "unsure.threshold=0.4", "gradcam=false",
+                         "paths.output_dir=unused"])
+    service = build_service(cfg)
+    service.gate = gate or service.gate
+    service.referral = referral or service.referral
+    probs = np.asarray(probs, dtype=np.float64)
+    service.predictor.predict = lambda image: Output(probs, float(probs.max()), 0.0)
+    return service
+
+
+def onehot(code: str, p: float, rest: str = "nv") -> np.ndarray:
+    names = ["akiec", "bcc", "bkl", "df", "mel", "nv", "vasc"]
+    probs = np.zeros(7)
+    probs[names.index(code)] = p
+    probs[names.index(rest)] += 1 - p
+    return probs
+
+
+def test_low_confidence_is_unsure_and_never_reassures(run: Path) -> None:
+    flat = stub_service(run, np.full(7, 1 / 7)).analyse(lesion_like())
+    assert flat["status"] == "unsure" and flat["top_class"] is None and len(flat["probabilities"]) == 7
+    assert flat["urgency"]["level"] == "see_dermatologist"  # 3/7 malignant mass >= 0.3: still refer
+    benign_unsure = stub_service(run, [0.02, 0.02, 0.35, 0.25, 0.02, 0.3, 0.04]).analyse(lesion_like())
+    assert benign_unsure["status"] == "unsure"
+    assert (benign_unsure["urgency"]["refer"], benign_unsure["urgency"]["level"]) == (None, "unknown")
+
+
+@pytest.mark.parametrize(("probs", "refer", "why"), [
+    (onehot("nv", 0.97), False, None),
+    (onehot("mel", 0.06), True, "Melanoma probability"),    # validated melanoma threshold 0.05, malignant sum low
+    (onehot("bcc", 0.31), True, "skin cancer or pre-cancer"),  # malignant rule
+    (onehot("akiec", 0.29), False, None),
+])
+def test_urgency_flag(run: Path, probs: np.ndarray, refer: bool, why: str | None) -> None:
+    policy = ReferralPolicy(malignant_threshold=0.3, melanoma_threshold=0.05, target_sensitivity=0.95)
+    body = stub_service(run, probs, gate=ConfidenceGate("msp", 0.0), referral=policy).analyse(lesion_like())
+    assert body["status"] == "ok" and body["urgency"]["refer"] is refer
+    assert body["urgency"]["level"] == ("see_dermatologist" if refer else "routine")
+    assert (why is None) == (not body["urgency"]["reasons"])
+    assert why is None or why in body["urgency"]["reasons"][0]
+
+
+def test_default_referral_without_scores_is_the_malignant_rule_and_says_unvalidated() -> None:
+    policy = ReferralPolicy.from_scores(None)
+    assert policy.melanoma_threshold is None and "not validated" in policy.source
+    assert policy.assess(onehot("mel", 0.3), ["akiec", "bcc", "bkl", "df", "mel", "nv", "vasc"])["refer"]
+    assert np.allclose(ReferralPolicy(temperature=2.0).calibrate(np.array([0.8, 0.2])), [2 / 3, 1 / 3])
+
+
+def test_gate_is_fitted_on_validation_images_and_stored(run: Path, tmp_path: Path) -> None:
+    cfg = compose_serve([f"ckpt={run}", "device=cpu", "gradcam=false", f"paths.output_dir={tmp_path}",
+                         "unsure.quantile=0.2"])
+    service = build_service(cfg)
+    gate_file = tmp_path / "confidence_gate.json"
+    assert gate_file.is_file() and "quantile of" in service.gate.source
+    root = json.loads((run / "metrics.json").read_text())["data_root"]
+    val = run_split_table(run, root, "val")["path"].tolist()
+    expected = fit_gate(service.predictor, val, quantile=0.2)
+    assert service.gate.threshold == pytest.approx(expected.threshold)
+    assert service.gate.fit["n_images"] == len(val)
+    assert build_service(cfg).gate == service.gate  # loaded from the file on the next start
+    stored = json.loads(gate_file.read_text())
+    gate_file.write_text(json.dumps({**stored, "model_version": "other@123"}))
+    with pytest.raises(CheckpointError, match="fitted for model other@123"):
+        build_service(cfg)
+
+
+def test_scores_for_other_checkpoints_are_refused(run: Path, tmp_path: Path) -> None:
+    bad = tmp_path / "scores.json"
+    bad.write_text(json.dumps({"scores": {"someone-else": {}}}))
+    with pytest.raises(CheckpointError, match="no scores for"):
+        build_service(compose_serve([f"ckpt={run}", f"scores={bad}", "unsure.threshold=0", "device=cpu"]))
+
+
+# ----------------------------------------------------------------------------- Grad-CAM layer and crop
+
+
+@pytest.mark.parametrize(("backbone", "size", "layer"), [
+    ("lesionnet_baseline", (3, 64, 64), "features"),
+    ("tf_efficientnet_lite0", (3, 64, 64), "bn2"),  # conv_head + BN + ReLU6
+])
+def test_gradcam_layer_is_the_last_feature_map(backbone: str, size: tuple[int, int, int], layer: str) -> None:
+    model = timm.create_model(backbone, pretrained=False, num_classes=7).eval()
+    name, _ = find_target_layer(model, size)
+    assert name == layer
+
+
+def test_crop_box_follows_the_eval_transform() -> None:
+    assert crop_box({"input_size": (3, 224, 224), "crop_pct": 0.875}, 400, 300) == pytest.approx(
+        (200 - 224 / (256 / 300) / 2, 300 * (1 - 0.875) / 2, 200 + 224 / (256 / 300) / 2, 300 - 300 * 0.125 / 2),
+        abs=1.0)
+    assert crop_box({"input_size": (3, 24, 32), "crop_pct": 1.0}, 40, 30) == pytest.approx((0, 0, 40, 30))
+
+
+# ----------------------------------------------------------------------------- web page
+
+
+def test_page_manifest_and_service_worker_are_served(client: TestClient) -> None:
+    page = client.get("/")
+    assert page.status_code == 200 and "not a diagnosis" in page.text.lower()
+    assert "default-src 'self'" in page.headers["content-security-policy"]
+    for asset in ("/static/app.js", "/static/app.css", "/static/icon-192.png", "/static/icon-512.png"):
+        assert client.get(asset).status_code == 200, asset
+    manifest = client.get("/manifest.webmanifest")
+    assert manifest.headers["content-type"].startswith("application/manifest+json")
+    assert {"192x192", "512x512"} <= {i["sizes"] for i in manifest.json()["icons"]}
+    sw = client.get("/sw.js")
+    assert sw.status_code == 200 and "javascript" in sw.headers["content-type"] and "fetch" in sw.text
+    assert "http://" not in page.text and "https://" not in page.text  # no CDN

@@ -1,0 +1,64 @@
+"""Export: ONNX and TorchScript files carry their preprocessing and agree with PyTorch on real images."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+
+from lesionnet.evaluation.checkpoints import load_member, resolve_checkpoints
+from lesionnet.export import ExportError, export, parity, sample_batch
+from lesionnet.training import train
+from tests.conftest import REPO_ROOT, make_ham_dir
+from tests.test_train import FAST, compose_train
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    base = tmp_path_factory.mktemp("export")
+    out = base / "run"
+    train(compose_train([f"data.root={make_ham_dir(base / 'ham')}", f"paths.output_dir={out}",
+                         "trainer.max_epochs=1", "model=baseline_bn", *FAST]))
+    return resolve_checkpoints(str(out))[0]
+
+
+def test_onnx_carries_preprocessing_and_matches_pytorch(ckpt: Path, tmp_path: Path) -> None:
+    member = load_member(ckpt)
+    sidecar = export(member, "onnx", tmp_path / "model.onnx")
+    model = onnx.load(str(tmp_path / "model.onnx"))
+    meta = {p.key: json.loads(p.value) for p in model.metadata_props}
+    assert meta["input_size"] == [3, 24, 32] and meta["class_names"] == member.class_names
+    assert meta["mean"] == pytest.approx(list(member.data_config["mean"])) and meta["interpolation"] == "bilinear"
+    assert json.loads((tmp_path / "model.json").read_text()) == sidecar
+    assert sidecar["parity"]["max_abs_prob_diff"] < 1e-4
+    # batch size is dynamic and the outputs match PyTorch within 1e-4 on real (embedded sample) images
+    images = sample_batch(member, n=6)
+    got = ort.InferenceSession(str(tmp_path / "model.onnx")).run(None, {"image": images.numpy()})[0]
+    with torch.no_grad():
+        np.testing.assert_allclose(got, member.model(images).numpy(), atol=1e-4)
+
+
+def test_torchscript_export_and_a_failing_parity_check(ckpt: Path, tmp_path: Path) -> None:
+    member = load_member(ckpt)
+    sidecar = export(member, "torchscript", tmp_path / "model.pt")
+    extra = {"lesionnet.json": ""}
+    torch.jit.load(str(tmp_path / "model.pt"), _extra_files=extra)
+    assert json.loads(extra["lesionnet.json"])["class_names"] == sidecar["class_names"]
+    with torch.no_grad():  # a model that drifted from the file must be caught
+        member.model.model.classifier.bias.add_(0.1)
+    with pytest.raises(ExportError, match="disagrees with PyTorch"):
+        parity(member, tmp_path / "model.pt", sample_batch(member))
+
+
+def test_cli(ckpt: Path, tmp_path: Path) -> None:
+    out = tmp_path / "cli.onnx"
+    subprocess.run([sys.executable, "-m", "lesionnet.export", f"ckpt={ckpt}", f"out={out}",
+                    f"hydra.run.dir={tmp_path / 'hydra'}"], check=True, cwd=REPO_ROOT, capture_output=True)
+    assert out.is_file() and json.loads(out.with_suffix(".json").read_text())["parity"]["n_images"] == 4
