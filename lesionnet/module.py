@@ -55,6 +55,19 @@ def build_metrics(class_names: Sequence[str], prefix: str) -> tm.MetricCollectio
     )
 
 
+def init_new_classifier(classifier: torch.nn.Module) -> None:
+    """Small init for the new 7-class head on a pretrained backbone.
+
+    timm's Google-style init scales by 1/sqrt(num_classes); with 7 classes that gives initial logits
+    of several units and a starting loss of 5+, which the first updates then spend undoing.
+    """
+    for module in classifier.modules():
+        if isinstance(module, torch.nn.Linear | torch.nn.Conv2d):
+            torch.nn.init.trunc_normal_(module.weight, std=0.01)
+            if module.bias is not None:
+                torch.nn.init.zeros_(module.bias)
+
+
 class LesionClassifier(L.LightningModule):
     """timm backbone + cross-entropy (optional class weights, label smoothing) + torchmetrics per stage."""
 
@@ -92,6 +105,8 @@ class LesionClassifier(L.LightningModule):
         self.model = create_backbone(
             backbone, len(class_names), pretrained, self.hparams.pretrained_file, **self.hparams.model_kwargs
         )
+        if pretrained:
+            init_new_classifier(self.model.get_classifier())
         # Freezing happens here, so a checkpoint rebuilt from its hparams has the same frozen parts.
         self.frozen_modules = apply_finetune(self.model, **self.hparams.finetune)
         if channels_last:  # NHWC: ~1.5x faster convolutions on CPU for EfficientNet-style nets
