@@ -64,7 +64,7 @@ def crop_box(data_config: Mapping[str, Any], width: int, height: int) -> tuple[f
 
 def png_base64(array: np.ndarray) -> str:
     buf = io.BytesIO()
-    Image.fromarray(array).save(buf, format="PNG", optimize=True)
+    Image.fromarray(array).save(buf, format="PNG")
     return base64.b64encode(buf.getvalue()).decode("ascii")
 
 

@@ -1,0 +1,196 @@
+"""The web page end to end: the real server (uvicorn) on a tiny checkpoint, driven by headless Chromium.
+
+Needs Debian's Chromium at /usr/bin/chromium (or $LESIONNET_CHROMIUM) and Playwright for Python; skipped when either
+is missing (``apt-get install -y chromium`` and ``pip install playwright``; no ``playwright install``).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+CHROMIUM = Path(os.environ.get("LESIONNET_CHROMIUM", "/usr/bin/chromium"))
+if not CHROMIUM.is_file():
+    pytest.skip(f"no Chromium at {CHROMIUM} (apt-get install -y chromium)", allow_module_level=True)
+sync_api = pytest.importorskip("playwright.sync_api", reason="Playwright is not installed (pip install playwright)")
+
+import uvicorn  # noqa: E402
+
+from lesionnet.app.build import build_app  # noqa: E402
+from lesionnet.training import train  # noqa: E402
+from tests.conftest import make_ham_dir  # noqa: E402
+from tests.test_app import compose_serve  # noqa: E402
+from tests.test_train import FAST, compose_train  # noqa: E402
+
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run"]
+SAMPLE = Path(__file__).resolve().parents[1] / "lesionnet" / "data" / "sample" / "images" / "ISIC_0024372.jpg"
+TIMEOUT_MS = 15_000
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """The app the CLI serves, on a 1-epoch checkpoint, behind a real uvicorn on 127.0.0.1 (a free port)."""
+    base = tmp_path_factory.mktemp("browser")
+    run = base / "run"
+    train(compose_train([f"data.root={make_ham_dir(base / 'ham')}", f"paths.output_dir={run}",
+                         "trainer.max_epochs=1", "test=false", *FAST]))
+    # unsure.threshold=0: a 1-epoch model is never confident, and the page should show a full "ok" answer
+    cfg = compose_serve([f"ckpt={run}", f"paths.output_dir={base / 'serve'}", "device=cpu", "unsure.threshold=0.0"])
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))  # uvicorn serves this socket, so there is no race for the port
+    uv = uvicorn.Server(uvicorn.Config(build_app(cfg), log_level="warning", lifespan="on"))
+    thread = threading.Thread(target=uv.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 20
+    while not uv.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            pytest.fail("uvicorn did not start")
+        time.sleep(0.05)
+    yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    uv.should_exit = True
+    thread.join(timeout=10)
+    sock.close()
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[sync_api.Browser]:
+    with sync_api.sync_playwright() as pw:
+        b = pw.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        yield b
+        b.close()
+
+
+@pytest.fixture
+def page(browser: sync_api.Browser, server: str) -> Iterator[sync_api.Page]:
+    """A phone-sized page at /, failing the test on any console error or uncaught exception (CSP included)."""
+    context = browser.new_context(viewport={"width": 390, "height": 844}, device_scale_factor=1, is_mobile=True,
+                                  has_touch=True)
+    page = context.new_page()
+    page.set_default_timeout(TIMEOUT_MS)
+    errors: list[str] = []
+    page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    page.goto(server + "/")
+    yield page
+    context.close()
+    assert not errors, f"browser errors: {errors}"
+
+
+def expect_notice(page: sync_api.Page) -> None:
+    notice = page.locator("header .notice[role=note]")
+    sync_api.expect(notice).to_be_visible()
+    sync_api.expect(notice).to_contain_text("This is not a diagnosis")
+    sync_api.expect(page.locator("footer .notice")).to_contain_text("Not a diagnosis")
+
+
+def test_keyboard_user_uploads_a_photo_and_sees_classes_heatmap_and_urgency(page: sync_api.Page) -> None:
+    expect = sync_api.expect
+    expect_notice(page)
+    expect(page.locator("#card")).not_to_have_text("Loading...")  # the model card loaded from /api/v1/model
+    # Both pickers are labelled file inputs; the (visually hidden) inputs take the focus and their label shows it
+    for name, input_id in (("Take a photo", "camera"), ("Choose a file", "file")):
+        expect(page.get_by_label(name, exact=True)).to_have_attribute("id", input_id)
+        expect(page.locator(f"#{input_id}")).to_have_attribute("aria-describedby", "photo-hint")
+    expect(page.locator("#submit")).to_be_disabled()
+    order = []
+    for _ in range(4):  # skip link, camera, file, (submit is disabled) ...
+        page.keyboard.press("Tab")
+        order.append(page.evaluate("document.activeElement.id || document.activeElement.className"))
+    assert order[:3] == ["skip", "camera", "file"], order
+    ring = "id => getComputedStyle(document.querySelector(`label[for=${id}]`)).outlineStyle"
+    for focused, other in (("camera", "file"), ("file", "camera")):  # the focus ring is on the focused one's label
+        page.locator(f"#{focused}").focus()
+        assert page.evaluate(ring, focused) == "solid", f"focusing #{focused} shows no ring on its label"
+        assert page.evaluate(ring, other) == "none", f"focusing #{focused} rings the label of #{other}"
+    # Open the file chooser from the keyboard (Space on the focused input) and pick a real HAM10000 image
+    with page.expect_file_chooser() as chooser:
+        page.keyboard.press("Space")
+    chooser.value.set_files(str(SAMPLE))
+    expect(page.locator("#preview-box")).to_be_visible()
+    expect(page.locator("#preview-name")).to_have_text(SAMPLE.name)
+    expect(page.locator("#submit")).to_be_enabled()
+    page.keyboard.press("Tab")  # the next stop after the file input is now the enabled submit button
+    assert page.evaluate("document.activeElement.id") == "submit"
+    with page.expect_response("**/api/v1/predict") as response:
+        page.keyboard.press("Enter")
+    assert response.value.status == 200
+    body = response.value.json()
+    assert body["status"] == "ok"
+
+    result = page.locator("#result")
+    expect(result).to_be_visible()
+    expect(result).to_be_focused()  # screen readers and keyboard users land on the answer
+    # Urgency: the server's message, coloured by level
+    urgency = page.locator("#urgency")
+    expect(urgency).to_have_text(body["urgency"]["message"])
+    expect(urgency).to_have_class(re.compile(rf"\burgency {body['urgency']['level']}\b"))
+    assert body["urgency"]["level"] in {"see_dermatologist", "routine"}
+    expect(page.locator("#message")).to_have_text(body["message"])
+    # Top classes: three bars, in order, widths = percentages, each with an accessible label
+    expect(page.locator("#bars-title")).to_be_visible()
+    items = page.locator("#bars > li")
+    expect(items).to_have_count(3)
+    for k, cls in enumerate(body["probabilities"][:3]):
+        pct = round(cls["probability"] * 100)
+        item = items.nth(k)
+        expect(item.locator("strong")).to_have_text(f"{cls['name']}: {pct}%")
+        expect(item.locator(".small")).to_have_text(cls["description"])
+        bar = item.locator(".bar")
+        expect(bar).to_have_attribute("aria-label", f"{cls['name']} {pct} percent")
+        expect(bar).to_have_class(re.compile("malignant") if cls["malignant"] else re.compile(r"^bar$"))
+        expect(bar.locator("span")).to_have_attribute("style", f"width: {pct}%;")
+        bar_w, fill_w = bar.bounding_box()["width"], bar.locator("span").bounding_box()["width"]
+        assert fill_w == pytest.approx(bar_w * pct / 100, abs=2)
+    # The Grad-CAM overlay: a decoded PNG from the answer, with alt text and the caution caption
+    cam = page.locator("#cam")
+    expect(cam).to_be_visible()
+    assert cam.get_attribute("src") == "data:image/png;base64," + body["gradcam"]["overlay_png"]
+    size = cam.evaluate("img => [img.complete, img.naturalWidth, img.naturalHeight]")
+    assert size == [True, body["gradcam"]["width"], body["gradcam"]["height"]]
+    assert "Heatmap" in cam.get_attribute("alt")
+    expect(page.locator("#cam-box figcaption")).to_contain_text("not where a disease is")
+    expect(page.locator("#version")).to_contain_text(body["model_version"])
+    expect(page.locator("#version")).to_contain_text("not a diagnosis")
+    expect_notice(page)  # still on screen with the answer
+    expect(page.locator("#status")).to_have_text("")
+
+
+def test_a_blank_image_is_refused_on_the_page_without_classes_or_heatmap(page: sync_api.Page,
+                                                                         tmp_path: Path) -> None:
+    blank = tmp_path / "blank.png"
+    Image.fromarray(np.full((300, 400, 3), (200, 150, 120), np.uint8)).save(blank)
+    page.locator("#file").set_input_files(str(blank))
+    with page.expect_response("**/api/v1/predict") as response:
+        page.locator("#submit").click()
+    assert response.value.json()["status"] == "rejected"
+    sync_api.expect(page.locator("#result")).to_be_visible()
+    sync_api.expect(page.locator("#urgency")).to_have_class(re.compile(r"\bunknown\b"))
+    sync_api.expect(page.locator("#urgency")).to_have_text(response.value.json()["message"])
+    sync_api.expect(page.locator("#reasons > li")).not_to_have_count(0)  # why the photo was refused
+    sync_api.expect(page.locator("#bars > li")).to_have_count(0)
+    sync_api.expect(page.locator("#cam-box")).to_be_hidden()
+    expect_notice(page)
+
+
+def test_wrong_file_type_is_explained_without_a_request(page: sync_api.Page, tmp_path: Path) -> None:
+    text = tmp_path / "notes.txt"
+    text.write_text("not a photo")
+    requests: list[str] = []
+    page.on("request", lambda r: requests.append(r.url) if "/api/v1/predict" in r.url else None)
+    page.locator("#file").set_input_files(str(text))
+    status = page.locator("#status")
+    sync_api.expect(status).to_contain_text("JPEG, PNG or WebP")
+    sync_api.expect(status).to_have_class("error")
+    sync_api.expect(page.locator("#submit")).to_be_disabled()
+    assert not requests
