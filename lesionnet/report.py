@@ -1,6 +1,6 @@
 """Collect the metrics.json of training runs into the seed-style results table (Markdown and CSV).
 
-``python -m lesionnet.report logs/train/multiruns/2026-11-26_10-00-00 [--out DIR]``
+``python -m lesionnet.report logs/train/multiruns/2026-11-26_10-00-00 [more run or sweep folders] [--out DIR]``
 Depth is the number of weight layers (Conv2d and Linear modules) of the network.
 """
 
@@ -28,11 +28,19 @@ COLUMNS: dict[str, str] = {
 }
 
 
+def _run_label(run: Path, root: Path) -> str:
+    """The run folder relative to the working directory when possible (readable and unique), else to its root."""
+    try:
+        return str(run.resolve().relative_to(Path.cwd()))
+    except ValueError:
+        return str(run.relative_to(root)) or "."
+
+
 def _row(path: Path, root: Path) -> dict[str, object]:
     m = json.loads(path.read_text())
     model = m.get("model", {})
     return {
-        "run": str(path.parent.relative_to(root)) or ".",
+        "run": _run_label(path.parent, root),
         "backbone": m["backbone"],
         "finetune": model.get("finetune"),
         "val_acc": m["val"].get("val/acc"),
@@ -47,13 +55,17 @@ def _row(path: Path, root: Path) -> dict[str, object]:
     }
 
 
-def collect(root: str | Path) -> pd.DataFrame:
-    """One row per metrics.json under ``root`` (a run or a sweep folder), sorted by test balanced accuracy."""
-    root = Path(root)
-    files = sorted(root.rglob("metrics.json"))
-    if not files:
-        raise FileNotFoundError(f"No metrics.json under {root}: give a train.py run or multirun folder.")
-    table = pd.DataFrame([_row(f, root) for f in files])
+def collect(*roots: str | Path) -> pd.DataFrame:
+    """One row per metrics.json under the roots (runs or sweep folders), sorted by test balanced accuracy."""
+    rows = []
+    for root in map(Path, roots):
+        files = sorted(root.rglob("metrics.json"))
+        if not files:
+            raise FileNotFoundError(f"No metrics.json under {root}: give a train.py run or multirun folder.")
+        rows += [_row(f, root) for f in files]
+    table = pd.DataFrame(rows)
+    for column in ("depth", "params_total", "params_trainable", "epochs"):
+        table[column] = table[column].astype("Int64")  # integers stay integers even with gaps
     return table.sort_values("test_balanced_acc", ascending=False, na_position="last").reset_index(drop=True)
 
 
@@ -64,11 +76,11 @@ def to_markdown(table: pd.DataFrame) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("root", type=Path, help="a run or multirun folder holding metrics.json files")
-    parser.add_argument("--out", type=Path, default=None, help="where to write results.md/.csv (default: root)")
+    parser.add_argument("roots", type=Path, nargs="+", help="run or multirun folders holding metrics.json files")
+    parser.add_argument("--out", type=Path, default=None, help="where to write results.md/.csv (default: first root)")
     args = parser.parse_args(argv)
-    table = collect(args.root)
-    out = args.out or args.root
+    table = collect(*args.roots)
+    out = args.out or args.roots[0]
     out.mkdir(parents=True, exist_ok=True)
     table.to_csv(out / "results.csv", index=False)
     markdown = to_markdown(table)
