@@ -150,7 +150,7 @@ def test_cli_writes_the_report_with_the_training_split(ham_dir: Path, tmp_path: 
     result = subprocess.run(
         [sys.executable, "-m", "lesionnet.eda", f"data.root={ham_dir}", f"out_dir={out}",
          f"hydra.run.dir={tmp_path / 'hydra'}", "sample_grid=false"],
-        cwd=REPO_ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True, timeout=300,
+        cwd=REPO_ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True, timeout=600,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     markdown = (out / "README.md").read_text()

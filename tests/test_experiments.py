@@ -44,7 +44,7 @@ def test_failed_run_does_not_stop_the_sweep_and_report_collects_the_rest(tmp_pat
     result = subprocess.run(
         [sys.executable, "train.py", "-m", "data.imbalance=bogus,none", "trainer.fast_dev_run=true",
          "data.num_workers=0", "logger=csv", f"hydra.sweep.dir={sweep}"],
-        cwd=REPO_ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True, timeout=300,
+        cwd=REPO_ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True, timeout=600,
     )
     assert result.returncode != 0  # the failure is reported ...
     assert "data.imbalance must be one of" in result.stderr
