@@ -7,6 +7,7 @@ with ``torch.load(weights_only=True)``; optimizer and scheduler are instantiated
 
 from __future__ import annotations
 
+import random
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -15,6 +16,7 @@ import torch
 import torch.nn.functional as F
 import torchmetrics as tm
 from hydra.utils import instantiate
+from lightning.pytorch.trainer.states import TrainerFn
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from timm.scheduler.scheduler import Scheduler as TimmScheduler
 from torchmetrics.classification import MulticlassAccuracy, MulticlassAUROC, MulticlassRecall
@@ -85,6 +87,7 @@ class LesionClassifier(L.LightningModule):
         class_weights: Sequence[float] | torch.Tensor | None = None,
         data_config: Mapping[str, Any] | None = None,
         channels_last: bool = False,
+        compile: bool = False,
     ) -> None:
         super().__init__()
         if not 0.0 <= label_smoothing < 1.0:
@@ -100,7 +103,7 @@ class LesionClassifier(L.LightningModule):
             "optimizer": plain(optimizer or DEFAULT_OPTIMIZER),
             "scheduler": plain(scheduler), "label_smoothing": float(label_smoothing),
             "class_weights": plain(class_weights), "data_config": plain(data_config),
-            "channels_last": bool(channels_last),
+            "channels_last": bool(channels_last), "compile": bool(compile),
         })
         self.model = create_backbone(
             backbone, len(class_names), pretrained, self.hparams.pretrained_file, **self.hparams.model_kwargs
@@ -117,6 +120,7 @@ class LesionClassifier(L.LightningModule):
         self.train_metrics = build_metrics(class_names, "train")
         self.val_metrics = build_metrics(class_names, "val")
         self.test_metrics = build_metrics(class_names, "test")
+        self._compiled = False
 
     def describe(self) -> dict[str, Any]:
         """Size figures for the results table. Depth = number of weight layers (Conv2d + Linear)."""
@@ -175,6 +179,31 @@ class LesionClassifier(L.LightningModule):
 
     def on_test_epoch_end(self) -> None:
         self._log_epoch_metrics("test")
+
+    def configure_model(self) -> None:
+        # In place (nn.Module.compile), on the Trainer's side only: parameter names, checkpoints and models
+        # rebuilt from hparams (evaluate.py, the app) stay those of the plain eager model.
+        if self.hparams.compile and not self._compiled:
+            self.model.compile()
+            self._compiled = True
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # Lightning does not save the global RNGs; without them a resumed run shuffles and drops out differently.
+        # Plain tensors and tuples only, so the checkpoint still loads with weights_only=True.
+        states: dict[str, Any] = {"torch": torch.get_rng_state(), "python": random.getstate()}
+        if self.device.type == "cuda":
+            states["cuda"] = torch.cuda.get_rng_state(self.device)
+        checkpoint["rng_states"] = states
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # Resuming a fit: continue the RNG stream the interrupted run would have used. This runs before the first
+        # training DataLoader iterator draws its seeds (the sanity check in between runs on an isolated RNG).
+        states = checkpoint.get("rng_states")
+        if states and self._trainer is not None and self.trainer.state.fn == TrainerFn.FITTING:
+            torch.set_rng_state(states["torch"])
+            random.setstate(states["python"])
+            if "cuda" in states and torch.cuda.is_available():
+                torch.cuda.set_rng_state(states["cuda"])  # this process's device (set before restoring)
 
     def configure_optimizers(self) -> Any:
         optimizer = instantiate(self.hparams.optimizer)(self.model)

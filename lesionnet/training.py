@@ -9,10 +9,58 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+import torch
 from hydra.utils import instantiate
+from lightning.pytorch.callbacks import WeightAveraging
+from lightning.pytorch.plugins import TorchSyncBatchNorm
 from omegaconf import DictConfig, OmegaConf
+from timm.layers import BatchNormAct2d, SyncBatchNormAct, convert_sync_batchnorm
 
 log = logging.getLogger(__name__)
+
+
+class TimmSyncBatchNorm(TorchSyncBatchNorm):
+    """``trainer.sync_batchnorm`` for timm models.
+
+    Lightning's own conversion turns timm's BatchNormAct2d (BatchNorm + activation, in EfficientNet and
+    DenseNet) into a plain SyncBatchNorm and silently drops the activation; timm's converter keeps it.
+    Frozen BatchNorm (FrozenBatchNorm2d / FrozenBatchNormAct2d from ``timm.utils.freeze``) is not a
+    ``_BatchNorm`` and is left alone by both directions.
+    """
+
+    def apply(self, model: torch.nn.Module) -> torch.nn.Module:
+        return convert_sync_batchnorm(model)
+
+    def revert(self, model: torch.nn.Module) -> torch.nn.Module:
+        # Lightning reverts after fit; the base class would turn SyncBatchNormAct into a BatchNorm without its act.
+        if not isinstance(model, SyncBatchNormAct):
+            return super().revert(model)
+        reverted = BatchNormAct2d(model.num_features, model.eps, model.momentum, model.affine,
+                                  model.track_running_stats, apply_act=False)
+        for name in ("weight", "bias", "running_mean", "running_var", "num_batches_tracked"):
+            setattr(reverted, name, getattr(model, name))  # the same tensors, as the base class does
+        reverted.training = model.training
+        for name, child in model.named_children():  # act and drop
+            reverted.add_module(name, self.revert(child))
+        return reverted
+
+
+def resolve_ckpt_path(ckpt_path: str | None, cfg: DictConfig) -> str | None:
+    """``ckpt_path=last`` = this run folder's ``last.ckpt`` (resume a crashed run with ``hydra.run.dir=<run>``).
+
+    Lightning's own ``"last"`` silently starts from scratch when there is none; a resume that does not resume
+    is an error here.
+    """
+    if ckpt_path != "last":
+        return ckpt_path
+    folder = OmegaConf.select(cfg, "callbacks.model_checkpoint.dirpath") or Path(cfg.paths.output_dir, "checkpoints")
+    last = Path(folder, "last.ckpt")
+    if not last.is_file():
+        raise FileNotFoundError(
+            f"ckpt_path=last: there is no {last}. Resume in the folder of the run that wrote it, "
+            "hydra.run.dir=<that run>, or give a checkpoint file: ckpt_path=<path>."
+        )
+    return str(last)
 
 
 def instantiate_group(cfg: DictConfig | None) -> list[Any]:
@@ -20,6 +68,17 @@ def instantiate_group(cfg: DictConfig | None) -> list[Any]:
     if not cfg:
         return []
     return [instantiate(c) for c in cfg.values() if isinstance(c, DictConfig) and "_target_" in c]
+
+
+def build_trainer(cfg: DictConfig) -> L.Trainer:
+    """The Lightning Trainer of ``cfg.trainer`` with the callbacks and loggers groups."""
+    plugins = list(instantiate(cfg.trainer.get("plugins")) or [])
+    if cfg.trainer.get("sync_batchnorm"):
+        plugins.append(TimmSyncBatchNorm())  # replaces Lightning's converter, which breaks timm's BatchNormAct2d
+    return instantiate(
+        cfg.trainer, callbacks=instantiate_group(cfg.get("callbacks")),
+        logger=instantiate_group(cfg.get("logger")) or False, plugins=plugins or None,
+    )
 
 
 def _scalars(metrics: dict[str, Any]) -> dict[str, float]:
@@ -36,26 +95,29 @@ def train(cfg: DictConfig) -> float | None:
     output_dir.mkdir(parents=True, exist_ok=True)
     L.seed_everything(cfg.seed, workers=True)
 
+    ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), cfg)
+
+    trainer = build_trainer(cfg)
     datamodule = instantiate(cfg.data)
     datamodule.setup("fit")
-    split_path = datamodule.save_split(output_dir / "split.csv")
-    log.info("Split written to %s\n%s", split_path, datamodule.split_summary())
+    if trainer.is_global_zero:  # under DDP every rank runs this function; one writes
+        split_path = datamodule.save_split(output_dir / "split.csv")
+        log.info("Split written to %s\n%s", split_path, datamodule.split_summary())
 
     model = instantiate(
         cfg.model, _recursive_=False, class_names=list(datamodule.class_names),
         class_weights=datamodule.loss_weights, data_config=datamodule.data_config,
     )
-    trainer: L.Trainer = instantiate(
-        cfg.trainer, callbacks=instantiate_group(cfg.get("callbacks")),
-        logger=instantiate_group(cfg.get("logger")) or False,
-    )
-    trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
     fit_seconds = time.perf_counter() - start
 
     best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
     if not best:
         log.warning("No best checkpoint (checkpointing off or fast_dev_run): scoring the final weights.")
     ckpt = best or None
+    # Weight-averaging (EMA) callbacks load the non-averaged weights back when a checkpoint is restored in
+    # this Trainer; the checkpoint's own state_dict (what validation selected) is what must be scored.
+    trainer.callbacks[:] = [c for c in trainer.callbacks if not isinstance(c, WeightAveraging)]
     val = _scalars(trainer.validate(model, datamodule=datamodule, ckpt_path=ckpt, verbose=False)[0])
     test = {}
     if cfg.get("test"):
@@ -76,6 +138,7 @@ def train(cfg: DictConfig) -> float | None:
         "test": test,
         "config": OmegaConf.to_container(cfg, resolve=True),
     }
-    (output_dir / "metrics.json").write_text(json.dumps(summary, indent=2))
-    log.info("Metrics written to %s", output_dir / "metrics.json")
+    if trainer.is_global_zero:
+        (output_dir / "metrics.json").write_text(json.dumps(summary, indent=2))
+        log.info("Metrics written to %s", output_dir / "metrics.json")
     return val.get(cfg.monitor)

@@ -68,3 +68,12 @@ def make_ham(tmp_path: Path) -> Callable[..., Path]:
         return make_ham_dir(tmp_path / f"ham{next(counter)}", **kwargs)
 
     return factory
+
+
+@pytest.fixture(autouse=True)
+def _rank_zero_after_each_test():
+    """Trainers built under faked SLURM/DDP variables set Lightning's process-wide rank; later tests run as rank 0."""
+    from lightning_utilities.core.rank_zero import rank_zero_only
+
+    yield
+    rank_zero_only.rank = 0

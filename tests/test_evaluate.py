@@ -177,3 +177,18 @@ def test_empty_image_folder_is_refused(runs: dict[str, Path], tmp_path: Path) ->
     with pytest.raises(DatasetError, match="No .jpg/.jpeg/.png images"):
         evaluate(compose_eval([f"ckpt={runs['baseline']}", f"data.images={tmp_path / 'empty'}",
                                f"paths.output_dir={tmp_path}"]))
+
+
+def test_train_scores_the_ema_weights_it_checkpointed(runs: dict[str, Path], tmp_path: Path) -> None:
+    """With weight EMA, train.py's test figures are those of the saved (averaged) checkpoint."""
+    run = tmp_path / "ema"
+    train(compose_train([f"data.root={runs['data']}", f"paths.output_dir={run}", "trainer.max_epochs=2",
+                         "callbacks=ema", "callbacks.ema.update_starting_at_epoch=0", "callbacks.ema.decay=0.5",
+                         *FAST]))
+    trained = json.loads((run / "metrics.json").read_text())["test"]
+    scored = evaluate(compose_eval([f"ckpt={run}", f"paths.output_dir={tmp_path / 'eval'}"]))
+    name = next(iter(scored["scores"]))
+    assert scored["scores"][name]["accuracy"] == pytest.approx(trained["test/acc"], abs=1e-6)
+    assert scored["scores"][name]["balanced_accuracy"] == pytest.approx(trained["test/balanced_acc"], abs=1e-6)
+    # AUROC depends on every probability, so it tells the averaged from the current weights
+    assert scored["scores"][name]["macro_auroc"] == pytest.approx(trained["test/auroc"], abs=1e-5)

@@ -17,6 +17,7 @@ from omegaconf import DictConfig
 from lesionnet.module import LesionClassifier
 from lesionnet.training import instantiate_group, train
 from tests.conftest import REPO_ROOT
+from tests.test_scale import SLURM_ENV
 
 CONF = REPO_ROOT / "conf"
 FAST = ["data.image_size=[24,32]", "data.num_workers=0", "data.batch_size=8",
@@ -84,7 +85,12 @@ def _group_options(group: str) -> list[str]:
     [f"{g}={o}" for g in ("data", "model", "finetune", "trainer", "callbacks", "logger") for o in _group_options(g)]
     + [f"experiment={o}" for o in _group_options("experiment")],
 )
-def test_every_config_composes_and_instantiates(override: str, tmp_path: Path) -> None:
+def test_every_config_composes_and_instantiates(
+    override: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if override == "trainer=slurm":  # SLURMEnvironment reads the job's variables when the Trainer is built
+        for key, value in SLURM_ENV.items():
+            monkeypatch.setenv(key, value)
     cfg = compose_train([override, f"paths.output_dir={tmp_path}", "data.num_workers=0", "model.pretrained=false"])
     dm = instantiate(cfg.data)
     assert dm.data_config["input_size"][0] == 3
