@@ -23,6 +23,7 @@ import pytest
 from omegaconf import OmegaConf
 from PIL import Image
 
+from lesionnet.classes import CLASS_NAMES
 from lesionnet.data import download as dl
 from lesionnet.data.metadata import load_ham10000
 
@@ -412,7 +413,7 @@ def test_second_run_refetches_only_what_went_missing(tmp_path, served, cli):
 
 def test_isic_source_builds_metadata_from_ground_truth_and_groupings(tmp_path, served, cli):
     ids = PART_1 + PART_2
-    columns = [c.upper() for c in dl.CLASS_NAMES]
+    columns = [c.upper() for c in CLASS_NAMES]
     onehot = pd.DataFrame(0.0, index=range(len(ids)), columns=columns)
     for row, n in enumerate(range(len(ids))):
         onehot.loc[row, DX[n % len(DX)].upper()] = 1.0

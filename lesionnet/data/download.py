@@ -34,7 +34,7 @@ import pandas as pd
 from omegaconf import OmegaConf
 from tqdm import tqdm
 
-from lesionnet.classes import CLASS_NAMES
+from lesionnet.data.isic import isic_onehot_to_dx
 from lesionnet.data.metadata import METADATA_FILE, DatasetError, load_ham10000
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "conf" / "download" / "ham10000.yaml"
@@ -406,16 +406,9 @@ def build_isic_metadata(dest: Path, convert: dict[str, str]) -> None:
                 "download config expects: check the target, strip_prefix and convert paths of this source."
             )
     gt, groups = pd.read_csv(gt_path), pd.read_csv(groups_path, dtype=str)
-    columns = [c.upper() for c in CLASS_NAMES]
-    if "image" not in gt.columns or not set(columns) <= set(gt.columns):
-        raise DatasetError(f"{gt_path} needs columns image,{','.join(columns)}; found {list(gt.columns)}.")
     if not {"image", "lesion_id"} <= set(groups.columns):
         raise DatasetError(f"{groups_path} needs columns image,lesion_id; found {list(groups.columns)}.")
-    onehot = gt[columns]
-    bad = ~(onehot.isin([0, 1]).all(axis=1) & (onehot.sum(axis=1) == 1))
-    if bad.any():
-        raise DatasetError(f"{gt_path}: rows without exactly one label: {list(gt.loc[bad, 'image'][:5])}.")
-    labels = pd.DataFrame({"image": gt["image"], "dx": onehot.idxmax(axis=1).str.lower()})
+    labels = isic_onehot_to_dx(gt, gt_path)
     merged = labels.merge(groups, on="image", how="left")
     orphans = merged["lesion_id"].isna()
     if orphans.any():

@@ -14,10 +14,10 @@ import numpy as np
 import pandas as pd
 
 from lesionnet.classes import CLASS_NAMES
+from lesionnet.data.isic import ISIC_COLUMNS, is_isic_ground_truth, isic_onehot_to_dx
 from lesionnet.data.metadata import DatasetError, load_ham10000, preview_items
 from lesionnet.data.split import load_split
 
-ISIC_COLUMNS: tuple[str, ...] = ("MEL", "NV", "BCC", "AKIEC", "BKL", "DF", "VASC")
 IMAGE_SUFFIXES: tuple[str, ...] = (".jpg", ".jpeg", ".png")
 
 
@@ -39,12 +39,8 @@ def read_labels(path: str | Path, class_names: Sequence[str] = CLASS_NAMES) -> p
     df = pd.read_csv(path, dtype={"image_id": str, "image": str})
     if {"image_id", "dx"} <= set(df.columns):
         labels = df[["image_id", "dx"]].copy()
-    elif {"image", *ISIC_COLUMNS} <= set(df.columns):
-        onehot = df[list(ISIC_COLUMNS)].to_numpy(dtype=float)
-        bad = ~np.isclose(onehot.sum(axis=1), 1.0) | ~np.isin(onehot, (0.0, 1.0)).all(axis=1)
-        if bad.any():
-            raise DatasetError(f"{path}: rows {preview_items(np.flatnonzero(bad) + 2)} are not one-hot.")
-        labels = pd.DataFrame({"image_id": df["image"], "dx": [ISIC_COLUMNS[i].lower() for i in onehot.argmax(1)]})
+    elif is_isic_ground_truth(df):
+        labels = isic_onehot_to_dx(df, path).rename(columns={"image": "image_id"})
     else:
         raise DatasetError(
             f"{path}: unknown labels format (columns {list(df.columns)}). Use a CSV with image_id,dx or the ISIC "
