@@ -4,12 +4,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import lightning as L
 import numpy as np
 import pytest
 import torch
-from torch.utils.data import WeightedRandomSampler
+from lightning.fabric.utilities.seed import pl_worker_init_function
+from torch.utils.data import DataLoader, WeightedRandomSampler
 
 from lesionnet.data.datamodule import HAM10000DataModule, class_weights, embedded_sample_root
+from lesionnet.data.dataset import LesionImageDataset
 from lesionnet.data.metadata import DatasetError
 from lesionnet.data.transforms import build_eval_transform, resolve_data_config, to_hw
 
@@ -118,3 +121,32 @@ def test_bad_config_values_fail_at_construction(ham_dir: Path, kwargs: dict, err
 
 def test_to_hw_accepts_int_pair_and_timm_input_size() -> None:
     assert to_hw(96) == (96, 96) and to_hw([96, 128]) == (96, 128) and to_hw((3, 96, 128)) == (96, 128)
+
+
+def test_augmentations_repeat_with_the_seed_and_change_with_it(ham_dir: Path) -> None:
+    dm = _dm(ham_dir, batch_size=8, image_size=[24, 32])
+    dm.setup("fit")
+
+    def first_batch(seed: int) -> torch.Tensor:
+        L.seed_everything(seed, verbose=False)
+        return next(iter(dm.train_dataloader()))[0]
+
+    assert torch.equal(first_batch(1), first_batch(1))
+    assert not torch.equal(first_batch(1), first_batch(2))
+
+
+def test_loader_workers_draw_different_augmentations_reproducibly(ham_dir: Path) -> None:
+    """Forked workers inherit one albumentations generator state; without reseeding they would augment alike."""
+    dm = _dm(ham_dir, image_size=[24, 32])
+    dm.setup("fit")
+    train = dm.datasets["train"]
+    same_image = LesionImageDataset([train.paths[0]] * 4, [0] * 4, train.transform)
+
+    def samples(seed: int) -> torch.Tensor:
+        L.seed_everything(seed, workers=True, verbose=False)
+        loader = DataLoader(same_image, batch_size=1, num_workers=2, worker_init_fn=pl_worker_init_function)
+        return torch.cat([x for x, _ in loader])
+
+    first, again = samples(3), samples(3)
+    assert torch.equal(first, again)
+    assert not torch.equal(first[0], first[1])  # sample 0 came from worker 0, sample 1 from worker 1
