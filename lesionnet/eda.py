@@ -23,12 +23,12 @@ from omegaconf import DictConfig, OmegaConf
 from PIL import Image, ImageOps
 
 from lesionnet.classes import CLASS_LONG_NAMES, CLASS_NAMES
+from lesionnet.cli import CONF_DIR
 from lesionnet.data.metadata import DatasetError, preview_items
 from lesionnet.data.split import SPLITS, assert_no_leak
 
 log = logging.getLogger(__name__)
 
-CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
 REPORT_FILE = "README.md"
 DPI = 100
 THUMB_SIZE = (96, 72)  # (width, height) of a grid cell: HAM10000 images are 4:3

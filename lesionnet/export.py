@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from lesionnet.cli import CONF_DIR
 from lesionnet.data.dataset import read_rgb
 from lesionnet.data.transforms import build_eval_transform, to_hw
 from lesionnet.evaluation.checkpoints import Member, load_member, resolve_checkpoints
@@ -131,7 +132,7 @@ def export(member: Member, fmt: str = "onnx", out: Path | None = None, opset: in
     return sidecar
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="export")
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="export")
 def main(cfg: DictConfig) -> None:
     ckpt = OmegaConf.to_container(cfg.ckpt) if not isinstance(cfg.ckpt, str) else cfg.ckpt
     paths = resolve_checkpoints(ckpt)

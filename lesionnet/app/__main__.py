@@ -1,13 +1,14 @@
-"""``python -m lesionnet.app ckpt=... [scores=.../scores.json] [host=127.0.0.1] [port=8000]`` (conf/serve.yaml)."""
+"""``lesionnet serve ckpt=... [scores=.../scores.json] [host=...] [port=...]`` (= ``python -m lesionnet.app``)."""
 
 import hydra
 import uvicorn
 from omegaconf import DictConfig
 
 from lesionnet.app.build import build_app
+from lesionnet.cli import CONF_DIR
 
 
-@hydra.main(version_base="1.3", config_path="../../conf", config_name="serve")
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="serve")
 def main(cfg: DictConfig) -> None:
     uvicorn.run(build_app(cfg), host=cfg.host, port=cfg.port, log_level="info")
 
