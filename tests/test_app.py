@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import io
 import json
+import logging
+import re
+import threading
+import time
 from pathlib import Path
 
+import httpx
 import matplotlib.cbook
 import numpy as np
 import pytest
@@ -16,12 +22,16 @@ from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 from PIL import Image
 
+from lesionnet.app import build
+from lesionnet.app.api import create_app
 from lesionnet.app.build import build_app, build_service
 from lesionnet.app.gradcam import crop_box, find_target_layer
 from lesionnet.app.image_check import check_image
 from lesionnet.app.policy import ConfidenceGate, ReferralPolicy, fit_gate
 from lesionnet.app.predictor import Output
+from lesionnet.app.schemas import ErrorResponse, HealthResponse, ModelCard, PredictResponse
 from lesionnet.app.service import LesionService
+from lesionnet.app.upload import UploadLimits, decode_image
 from lesionnet.evaluation.checkpoints import CheckpointError
 from lesionnet.evaluation.datasets import run_split_table
 from lesionnet.training import train
@@ -133,6 +143,22 @@ def test_health_model_card_and_docs(client: TestClient) -> None:
     assert "/api/v1/predict" in client.get("/openapi.json").json()["paths"]
 
 
+def test_docs_are_served_from_this_origin_without_a_cdn(client: TestClient) -> None:
+    page = client.get("/docs")
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    assert "http://" not in page.text and "https://" not in page.text
+    urls = re.findall(r'(?:src|href)="([^"]*)"', page.text)
+    assert {"/docs/assets/swagger-ui-bundle.js", "/docs/assets/swagger-ui.css"} <= set(urls)
+    for url in urls:
+        assert url.startswith("/") and not url.startswith("//"), url
+        assert client.get(url).status_code == 200, url
+    assert "SwaggerUIBundle" in client.get("/docs/assets/swagger-ui-bundle.js").text
+    csp = page.headers["content-security-policy"]  # the inline start-up script is allowed by its hash only
+    assert "script-src 'self' 'sha256-" in csp and "unsafe" not in csp and "connect-src 'self'" in csp
+    assert '"validatorUrl": null' in page.text  # Swagger UI's default badge would load from validator.swagger.io
+    assert client.get("/redoc").status_code == 404
+
+
 def test_predict_answers_with_classes_urgency_version_and_gradcam(client: TestClient) -> None:
     r = client.post("/api/v1/predict", files={"file": ("l.jpg", jpeg(lesion_like()), "image/jpeg")})
     assert r.status_code == 200 and r.headers["cache-control"] == "no-store"
@@ -149,6 +175,52 @@ def test_predict_answers_with_classes_urgency_version_and_gradcam(client: TestCl
     assert heat.mode == "RGBA" and overlay.mode == "RGB" and heat.size == overlay.size == (cam["width"], cam["height"])
     assert max(heat.size) == 256 and cam["layer"] == "model.features"
     assert all(0 <= v <= 1 for v in cam["crop_box"])
+
+
+def test_openapi_documents_the_answer_and_the_error_body(client: TestClient) -> None:
+    spec = client.get("/openapi.json").json()
+    schemas = spec["components"]["schemas"]
+    answer = {"status", "message", "top_class", "probabilities", "urgency", "confidence", "image_check", "gradcam",
+              "model_version", "disclaimer"}
+    assert set(schemas["PredictResponse"]["properties"]) == set(schemas["PredictResponse"]["required"]) == answer
+    assert schemas["PredictResponse"]["properties"]["status"]["enum"] == ["ok", "unsure", "rejected"]
+    assert {"code", "name", "description", "malignant", "probability"} <= set(schemas["ClassProbability"]["required"])
+    assert {"refer", "level", "message", "reasons"} == set(schemas["Urgency"]["required"])
+    assert {"heatmap_png", "overlay_png", "width", "height", "crop_box", "layer"} <= set(schemas["GradCam"]["required"])
+    assert schemas["ErrorResponse"]["properties"]["error"]["$ref"] == "#/components/schemas/ErrorDetail"
+    assert set(schemas["ErrorDetail"]["properties"]) == set(schemas["ErrorDetail"]["required"]) == {
+        "status", "code", "message"}
+    assert "HTTPValidationError" not in schemas  # 422 is our error body too, not FastAPI's default
+
+    def ref(responses: dict, code: str) -> str:
+        return responses[code]["content"]["application/json"]["schema"]["$ref"].rsplit("/", 1)[-1]
+
+    predict = spec["paths"]["/api/v1/predict"]["post"]["responses"]
+    assert ref(predict, "200") == "PredictResponse"
+    assert {code: ref(predict, code) for code in ("400", "413", "415", "422", "500", "503")} == dict.fromkeys(
+        ("400", "413", "415", "422", "500", "503"), "ErrorResponse")
+    assert ref(spec["paths"]["/healthz"]["get"]["responses"], "200") == "HealthResponse"
+    assert ref(spec["paths"]["/api/v1/model"]["get"]["responses"], "200") == "ModelCard"
+
+
+@pytest.mark.parametrize("image", ["lesion", "solid"])  # an "ok" answer with Grad-CAM and a "rejected" one
+def test_answers_validate_against_their_schemas_and_are_what_the_service_built(client: TestClient,
+                                                                                image: str) -> None:
+    data = jpeg(lesion_like() if image == "lesion" else patterns()["solid"])
+    r = client.post("/api/v1/predict", files={"file": ("l.jpg", data, "image/jpeg")})
+    body = r.json()
+    PredictResponse.model_validate(body)
+    service: LesionService = client.app.state.service
+    built = json.loads(json.dumps(service.analyse(decode_image(data, UploadLimits()))))
+    assert body == built and list(body) == list(built)  # no key added, lost or reordered by the response model
+    assert list(body["urgency"]) == list(built["urgency"])  # a refusal's urgency has no referral details
+    assert body["status"] == ("ok" if image == "lesion" else "rejected")
+    card = client.get("/api/v1/model").json()
+    ModelCard.model_validate(card)
+    assert card == json.loads(json.dumps(service.model_card()))
+    HealthResponse.model_validate(client.get("/healthz").json())
+    empty = client.post("/api/v1/predict", files={"file": ("l.jpg", b"", "image/jpeg")})
+    assert ErrorResponse.model_validate(empty.json()).error.status == empty.status_code == 400
 
 
 def test_png_and_webp_are_accepted(client: TestClient) -> None:
@@ -234,6 +306,41 @@ def test_internal_errors_and_overload_never_leak_a_trace(client: TestClient, mon
     assert r.status_code == 503 and r.headers["retry-after"] == "2"
 
 
+def test_200_concurrent_uploads_all_answer_with_at_most_workers_analysing_at_once(run: Path) -> None:
+    """The default queue takes 200 uploads at once; they wait as spooled files and run in the ``workers`` threads."""
+    service = stub_service(run, [0.02, 0.02, 0.6, 0.1, 0.02, 0.2, 0.04])
+    analyse, lock, seen = service.analyse, threading.Lock(), {"now": 0, "max": 0, "threads": set()}
+
+    def tracked(image: np.ndarray) -> dict:
+        with lock:
+            seen["now"] += 1
+            seen["max"] = max(seen["max"], seen["now"])
+            seen["threads"].add(threading.current_thread().name)
+        try:
+            time.sleep(0.002)
+            return analyse(image)
+        finally:
+            with lock:
+                seen["now"] -= 1
+
+    service.analyse = tracked
+    app = create_app(service, workers=2)  # the default max_pending
+    images = [jpeg(lesion_like(seed)) for seed in range(8)]
+
+    async def fire() -> list[httpx.Response]:
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+            return await asyncio.gather(*[
+                client.post("/api/v1/predict", files={"file": (f"{i}.jpg", images[i % 8], "image/jpeg")})
+                for i in range(200)])
+
+    answers = asyncio.run(fire())
+    assert [r.status_code for r in answers] == [200] * 200
+    assert {r.json()["status"] for r in answers} == {"ok"}
+    assert seen["max"] <= 2 and all(name.startswith("lesionnet-infer") for name in seen["threads"])
+    assert app.state.admission.count == 0
+
+
 # ----------------------------------------------------------------------------- refusing when unsure
 
 
@@ -315,7 +422,7 @@ def test_default_referral_without_scores_is_the_malignant_rule_and_says_unvalida
 
 def test_gate_is_fitted_on_validation_images_and_stored(run: Path, tmp_path: Path) -> None:
     cfg = compose_serve([f"ckpt={run}", "device=cpu", "gradcam=false", f"paths.output_dir={tmp_path}",
-                         "unsure.quantile=0.2"])
+                         "unsure.quantile=0.2", "unsure.cache_dir=null"])  # no cache: the record is in output_dir
     service = build_service(cfg)
     gate_file = tmp_path / "confidence_gate.json"
     assert gate_file.is_file() and "quantile of" in service.gate.source
@@ -324,11 +431,65 @@ def test_gate_is_fitted_on_validation_images_and_stored(run: Path, tmp_path: Pat
     expected = fit_gate(service.predictor, val, quantile=0.2)
     assert service.gate.threshold == pytest.approx(expected.threshold)
     assert service.gate.fit["n_images"] == len(val)
-    assert build_service(cfg).gate == service.gate  # loaded from the file on the next start
+    ModelCard.model_validate(service.model_card())  # no scores.json, a fitted gate
+    explicit = compose_serve([f"ckpt={run}", "device=cpu", "gradcam=false", f"unsure.gate_file={gate_file}"])
+    assert build_service(explicit).gate == service.gate  # an explicit gate file is used as it is
     stored = json.loads(gate_file.read_text())
     gate_file.write_text(json.dumps({**stored, "model_version": "other@123"}))
     with pytest.raises(CheckpointError, match="fitted for model other@123"):
-        build_service(cfg)
+        build_service(explicit)
+
+
+def count_fits(monkeypatch: pytest.MonkeyPatch) -> list[float]:
+    """The quantile of every fit_gate call that build_gate makes."""
+    calls: list[float] = []
+
+    def counted(*args: object, **kwargs: object) -> ConfidenceGate:
+        calls.append(kwargs["quantile"])
+        return fit_gate(*args, **kwargs)
+
+    monkeypatch.setattr(build, "fit_gate", counted)
+    return calls
+
+
+def test_gate_is_fitted_once_per_model_and_settings_then_loaded_from_the_cache(
+        run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    calls = count_fits(monkeypatch)
+    cache = tmp_path / "gates"
+
+    def start(n: int, *overrides: str) -> ConfidenceGate:  # each start has a fresh output folder, as under Hydra
+        return build_service(compose_serve([f"ckpt={run}", "device=cpu", "gradcam=false", f"unsure.cache_dir={cache}",
+                                            f"paths.output_dir={tmp_path / f'start{n}'}", *overrides])).gate
+
+    with caplog.at_level(logging.INFO, logger="lesionnet.app.build"):
+        first = start(1)
+        assert calls == [0.05] and "fitted" in caplog.text and len(list(cache.glob("*.json"))) == 1
+        caplog.clear()
+        assert start(2) == first and calls == [0.05]  # same model and settings: no refit
+        assert "loaded from cache" in caplog.text
+    other = start(3, "unsure.quantile=0.2")  # another quantile is another fit, kept beside the first
+    assert calls == [0.05, 0.2] and other.fit["quantile"] == 0.2 and len(list(cache.glob("*.json"))) == 2
+    assert start(4, "unsure.quantile=0.2") == other and start(5, "unsure.max_images=5").fit["n_images"] == 5
+    assert calls == [0.05, 0.2, 0.05]
+    assert not list(tmp_path.glob("start*/confidence_gate.json"))
+
+
+def test_a_stale_or_broken_cached_gate_is_refitted_not_used(run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                           caplog: pytest.LogCaptureFixture) -> None:
+    calls = count_fits(monkeypatch)
+    cfg = compose_serve([f"ckpt={run}", "device=cpu", "gradcam=false", f"unsure.cache_dir={tmp_path}",
+                         f"paths.output_dir={tmp_path / 'out'}"])
+    gate = build_service(cfg).gate
+    (cached,) = tmp_path.glob("*.json")
+    stored = json.loads(cached.read_text())
+    assert stored["fitted_on"]["model_version"] == gate.model_version and stored["fitted_on"]["quantile"] == 0.05
+    for broken in ({**stored, "threshold": 0.99, "fitted_on": {**stored["fitted_on"], "n_images": 1}},
+                   {**stored, "threshold": 0.99, "model_version": "other@123"}, "{not json"):
+        cached.write_text(broken if isinstance(broken, str) else json.dumps(broken))
+        assert build_service(cfg).gate == gate  # refitted (same data, same threshold) and rewritten
+        assert json.loads(cached.read_text()) == stored
+    assert len(calls) == 4
+    assert "fitted with other n_images than now" in caplog.text and "fitted for model other@123" in caplog.text
 
 
 def test_scores_for_other_checkpoints_are_refused(run: Path, tmp_path: Path) -> None:

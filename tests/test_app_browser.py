@@ -71,16 +71,22 @@ def browser() -> Iterator[sync_api.Browser]:
         b.close()
 
 
-@pytest.fixture
-def page(browser: sync_api.Browser, server: str) -> Iterator[sync_api.Page]:
-    """A phone-sized page at /, failing the test on any console error or uncaught exception (CSP included)."""
-    context = browser.new_context(viewport={"width": 390, "height": 844}, device_scale_factor=1, is_mobile=True,
-                                  has_touch=True)
+def watched_page(context: sync_api.BrowserContext) -> tuple[sync_api.Page, list[str]]:
+    """A new page and the list its console errors and uncaught exceptions (CSP violations included) go to."""
     page = context.new_page()
     page.set_default_timeout(TIMEOUT_MS)
     errors: list[str] = []
     page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
     page.on("pageerror", lambda e: errors.append(str(e)))
+    return page, errors
+
+
+@pytest.fixture
+def page(browser: sync_api.Browser, server: str) -> Iterator[sync_api.Page]:
+    """A phone-sized page at /, failing the test on any console error or uncaught exception (CSP included)."""
+    context = browser.new_context(viewport={"width": 390, "height": 844}, device_scale_factor=1, is_mobile=True,
+                                  has_touch=True)
+    page, errors = watched_page(context)
     page.goto(server + "/")
     yield page
     context.close()
@@ -194,3 +200,35 @@ def test_wrong_file_type_is_explained_without_a_request(page: sync_api.Page, tmp
     sync_api.expect(status).to_have_class("error")
     sync_api.expect(page.locator("#submit")).to_be_disabled()
     assert not requests
+
+
+def test_api_docs_render_and_run_with_every_other_host_blocked(browser: sync_api.Browser, server: str) -> None:
+    """/docs needs nothing from a CDN: requests to any other origin are aborted, and no CSP violation is logged."""
+    context = browser.new_context()
+    foreign: list[str] = []
+
+    def same_origin_only(route: sync_api.Route) -> None:
+        if route.request.url.startswith(server + "/"):
+            route.continue_()
+        else:
+            foreign.append(route.request.url)
+            route.abort()
+
+    context.route("**/*", same_origin_only)
+    page, errors = watched_page(context)
+    page.goto(server + "/docs")
+    expect = sync_api.expect
+    paths = page.locator(".opblock-summary-path")
+    expect(paths).to_have_count(3)
+    assert sorted(paths.all_inner_texts()) == ["/api/v1/model", "/api/v1/predict", "/healthz"]
+    expect(page.locator("section.models")).to_contain_text("PredictResponse")
+    expect(page.locator("section.models")).to_contain_text("ErrorResponse")
+    page.locator(".opblock-summary-path", has_text="/healthz").click()  # run an operation from the page
+    page.get_by_role("button", name="Try it out").click()
+    with page.expect_response("**/healthz") as response:
+        page.get_by_role("button", name="Execute").click()
+    assert response.value.status == 200
+    expect(page.locator(".live-responses-table tbody .response-col_status").first).to_have_text("200")
+    context.close()
+    assert not foreign, f"requests to other hosts: {foreign}"
+    assert not errors, f"browser errors: {errors}"

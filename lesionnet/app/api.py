@@ -1,27 +1,36 @@
 """HTTP layer: routes, upload limits, bounded concurrency and JSON errors (never a stack trace to the client).
 
 Inference runs in a fixed thread pool (``workers``) and at most ``max_pending`` requests are admitted at once
-(running or waiting); more get 503 with Retry-After, so memory stays bounded under load.
+(running or waiting); more get 503 with Retry-After. Memory stays bounded under load: a waiting request holds only
+Starlette's spooled copy of its upload (at most 1 MB in memory, the rest in a temporary file) and is read and
+decoded by the worker that takes it, so at most ``workers`` images are decoded at once. Responses are typed
+(``schemas``) so /openapi.json documents them; /docs is Swagger UI on assets served by the app (no CDN).
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
+import hashlib
 import logging
+import re
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
+from importlib.resources import files
 from pathlib import Path
 from typing import Annotated, Any
 
 from fastapi import FastAPI, File, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, JSONResponse
+from fastapi.openapi.docs import get_swagger_ui_html
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from lesionnet.app.content import DISCLAIMER
+from lesionnet.app.schemas import ErrorResponse, HealthResponse, ModelCard, PredictResponse
 from lesionnet.app.service import LesionService
 from lesionnet.app.upload import UploadError, UploadLimits, check_content_type, decode_image, guard_pillow
 
@@ -30,6 +39,34 @@ STATIC = Path(__file__).parent / "static"
 MULTIPART_OVERHEAD = 64 * 1024  # form boundaries and headers around the file
 PAGE_CSP = ("default-src 'self'; img-src 'self' data: blob:; media-src 'self' blob:; style-src 'self'; "
             "script-src 'self'; connect-src 'self'; manifest-src 'self'; worker-src 'self'; frame-ancestors 'none'")
+# Swagger UI's JS and CSS from the fastapi-offline wheel (the app extra), served from /docs/assets instead of a CDN
+SWAGGER_ASSETS = Path(str(files("fastapi_offline") / "static"))
+ERRORS = {400: "Bad request (e.g. an empty file)", 413: "File or image too large",
+          415: "Not a JPEG, PNG or WebP upload", 422: "Missing field, or an undecodable, corrupt or too small image",
+          500: "Unexpected server error (no details are given)",
+          503: "Server busy; retry after the Retry-After seconds"}
+
+
+def error_responses(*codes: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI ``responses=`` declaring the JSON error body for ``codes``."""
+    return {code: {"model": ErrorResponse, "description": ERRORS[code]} for code in codes}
+
+
+def swagger_page(title: str, openapi_url: str) -> tuple[str, str]:
+    """(HTML, its CSP) of Swagger UI on the local assets; the inline start-up script is allowed by its hash.
+
+    The page is the same for every request, so the hash is computed once; no 'unsafe-inline' is needed.
+    """
+    html = get_swagger_ui_html(
+        openapi_url=openapi_url, title=f"{title} - API docs", swagger_js_url="/docs/assets/swagger-ui-bundle.js",
+        swagger_css_url="/docs/assets/swagger-ui.css", swagger_favicon_url="/static/icon-192.png",
+        swagger_ui_parameters={"validatorUrl": None},  # else the badge image is fetched from validator.swagger.io
+    ).body.decode()
+    inline = re.findall(r"<script>(.*?)</script>", html, flags=re.DOTALL)
+    hashes = " ".join(f"'sha256-{base64.b64encode(hashlib.sha256(s.encode()).digest()).decode()}'" for s in inline)
+    csp = (f"default-src 'self'; img-src 'self' data:; style-src 'self'; script-src 'self' {hashes}; "
+           "connect-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'none'")
+    return html, csp
 
 
 def error_response(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
@@ -83,7 +120,7 @@ class Admission:
 
 
 def create_app(service: LesionService, limits: UploadLimits | None = None, workers: int = 1,
-               max_pending: int = 4) -> FastAPI:
+               max_pending: int = 256) -> FastAPI:
     """The FastAPI app around a loaded ``service``."""
     limits = limits or UploadLimits()
     guard_pillow(limits)
@@ -95,8 +132,9 @@ def create_app(service: LesionService, limits: UploadLimits | None = None, worke
         yield
         executor.shutdown(wait=False, cancel_futures=True)
 
+    ModelCard.model_validate(service.model_card())  # a malformed scores.json fails here, not at every request
     app = FastAPI(
-        title="LesionNet", version=service.predictor.version, lifespan=lifespan,
+        title="LesionNet", version=service.predictor.version, lifespan=lifespan, docs_url=None, redoc_url=None,
         description=f"Classifies a photo of a skin lesion into 7 HAM10000 classes, with a referral flag, an "
                     f"'unsure' answer and a Grad-CAM heatmap. {DISCLAIMER}",
     )
@@ -132,15 +170,17 @@ def create_app(service: LesionService, limits: UploadLimits | None = None, worke
         response.headers.setdefault("X-Content-Type-Options", "nosniff")
         if request.url.path.startswith("/api/"):
             response.headers["Cache-Control"] = "no-store"  # answers about someone's skin are not cached
-        elif not request.url.path.startswith(("/docs", "/redoc", "/openapi")):
+        elif not request.url.path.startswith("/openapi"):  # /docs sets its own (with the hash of its script)
             response.headers.setdefault("Content-Security-Policy", PAGE_CSP)
         return response
 
-    @app.get("/healthz", tags=["service"], summary="Liveness and the model version")
+    @app.get("/healthz", tags=["service"], summary="Liveness and the model version", response_model=HealthResponse,
+             responses=error_responses(500))
     async def healthz() -> dict[str, Any]:
         return {"status": "ok", "model_version": service.predictor.version, "in_flight": admission.count}
 
-    @app.get("/api/v1/model", tags=["model"], summary="Model card: data, metrics with CIs, intended use, limits")
+    @app.get("/api/v1/model", tags=["model"], summary="Model card: data, metrics with CIs, intended use, limits",
+             response_model=ModelCard, response_model_exclude_unset=True, responses=error_responses(500))
     async def model_card() -> dict[str, Any]:
         return service.model_card()
 
@@ -149,22 +189,26 @@ def create_app(service: LesionService, limits: UploadLimits | None = None, worke
         description="Upload a JPEG, PNG or WebP photo (multipart field 'file', at most "
                     f"{limits.max_bytes // 2**20} MB). Answers 'ok' with the top class, 'unsure' (no label) or "
                     "'rejected' (not a lesion photo). Errors are JSON: {error: {status, code, message}}.",
-        responses={400: {"description": "Empty file"}, 413: {"description": "File or image too large"},
-                   415: {"description": "Not a JPEG, PNG or WebP upload"},
-                   422: {"description": "Undecodable, corrupt or too small image"},
-                   503: {"description": "Server busy; retry after the Retry-After seconds"}},
+        response_model=PredictResponse, response_model_exclude_unset=True,  # keys the service left out stay out
+        responses=error_responses(400, 413, 415, 422, 500, 503),
     )
     async def predict(file: Annotated[UploadFile, File(description="The photo")]) -> dict[str, Any]:
         check_content_type(file.content_type)
-        data = await file.read(limits.max_bytes + 1)
         if not admission.enter():
             return error_response(503, "busy", "The server is busy; try again in a few seconds.",
                                   headers={"Retry-After": "2"})
-        try:
+        try:  # a queued upload stays in its spooled file (<= 1 MB in memory); the worker that takes it reads it
             loop = asyncio.get_running_loop()
-            return await loop.run_in_executor(executor, lambda: service.analyse(decode_image(data, limits)))
+            return await loop.run_in_executor(
+                executor, lambda: service.analyse(decode_image(file.file.read(limits.max_bytes + 1), limits)))
         finally:
             admission.leave()
+
+    docs_html, docs_csp = swagger_page(app.title, app.openapi_url or "/openapi.json")
+
+    @app.get("/docs", include_in_schema=False)
+    async def docs() -> HTMLResponse:
+        return HTMLResponse(docs_html, headers={"Content-Security-Policy": docs_csp})
 
     @app.get("/", include_in_schema=False)
     async def index() -> FileResponse:
@@ -178,5 +222,6 @@ def create_app(service: LesionService, limits: UploadLimits | None = None, worke
     async def service_worker() -> FileResponse:  # served from / so that its scope is the whole app
         return FileResponse(STATIC / "sw.js", media_type="text/javascript", headers={"Cache-Control": "no-cache"})
 
+    app.mount("/docs/assets", StaticFiles(directory=SWAGGER_ASSETS), name="docs-assets")
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
     return app

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import time
+from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -13,6 +18,7 @@ from lesionnet.app.policy import DEFAULT_MSP_THRESHOLD, ConfidenceGate, Referral
 from lesionnet.app.predictor import Predictor
 from lesionnet.app.service import LesionService
 from lesionnet.app.upload import UploadLimits
+from lesionnet.evaluation.checkpoints import CheckpointError
 from lesionnet.evaluation.datasets import run_split_table
 
 log = logging.getLogger(__name__)
@@ -22,20 +28,67 @@ def _scores_tta(path: str | None) -> str | None:
     return json.loads(Path(path).read_text()).get("tta") if path and Path(path).is_file() else None
 
 
+def gate_fit_inputs(predictor: Predictor, method: str, quantile: float, max_images: int | None, data_root: str | Path,
+                    paths: Sequence[str | Path]) -> dict[str, Any]:
+    """Everything a fitted threshold depends on: the weights (the version hashes the checkpoints), TTA, the score,
+    the quantile and the images (resolved paths and sizes, so a moved or replaced data set refits)."""
+    digest = hashlib.sha256()
+    for p in paths:
+        resolved = Path(p).resolve()
+        digest.update(f"{resolved}\t{resolved.stat().st_size}\n".encode())
+    return {"model_version": predictor.version, "tta": predictor.tta, "method": method, "quantile": float(quantile),
+            "max_images": max_images, "data_root": str(Path(data_root).resolve()), "n_images": len(paths),
+            "images_sha256": digest.hexdigest()}
+
+
+def gate_cache_file(cache_dir: str | Path, fitted_on: dict[str, Any]) -> Path:
+    """``<cache_dir>/<hash of the fit inputs>.json``: one file per distinct fit, stable across starts."""
+    key = hashlib.sha256(json.dumps(fitted_on, sort_keys=True).encode()).hexdigest()[:16]
+    return Path(cache_dir) / f"{key}.json"
+
+
+def _load_cached(path: Path, predictor: Predictor, fitted_on: dict[str, Any]) -> ConfidenceGate | None:
+    """The cached gate when it matches ``fitted_on`` exactly; a missing, unreadable or other file means refit."""
+    if not path.is_file():
+        log.info("No cached confidence gate at %s: fitting one.", path)
+        return None
+    try:
+        gate = ConfidenceGate.load(path, predictor.version, fitted_on)
+    except (OSError, ValueError, TypeError, CheckpointError) as err:
+        log.warning("Ignoring the cached confidence gate %s (%s): refitting it.", path, err)
+        return None
+    log.info("Confidence gate loaded from cache %s: %s < %.4f (%s); delete the file to refit.", path, gate.method,
+             gate.threshold, gate.source)
+    return gate
+
+
 def build_gate(cfg: DictConfig, predictor: Predictor) -> ConfidenceGate:
-    """The "unsure" threshold: configured, loaded, fitted on the run's validation split, or the unvalidated default."""
+    """The "unsure" threshold: configured, loaded from unsure.gate_file, fitted on the run's validation split (or
+    taken from the cache of an earlier identical fit), or the unvalidated default."""
     u = cfg.unsure
     if u.threshold is not None:
         return ConfidenceGate(u.method, float(u.threshold), "configured (unsure.threshold)", predictor.version)
-    gate_file = Path(u.gate_file) if u.gate_file else Path(cfg.paths.output_dir) / "confidence_gate.json"
-    if gate_file.is_file():
-        return ConfidenceGate.load(gate_file, predictor.version)
+    if u.gate_file:
+        gate = ConfidenceGate.load(Path(u.gate_file), predictor.version)
+        log.info("Confidence gate loaded from unsure.gate_file %s: %s < %.4f (%s).", u.gate_file, gate.method,
+                 gate.threshold, gate.source)
+        return gate
     run = next((m.run_dir for m in predictor.members if m.run_dir is not None), None)
     if u.fit_on_val and run is not None:
         root = u.data_root or json.loads((run / "metrics.json").read_text())["data_root"]
         paths = run_split_table(run, root, "val")["path"].tolist()[: u.max_images]
-        gate = fit_gate(predictor, paths, method=u.method, quantile=u.quantile)
-        log.info("Confidence gate written to %s", gate.save(gate_file))
+        fitted_on = gate_fit_inputs(predictor, u.method, u.quantile, u.max_images, root, paths)
+        if u.cache_dir:
+            gate_file = gate_cache_file(u.cache_dir, fitted_on)
+            cached = _load_cached(gate_file, predictor, fitted_on)
+            if cached is not None:
+                return cached
+        else:  # no cache: fit at every start, keep a record in the run's output folder
+            gate_file = Path(cfg.paths.output_dir) / "confidence_gate.json"
+        start = time.perf_counter()
+        gate = replace(fit_gate(predictor, paths, method=u.method, quantile=u.quantile), fitted_on=fitted_on)
+        log.info("Confidence gate fitted in %.1f s and written to %s", time.perf_counter() - start,
+                 gate.save(gate_file))
         return gate
     log.warning("No validation split to fit the 'unsure' threshold on: using max softmax < %.2f (not validated).",
                 DEFAULT_MSP_THRESHOLD)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -124,6 +125,7 @@ class ConfidenceGate:
     source: str = "default (not validated)"
     model_version: str | None = None
     fit: dict[str, Any] | None = None
+    fitted_on: dict[str, Any] | None = None  # everything the threshold depends on (see lesionnet.app.build)
 
     def __post_init__(self) -> None:
         if self.method not in SCORES:
@@ -136,16 +138,24 @@ class ConfidenceGate:
         return self.score(out) < self.threshold
 
     def save(self, path: Path) -> Path:
+        """Write atomically, so a server starting at the same time never reads half a file."""
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(asdict(self), indent=2))
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(asdict(self), indent=2))
+        os.replace(tmp, path)
         return path
 
     @classmethod
-    def load(cls, path: Path, model_version: str) -> ConfidenceGate:
+    def load(cls, path: Path, model_version: str, fitted_on: dict[str, Any] | None = None) -> ConfidenceGate:
+        """The gate in ``path``; refused unless fitted for ``model_version`` (and on ``fitted_on``, when given)."""
         gate = cls(**json.loads(Path(path).read_text()))
         if gate.model_version != model_version:
             raise CheckpointError(f"{path} was fitted for model {gate.model_version}, not {model_version}. Delete it "
                                   "to refit, or give the matching checkpoints.")
+        if fitted_on is not None and gate.fitted_on != fitted_on:
+            stored = gate.fitted_on or {}
+            changed = sorted(k for k in {*stored, *fitted_on} if stored.get(k) != fitted_on.get(k))
+            raise CheckpointError(f"{path} was fitted with other {', '.join(changed)} than now.")
         return gate
 
 

@@ -38,14 +38,15 @@ class LesionService:
         return sorted(rows, key=lambda r: -r["probability"])
 
     def analyse(self, image: np.ndarray) -> dict[str, Any]:
-        """The full API answer for one RGB uint8 image (status ok | unsure | rejected)."""
+        """The full API answer for one RGB uint8 image (status ok | unsure | rejected); its shape is
+        ``schemas.PredictResponse``."""
         answer: dict[str, Any] = {"model_version": self.predictor.version, "disclaimer": content.DISCLAIMER}
         checked = check_image(image, self.check)
         answer["image_check"] = asdict(checked)
         if not checked.passed:
             return {**answer, "status": "rejected", "message": content.MESSAGES["rejected"], "top_class": None,
-                    "probabilities": [], "urgency": {"refer": None, "level": "unknown", "message":
-                                                     content.MESSAGES["rejected"], "reasons": []},
+                    "probabilities": [], "urgency": {"refer": None, "reasons": [], "level": "unknown", "message":
+                                                     content.MESSAGES["rejected"]},
                     "confidence": None, "gradcam": None}
         with self.predictor.lock:
             out = self.predictor.predict(image)
@@ -74,7 +75,8 @@ class LesionService:
         }
 
     def model_card(self) -> dict[str, Any]:
-        """What the model is, how well it did (with CIs when scores.json was given) and what it must not be used for."""
+        """What the model is, how well it did (with CIs when scores.json was given) and what it must not be used for;
+        its shape is ``schemas.ModelCard``."""
         metrics = None
         if self.scores:
             s = self.scores
