@@ -146,7 +146,7 @@ class LesionClassifier(L.LightningModule):
         logits = self(images)
         loss = F.cross_entropy(logits, targets, weight=self.class_weights,
                                label_smoothing=self.hparams.label_smoothing)
-        self._metrics(stage).update(logits.softmax(dim=-1), targets)
+        self._metrics(stage).update(logits.detach().softmax(dim=-1), targets)  # AUROC keeps its inputs: no graph
         self.log(f"{stage}/loss", loss, on_step=stage == "train", on_epoch=True, prog_bar=True,
                  batch_size=images.shape[0], sync_dist=stage != "train")
         return loss

@@ -75,3 +75,16 @@ def test_metrics_match_hand_computed_values() -> None:
     assert out["val/acc"].item() == pytest.approx(3 / 4)
     assert out["val/balanced_acc"].item() == pytest.approx((1 + 0.5 + 1) / 3)
     assert out["val/recall_b"].item() == pytest.approx(0.5)
+
+
+def test_training_metrics_do_not_keep_the_autograd_graph() -> None:
+    """AUROC stores every step's probabilities until the epoch ends; with a graph attached, each step's activations
+    would stay in memory with them (RSS grew ~17 MB per step on EfficientNet-Lite0)."""
+    model = LesionClassifier()
+    model.log = lambda *a, **k: None  # not attached to a Trainer
+    for _ in range(2):
+        model.training_step((torch.randn(4, 3, 64, 64), torch.tensor([0, 1, 2, 3])), 0).backward()
+    stored = [getattr(m, name) for m in model.train_metrics.values() for name in m._defaults]
+    tensors = [t for s in stored for t in (s if isinstance(s, list) else [s])]
+    assert any(t.dim() == 2 for t in tensors)  # the probabilities AUROC keeps are among them
+    assert not any(t.requires_grad or t.grad_fn is not None for t in tensors)
