@@ -17,8 +17,8 @@ mkdir -p "$out"
 py=${PYTHON:-.venv/bin/python}; lesionnet=${LESIONNET:-.venv/bin/lesionnet}
 images=${IMAGES:-../shared/data/ham10000_200x150/images}
 rounds=${ROUNDS:-2}; n_seq=${N_SEQ:-30}; n_load=${N_LOAD:-200}; conc=${CONCURRENCY:-4 200}
-port=8100; names=(); pids=(); declare -A pid_of
-trap 'kill "${pids[@]}" 2>/dev/null || true' EXIT
+port=8100; names=(); declare -A pid_of
+trap 'kill "${pid_of[@]}" 2>/dev/null || true' EXIT
 
 for spec in "$@"; do
   name=${spec%%=*}; rest=${spec#*=}; ckpt=${rest%%@*}; scores=""
@@ -28,12 +28,12 @@ for spec in "$@"; do
   # shellcheck disable=SC2086
   extra_name="EXTRA_$name"
   $lesionnet serve "ckpt=$ckpt" $scores port=$port ${EXTRA:-} ${!extra_name:-} > "$out/${name}_server.log" 2>&1 &
-  pids+=($!); pid_of[$name]=$!
+  pid_of[$name]=$!
   until curl -sf "http://127.0.0.1:$port/healthz" > /dev/null; do
-    kill -0 "${pids[-1]}" 2>/dev/null || { tail -20 "$out/${name}_server.log"; exit 1; }
+    kill -0 "${pid_of[$name]}" 2>/dev/null || { tail -20 "$out/${name}_server.log"; exit 1; }
     sleep 0.2
   done
-  echo "$name: ready in $(echo "$(date +%s.%N) - $start" | bc) s, RSS $(ps -o rss= -p "${pids[-1]}") kB" \
+  echo "$name: ready in $(echo "$(date +%s.%N) - $start" | bc) s, RSS $(ps -o rss= -p "${pid_of[$name]}") kB" \
     | tee "$out/${name}_startup.txt"
 done
 
