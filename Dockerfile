@@ -43,9 +43,8 @@ WORKDIR /app
 COPY constraints.txt ./
 RUN pip install --no-cache-dir --index-url "${TORCH_INDEX_URL}" -c constraints.txt torch torchvision
 
-# The project, editable so that Hydra finds conf/ next to the code, every other dependency pinned by constraints.txt.
+# The project (its Hydra configs are package data in lesionnet/conf), every other dependency pinned by constraints.txt.
 COPY pyproject.toml README.md train.py evaluate.py ./
-COPY conf ./conf
 COPY lesionnet ./lesionnet
 RUN pip install --no-cache-dir -c constraints.txt -e ".[lite,app]" \
     && mkdir -p /app/logs \

@@ -1,6 +1,6 @@
 """Decode + augment throughput of the DataModule alone, against the model's training throughput.
 
-For each config (``conf/experiment``, composed like ``train.py experiment=<name>``), the train loader of
+For each config (``lesionnet/conf/experiment``, composed like ``train.py experiment=<name>``), the train loader of
 ``HAM10000DataModule`` (the experiment's image size, crop and augmentations, batch size, shuffling) is iterated
 with ``num_workers`` in ``--workers``, without a model: ``--warmup`` batches (worker start-up) not counted, then
 ``--batches`` timed batches. Reported: images/s, and user+system CPU time per image of the process and its
@@ -52,8 +52,16 @@ def loader_throughput(datamodule: Any, num_workers: int, warmup: int, batches: i
     result = clock.result()
     del loader  # shuts the (persistent) workers down before the next measurement
     gc.collect()
-    keep = ("warmup_steps", "steps", "images", "seconds", "images_per_s", "cpu_seconds_main", "cpu_seconds_workers",
-            "cpu_ms_per_image")
+    keep = (
+        "warmup_steps",
+        "steps",
+        "images",
+        "seconds",
+        "images_per_s",
+        "cpu_seconds_main",
+        "cpu_seconds_workers",
+        "cpu_ms_per_image",
+    )
     return {"num_workers": num_workers, **{k: result[k] for k in keep}}
 
 
@@ -65,9 +73,12 @@ def train_figures(path: Path | None, config: str) -> dict[str, Any] | None:
     if not entry:
         return None
     summary = entry["summary"]
-    return {"source": str(path), "date_utc": report.get("date_utc"),
-            "lightning_images_per_s": summary["median_train_images_per_s"]["lightning"],
-            "plain_images_per_s": summary["median_train_images_per_s"]["plain"]}
+    return {
+        "source": str(path),
+        "date_utc": report.get("date_utc"),
+        "lightning_images_per_s": summary["median_train_images_per_s"]["lightning"],
+        "plain_images_per_s": summary["median_train_images_per_s"]["plain"],
+    }
 
 
 def measure_config(args: argparse.Namespace, config: str) -> dict[str, Any]:
@@ -88,22 +99,33 @@ def measure_config(args: argparse.Namespace, config: str) -> dict[str, Any]:
     runs = []
     for r in range(1, args.rounds + 1):
         for nw in args.workers:
-            run = {"round": r, "load_before": tt.load_average(), **loader_throughput(dm, nw, args.warmup,
-                                                                                    args.batches)}
+            run = {"round": r, "load_before": tt.load_average(), **loader_throughput(dm, nw, args.warmup, args.batches)}
             runs.append(run)
-            print(f"{config} round {r} workers {nw}: {run['images_per_s']:.0f} img/s, "
-                  f"{run['cpu_ms_per_image']:.2f} CPU ms/img", file=sys.stderr, flush=True)
+            print(
+                f"{config} round {r} workers {nw}: {run['images_per_s']:.0f} img/s, "
+                f"{run['cpu_ms_per_image']:.2f} CPU ms/img",
+                file=sys.stderr,
+                flush=True,
+            )
     per_workers = {nw: tt.median([x["images_per_s"] for x in runs if x["num_workers"] == nw]) for nw in args.workers}
     cpu_ms = {nw: tt.median([x["cpu_ms_per_image"] for x in runs if x["num_workers"] == nw]) for nw in args.workers}
     dm.num_workers = configured_workers
-    model = None if args.no_model else {"load_before": tt.load_average(),
-                                        **tt.model_only_throughput(cfg, dm, args.model_warmup, args.model_steps)}
+    model = (
+        None
+        if args.no_model
+        else {
+            "load_before": tt.load_average(),
+            **tt.model_only_throughput(cfg, dm, args.model_warmup, args.model_steps),
+        }
+    )
     train = train_figures(args.train_json, config)
     cpus = tt.cpu_info()["usable_cpus"]
     comparisons = {}
-    for name, ips in (("model_only", model and model["images_per_s"]),
-                      ("train_lightning", train and train["lightning_images_per_s"]),
-                      ("train_plain", train and train["plain_images_per_s"])):
+    for name, ips in (
+        ("model_only", model and model["images_per_s"]),
+        ("train_lightning", train and train["lightning_images_per_s"]),
+        ("train_plain", train and train["plain_images_per_s"]),
+    ):
         if ips:
             comparisons[name] = {
                 "model_images_per_s": ips,
@@ -111,26 +133,43 @@ def measure_config(args: argparse.Namespace, config: str) -> dict[str, Any]:
                 "feed_cpu_share": {nw: round(ips * cpu_ms[nw] / 1000 / cpus, 3) for nw in args.workers},
             }
     return {
-        "config": config, "backbone": cfg.model.backbone, "image_size": list(dm.data_config["input_size"][1:]),
-        "batch_size": dm.batch_size, "configured_num_workers": configured_workers,
+        "config": config,
+        "backbone": cfg.model.backbone,
+        "image_size": list(dm.data_config["input_size"][1:]),
+        "batch_size": dm.batch_size,
+        "configured_num_workers": configured_workers,
         "augment": OmegaConf.to_container(cfg.data.augment, resolve=True),
-        "train_images": len(dm.datasets["train"]), "setup_seconds": round(setup_s, 2),
-        "torch_threads": torch.get_num_threads(), "runs": runs,
-        "median_images_per_s": per_workers, "median_cpu_ms_per_image": cpu_ms,
-        "model_only": model, "train": train, "comparisons": comparisons,
+        "train_images": len(dm.datasets["train"]),
+        "setup_seconds": round(setup_s, 2),
+        "torch_threads": torch.get_num_threads(),
+        "runs": runs,
+        "median_images_per_s": per_workers,
+        "median_cpu_ms_per_image": cpu_ms,
+        "model_only": model,
+        "train": train,
+        "comparisons": comparisons,
         "meets_target_at_configured_workers": {
-            name: c["data_over_model"].get(configured_workers, 0) >= TARGET for name, c in comparisons.items()
-            if configured_workers in c["data_over_model"]},
+            name: c["data_over_model"].get(configured_workers, 0) >= TARGET
+            for name, c in comparisons.items()
+            if configured_workers in c["data_over_model"]
+        },
     }
 
 
 def markdown(report: dict[str, Any]) -> str:
-    lines = [f"# Data pipeline throughput ({report['date_utc']})", "",
-             f"CPU: {report['cpu']['model']} ({report['cpu']['usable_cpus']} usable CPUs); load average before "
-             f"{report['load_before']}, after {report['load_after']}; commit {str(report['git']['commit'])[:10]}", ""]
+    lines = [
+        f"# Data pipeline throughput ({report['date_utc']})",
+        "",
+        f"CPU: {report['cpu']['model']} ({report['cpu']['usable_cpus']} usable CPUs); load average before "
+        f"{report['load_before']}, after {report['load_after']}; commit {str(report['git']['commit'])[:10]}",
+        "",
+    ]
     for res in report["configs"].values():
-        lines += [f"## {res['config']}: {res['backbone']}, {res['image_size'][0]}x{res['image_size'][1]}, batch "
-                  f"{res['batch_size']} (configured num_workers {res['configured_num_workers']})", ""]
+        lines += [
+            f"## {res['config']}: {res['backbone']}, {res['image_size'][0]}x{res['image_size'][1]}, batch "
+            f"{res['batch_size']} (configured num_workers {res['configured_num_workers']})",
+            "",
+        ]
         comps = {k: v for k, v in res["comparisons"].items() if k != "train_plain"}  # plain: in the JSON
         head = "| workers | data img/s | CPU ms/img |"
         rule = "|---:|---:|---:|"
@@ -159,16 +198,27 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-model", action="store_true", help="skip the model-only measurement")
     p.add_argument("--train-json", type=Path, help="a bench/train_throughput.py --json report to compare with")
     p.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's default)")
-    p.add_argument("-o", "--override", action="append", default=[], metavar="KEY=VALUE",
-                   help="extra Hydra override, e.g. -o data.batch_size=64 (repeatable)")
+    p.add_argument(
+        "-o",
+        "--override",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="extra Hydra override, e.g. -o data.batch_size=64 (repeatable)",
+    )
     p.add_argument("--json", type=Path, help="write every raw number here")
     return p.parse_args(argv)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    report: dict[str, Any] = {"benchmark": "data_throughput", **tt.run_metadata(), "target_data_over_model": TARGET,
-                              "load_before": tt.load_average(), "configs": {}}
+    report: dict[str, Any] = {
+        "benchmark": "data_throughput",
+        **tt.run_metadata(),
+        "target_data_over_model": TARGET,
+        "load_before": tt.load_average(),
+        "configs": {},
+    }
     report["settings"] = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
     for config in args.configs:
         report["configs"][config] = measure_config(args, config)

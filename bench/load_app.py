@@ -54,8 +54,13 @@ def load_images(folder: Path, count: int, seed: int) -> list[tuple[str, bytes, s
     return [(p.name, p.read_bytes(), TYPES[p.suffix.lower()]) for p in chosen]
 
 
-async def one(client: httpx.AsyncClient, url: str, image: tuple[str, bytes, str], retry_busy: int = 0,
-              deadline: float = float("inf")) -> dict[str, Any]:
+async def one(
+    client: httpx.AsyncClient,
+    url: str,
+    image: tuple[str, bytes, str],
+    retry_busy: int = 0,
+    deadline: float = float("inf"),
+) -> dict[str, Any]:
     """One upload; a 503 is retried up to ``retry_busy`` times after its Retry-After (jittered), as a polite client."""
     start = time.perf_counter()
     busy_seen = 0
@@ -63,8 +68,11 @@ async def one(client: httpx.AsyncClient, url: str, image: tuple[str, bytes, str]
         try:
             r = await client.post(url, files={"file": image})
         except httpx.HTTPError as err:  # timeouts, refused or dropped connections
-            return {"outcome": f"transport:{type(err).__name__}", "seconds": time.perf_counter() - start,
-                    "busy_seen": busy_seen}
+            return {
+                "outcome": f"transport:{type(err).__name__}",
+                "seconds": time.perf_counter() - start,
+                "busy_seen": busy_seen,
+            }
         if r.status_code != 503 or busy_seen >= retry_busy or time.perf_counter() > deadline:
             break
         busy_seen += 1
@@ -94,8 +102,10 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         try:
             health = (await client.get(base + "/healthz")).json()
         except (httpx.HTTPError, ValueError) as err:
-            sys.exit(f"No LesionNet server answers at {base}/healthz ({type(err).__name__}: {err}). Start one with "
-                     "python -m lesionnet.app ckpt=...")
+            sys.exit(
+                f"No LesionNet server answers at {base}/healthz ({type(err).__name__}: {err}). Start one with "
+                "python -m lesionnet.app ckpt=..."
+            )
         for _ in range(args.warmup):  # first requests pay one-off costs (allocations, lazy imports)
             await one(client, base + "/api/v1/predict", images[0])
         sem = asyncio.Semaphore(args.concurrency)
@@ -107,8 +117,9 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 if time.perf_counter() > deadline:
                     results.append({"outcome": "not_sent"})
                     return
-                results.append(await one(client, base + "/api/v1/predict", images[k % len(images)],
-                                         args.retry_busy, deadline))
+                results.append(
+                    await one(client, base + "/api/v1/predict", images[k % len(images)], args.retry_busy, deadline)
+                )
 
         start = time.perf_counter()
         await asyncio.gather(*(worker(k) for k in range(args.requests)))
@@ -116,23 +127,35 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     return summarise(args, health, results, wall, len(images))
 
 
-def summarise(args: argparse.Namespace, health: dict[str, Any], results: list[dict[str, Any]], wall: float,
-              n_images: int) -> dict[str, Any]:
+def summarise(
+    args: argparse.Namespace, health: dict[str, Any], results: list[dict[str, Any]], wall: float, n_images: int
+) -> dict[str, Any]:
     ok = [r["seconds"] for r in results if r["outcome"] == "ok"]
     busy = [r["seconds"] for r in results if r["outcome"] == "busy"]
     outcomes = Counter(r["outcome"] for r in results)
     stats = lambda xs: {  # noqa: E731
-        "n": len(xs), **{f"p{q}_ms": None if not xs else round(1000 * percentile(xs, q), 1) for q in (50, 95, 99)},
+        "n": len(xs),
+        **{f"p{q}_ms": None if not xs else round(1000 * percentile(xs, q), 1) for q in (50, 95, 99)},
         "mean_ms": round(1000 * sum(xs) / len(xs), 1) if xs else None,
-        "max_ms": round(1000 * max(xs), 1) if xs else None}
+        "max_ms": round(1000 * max(xs), 1) if xs else None,
+    }
     return {
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "url": args.url, "model_version": health.get("model_version"), "client_host": platform.node(),
-        "requests": args.requests, "concurrency": args.concurrency, "distinct_images": n_images,
-        "images": str(args.images), "warmup": args.warmup, "wall_s": round(wall, 2),
+        "url": args.url,
+        "model_version": health.get("model_version"),
+        "client_host": platform.node(),
+        "requests": args.requests,
+        "concurrency": args.concurrency,
+        "distinct_images": n_images,
+        "images": str(args.images),
+        "warmup": args.warmup,
+        "wall_s": round(wall, 2),
         "throughput_ok_per_s": round(len(ok) / wall, 2) if wall else None,
-        "latency_ok": stats(ok), "latency_busy_503": stats(busy),
-        "ok_200": len(ok), "busy_503": outcomes["busy"], "retry_busy": args.retry_busy,
+        "latency_ok": stats(ok),
+        "latency_busy_503": stats(busy),
+        "ok_200": len(ok),
+        "busy_503": outcomes["busy"],
+        "retry_busy": args.retry_busy,
         "busy_503_answers_seen": sum(r.get("busy_seen", 0) for r in results),
         "errors": {k: v for k, v in sorted(outcomes.items()) if k not in ("ok", "busy", "not_sent")},
         "not_sent_after_max_seconds": outcomes["not_sent"],
@@ -164,15 +187,23 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--url", default="http://127.0.0.1:8000", help="the running server (loopback only)")
     p.add_argument("--requests", "-n", type=int, default=200, help="uploads to send (default 200)")
     p.add_argument("--concurrency", "-c", type=int, default=8, help="uploads in flight at once (default 8)")
-    p.add_argument("--images", type=Path, default=DEFAULT_IMAGES,
-                   help="folder of JPEG/PNG/WebP images, sampled without replacement then cycled "
-                        "(default: the 286 HAM10000 images embedded in lesionnet/data/sample/images)")
+    p.add_argument(
+        "--images",
+        type=Path,
+        default=DEFAULT_IMAGES,
+        help="folder of JPEG/PNG/WebP images, sampled without replacement then cycled "
+        "(default: the 286 HAM10000 images embedded in lesionnet/data/sample/images)",
+    )
     p.add_argument("--seed", type=int, default=0, help="which images are sampled")
     p.add_argument("--warmup", type=int, default=2, help="sequential requests sent first and not counted")
     p.add_argument("--timeout", type=float, default=60.0, help="seconds before one request is given up")
     p.add_argument("--max-seconds", type=float, default=600.0, help="no new request after this many seconds")
-    p.add_argument("--retry-busy", type=int, default=0,
-                   help="retry a 503 up to this many times after its Retry-After (default 0: count it and move on)")
+    p.add_argument(
+        "--retry-busy",
+        type=int,
+        default=0,
+        help="retry a 503 up to this many times after its Retry-After (default 0: count it and move on)",
+    )
     p.add_argument("--json", type=Path, help="also write the summary here")
     args = p.parse_args(argv)
     host = urlsplit(args.url).hostname

@@ -1,6 +1,6 @@
 """Train and eval throughput: LesionNet's LightningModule under a Lightning Trainer vs a plain PyTorch loop.
 
-What is compared (per CPU config, composed with Hydra from ``conf/`` exactly as ``train.py experiment=<name>``):
+What is compared (per CPU config, composed with Hydra from ``lesionnet/conf/`` as ``train.py experiment=<name>``):
 
 * **lightning**: ``LesionClassifier`` fitted by the Trainer of ``lesionnet.training.build_trainer`` (the config's
   ``trainer=cpu``: precision, ``log_every_n_steps``, ...), with the DataModule's ``train_dataloader``. Kept from the
@@ -54,7 +54,7 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
-CONF = REPO / "conf"
+CONF = REPO / "lesionnet" / "conf"
 TARGET_RATIO = 0.95
 DEFAULT_CONFIGS = ("baseline_cpu", "cpu_lite0_all")
 # (warm-up steps, timed steps): ~20-40 s per arm on 2 cores, and within one epoch of the full HAM10000 train split
@@ -191,13 +191,20 @@ class Clock:
             raise RuntimeError(f"Only {self.n} of {self.total} steps ran.")
         seconds = self.t1 - self.t0
         main_cpu, workers_cpu = self.cpu1[0] - self.cpu0[0], self.cpu1[1] - self.cpu0[1]
-        return {"warmup_steps": self.warmup, "steps": self.steps, "images": self.images,
-                "seconds": round(seconds, 4), "images_per_s": round(self.images / seconds, 2),
-                "cpu_seconds_main": round(main_cpu, 3), "cpu_seconds_workers": round(workers_cpu, 3),
-                "cpu_ms_per_image": round(1000 * (main_cpu + workers_cpu) / self.images, 3),
-                "rss_mb_timed_start": round(self.rss0, 1), "rss_mb_timed_end": round(self.rss1, 1),
-                "rss_mb_timed_max": round(self.rss_max, 1),
-                "rss_growth_mb_per_step": round((self.rss1 - self.rss0) / self.steps, 3)}
+        return {
+            "warmup_steps": self.warmup,
+            "steps": self.steps,
+            "images": self.images,
+            "seconds": round(seconds, 4),
+            "images_per_s": round(self.images / seconds, 2),
+            "cpu_seconds_main": round(main_cpu, 3),
+            "cpu_seconds_workers": round(workers_cpu, 3),
+            "cpu_ms_per_image": round(1000 * (main_cpu + workers_cpu) / self.images, 3),
+            "rss_mb_timed_start": round(self.rss0, 1),
+            "rss_mb_timed_end": round(self.rss1, 1),
+            "rss_mb_timed_max": round(self.rss_max, 1),
+            "rss_growth_mb_per_step": round((self.rss1 - self.rss0) / self.steps, 3),
+        }
 
 
 def clock_callback(clock: Clock) -> Any:
@@ -211,9 +218,15 @@ def clock_callback(clock: Clock) -> Any:
     return StepClock()
 
 
-def compose_config(experiment: str | None, output_dir: str | Path, root: str | None = None,
-                   overrides: Sequence[str] = (), pretrained: bool = False, loggers: bool = True) -> Any:
-    """``conf/train.yaml`` + ``experiment`` + overrides, resolved, with the bench's callback/logger selection."""
+def compose_config(
+    experiment: str | None,
+    output_dir: str | Path,
+    root: str | None = None,
+    overrides: Sequence[str] = (),
+    pretrained: bool = False,
+    loggers: bool = True,
+) -> Any:
+    """``lesionnet/conf/train.yaml`` + ``experiment`` + overrides, resolved, with the bench's callbacks/loggers."""
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf, open_dict
 
@@ -259,8 +272,9 @@ def build_plain_parts(cfg: Any, datamodule: Any) -> dict[str, Any]:
     """The plain loop's model, optimizer, scheduler and loss settings, built exactly as the LightningModule does."""
     from hydra.utils import instantiate
 
-    module = instantiate(cfg.model, _recursive_=False, class_names=list(datamodule.class_names),
-                         class_weights=datamodule.loss_weights, data_config=datamodule.data_config)
+    from lesionnet.training import build_model
+
+    module = build_model(cfg, datamodule)
     parts = {
         "net": module.model,  # the timm nn.Module with the module's freezing and memory format
         "weight": module.class_weights,
@@ -284,8 +298,9 @@ def plain_train_step(parts: dict[str, Any], images: Any, targets: Any) -> float:
 
     if parts["channels_last"]:
         images = images.contiguous(memory_format=torch.channels_last)
-    loss = F.cross_entropy(parts["net"](images), targets, weight=parts["weight"],
-                           label_smoothing=parts["label_smoothing"])
+    loss = F.cross_entropy(
+        parts["net"](images), targets, weight=parts["weight"], label_smoothing=parts["label_smoothing"]
+    )
     parts["optimizer"].zero_grad(set_to_none=True)
     loss.backward()
     parts["optimizer"].step()
@@ -326,8 +341,14 @@ def _setup(spec: dict[str, Any], output_dir: Path) -> tuple[Any, Any]:
     from hydra.utils import instantiate
 
     set_threads(spec.get("threads"))
-    cfg = compose_config(spec["config"], output_dir, spec.get("root"), spec.get("overrides", ()),
-                         spec.get("pretrained", False), spec.get("loggers", True))
+    cfg = compose_config(
+        spec["config"],
+        output_dir,
+        spec.get("root"),
+        spec.get("overrides", ()),
+        spec.get("pretrained", False),
+        spec.get("loggers", True),
+    )
     L.seed_everything(cfg.seed, workers=True)  # as lesionnet.training.train
     datamodule = instantiate(cfg.data)
     datamodule.setup("fit")
@@ -343,15 +364,13 @@ def lightning_arm(spec: dict[str, Any], output_dir: Path) -> dict[str, Any]:
     import copy
 
     import torch
-    from hydra.utils import instantiate
     from omegaconf import open_dict
 
-    from lesionnet.training import build_trainer
+    from lesionnet.training import build_model, build_trainer
 
     load_before = load_average()
     cfg, dm = _setup(spec, output_dir)
-    model = instantiate(cfg.model, _recursive_=False, class_names=list(dm.class_names),
-                        class_weights=dm.loss_weights, data_config=dm.data_config)
+    model = build_model(cfg, dm)
     clock = Clock(spec["warmup"], spec["steps"])
     fit_cfg = copy.deepcopy(cfg)
     train_trainer_options(fit_cfg, clock.total)
@@ -375,9 +394,20 @@ def lightning_arm(spec: dict[str, Any], output_dir: Path) -> dict[str, Any]:
         validate(spec["eval_warmup"])
     seconds = validate(spec["eval_batches"])
     images = _eval_images(dm, spec["eval_batches"])
-    return _arm_result("lightning", spec, cfg, dm, train, images, seconds, rss_train, threads_after_fit,
-                       load_before, callbacks=[type(c).__name__ for c in trainer.callbacks],
-                       loggers=[type(lg).__name__ for lg in trainer.loggers])
+    return _arm_result(
+        "lightning",
+        spec,
+        cfg,
+        dm,
+        train,
+        images,
+        seconds,
+        rss_train,
+        threads_after_fit,
+        load_before,
+        callbacks=[type(c).__name__ for c in trainer.callbacks],
+        loggers=[type(lg).__name__ for lg in trainer.loggers],
+    )
 
 
 def plain_eval(parts: dict[str, Any], datamodule: Any, batches: int | None) -> tuple[int, float]:
@@ -433,23 +463,47 @@ def plain_arm(spec: dict[str, Any], output_dir: Path) -> dict[str, Any]:
     return _arm_result("plain", spec, cfg, dm, train, images, seconds, rss_train, threads_after_fit, load_before)
 
 
-def _arm_result(arm: str, spec: dict[str, Any], cfg: Any, dm: Any, train: dict[str, Any], eval_images: int,
-                eval_seconds: float, rss_train: float, threads: int, load_before: list[float],
-                **extra: Any) -> dict[str, Any]:
+def _arm_result(
+    arm: str,
+    spec: dict[str, Any],
+    cfg: Any,
+    dm: Any,
+    train: dict[str, Any],
+    eval_images: int,
+    eval_seconds: float,
+    rss_train: float,
+    threads: int,
+    load_before: list[float],
+    **extra: Any,
+) -> dict[str, Any]:
     import torch
 
     return {
-        "arm": arm, "config": spec["config"], "pid": os.getpid(),
+        "arm": arm,
+        "config": spec["config"],
+        "pid": os.getpid(),
         "train": train,
-        "eval": {"images": eval_images, "seconds": round(eval_seconds, 4),
-                 "images_per_s": round(eval_images / eval_seconds, 2), "warmup_batches": spec["eval_warmup"]},
-        "max_rss_mb_after_train": round(rss_train, 1), "max_rss_mb": round(max_rss_mb(), 1),
-        "torch_threads": threads, "torch_threads_at_end": torch.get_num_threads(),
-        "load_before": load_before, "load_after": load_average(),
-        "backbone": cfg.model.backbone, "image_size": list(dm.data_config["input_size"][1:]),
-        "batch_size": dm.batch_size, "eval_batch_size": dm.eval_batch_size, "num_workers": dm.num_workers,
-        "train_images_in_split": len(dm.datasets["train"]), "val_images": len(dm.datasets["val"]),
-        "channels_last": bool(cfg.model.channels_last), "precision": str(cfg.trainer.precision),
+        "eval": {
+            "images": eval_images,
+            "seconds": round(eval_seconds, 4),
+            "images_per_s": round(eval_images / eval_seconds, 2),
+            "warmup_batches": spec["eval_warmup"],
+        },
+        "max_rss_mb_after_train": round(rss_train, 1),
+        "max_rss_mb": round(max_rss_mb(), 1),
+        "torch_threads": threads,
+        "torch_threads_at_end": torch.get_num_threads(),
+        "load_before": load_before,
+        "load_after": load_average(),
+        "backbone": cfg.model.backbone,
+        "image_size": list(dm.data_config["input_size"][1:]),
+        "batch_size": dm.batch_size,
+        "eval_batch_size": dm.eval_batch_size,
+        "num_workers": dm.num_workers,
+        "train_images_in_split": len(dm.datasets["train"]),
+        "val_images": len(dm.datasets["val"]),
+        "channels_last": bool(cfg.model.channels_last),
+        "precision": str(cfg.trainer.precision),
         **extra,
     }
 
@@ -480,15 +534,27 @@ def gpu_cell(spec: dict[str, Any], model_group: str, size: int, variant: str, ou
     on_cpu = spec["on_cpu"]
     precision, channels_last, compiled = GPU_VARIANTS[variant]
     batch = spec["batch"]
-    cfg = compose_config(None, output_dir, None, [
-        f"model={model_group}", f"trainer={'cpu' if on_cpu else 'gpu'}", f"trainer.precision={precision}",
-        f"model.channels_last={str(channels_last).lower()}", f"model.compile={str(compiled).lower()}",
-        f"data.batch_size={batch}", *spec.get("overrides", ()),
-    ], pretrained=False, loggers=spec.get("loggers", True))
+    cfg = compose_config(
+        None,
+        output_dir,
+        None,
+        [
+            f"model={model_group}",
+            f"trainer={'cpu' if on_cpu else 'gpu'}",
+            f"trainer.precision={precision}",
+            f"model.channels_last={str(channels_last).lower()}",
+            f"model.compile={str(compiled).lower()}",
+            f"data.batch_size={batch}",
+            *spec.get("overrides", ()),
+        ],
+        pretrained=False,
+        loggers=spec.get("loggers", True),
+    )
     device = torch.device("cpu" if on_cpu else "cuda")
     data_config = resolve_data_config(cfg.model.backbone, image_size=size)
-    model = instantiate(cfg.model, _recursive_=False, class_names=list(CLASS_NAMES), class_weights=None,
-                        data_config=data_config)
+    model = instantiate(
+        cfg.model, _recursive_=False, class_names=list(CLASS_NAMES), class_weights=None, data_config=data_config
+    )
     generator = torch.Generator().manual_seed(0)
     images = torch.randn(batch, 3, size, size, generator=generator).to(device)
     targets = torch.randint(len(CLASS_NAMES), (batch,), generator=generator).to(device)
@@ -502,12 +568,20 @@ def gpu_cell(spec: dict[str, Any], model_group: str, size: int, variant: str, ou
         torch.cuda.reset_peak_memory_stats()
     trainer.fit(model, train_dataloaders=RepeatBatch((images, targets), clock.total))
     result = {
-        "model": model_group, "backbone": cfg.model.backbone, "image_size": size, "batch_size": batch,
-        "variant": variant, "precision": precision, "channels_last": channels_last, "compile": compiled,
-        "device": str(device), **clock.result(),
+        "model": model_group,
+        "backbone": cfg.model.backbone,
+        "image_size": size,
+        "batch_size": batch,
+        "variant": variant,
+        "precision": precision,
+        "channels_last": channels_last,
+        "compile": compiled,
+        "device": str(device),
+        **clock.result(),
         "peak_gpu_memory_mb": round(torch.cuda.max_memory_allocated() / 2**20, 1) if device.type == "cuda" else None,
-        "peak_gpu_memory_reserved_mb": (round(torch.cuda.max_memory_reserved() / 2**20, 1)
-                                        if device.type == "cuda" else None),
+        "peak_gpu_memory_reserved_mb": (
+            round(torch.cuda.max_memory_reserved() / 2**20, 1) if device.type == "cuda" else None
+        ),
     }
     del trainer, model, images, targets
     gc.collect()
@@ -523,17 +597,24 @@ def gpu_matrix(spec: dict[str, Any], output_dir: Path) -> dict[str, Any]:
 
     set_threads(spec.get("threads"))
     on_cpu = spec["on_cpu"]
-    info: dict[str, Any] = {"on_cpu": on_cpu, "cuda_available": torch.cuda.is_available(),
-                            "load_before": load_average(), "synthetic_data": True}
+    info: dict[str, Any] = {
+        "on_cpu": on_cpu,
+        "cuda_available": torch.cuda.is_available(),
+        "load_before": load_average(),
+        "synthetic_data": True,
+    }
     if not on_cpu and not torch.cuda.is_available():
         return {**info, "skipped": "CUDA is not available"}
     if on_cpu:
         info["device_name"] = f"CPU: {cpu_info()['model']} (--gpu-matrix-on-cpu)"
     else:
-        info.update(device_name=torch.cuda.get_device_name(0), cuda=torch.version.cuda,
-                    capability=list(torch.cuda.get_device_capability(0)),
-                    cudnn_allow_tf32=torch.backends.cudnn.allow_tf32,
-                    matmul_allow_tf32=torch.backends.cuda.matmul.allow_tf32)
+        info.update(
+            device_name=torch.cuda.get_device_name(0),
+            cuda=torch.version.cuda,
+            capability=list(torch.cuda.get_device_capability(0)),
+            cudnn_allow_tf32=torch.backends.cudnn.allow_tf32,
+            matmul_allow_tf32=torch.backends.cuda.matmul.allow_tf32,
+        )
     cells = []
     for item in spec["models"]:
         group, size = item.split(":")
@@ -554,7 +635,9 @@ def gpu_matrix(spec: dict[str, Any], output_dir: Path) -> dict[str, Any]:
 
 # --------------------------------------------------------------------------------------------------- the driver
 WORKERS: dict[str, Callable[[dict[str, Any], Path], dict[str, Any]]] = {
-    "lightning": lightning_arm, "plain": plain_arm, "gpu": gpu_matrix,
+    "lightning": lightning_arm,
+    "plain": plain_arm,
+    "gpu": gpu_matrix,
 }
 
 
@@ -563,10 +646,21 @@ def run_worker(kind: str, spec: dict[str, Any], workdir: Path, timeout: float) -
     tag = f"{kind}_{spec.get('config', 'matrix')}_{spec.get('round', 0)}"
     spec_file, out_file, log_file = (workdir / f"{tag}.{ext}" for ext in ("spec.json", "out.json", "log"))
     spec_file.write_text(json.dumps(spec))
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": os.pathsep.join(
-        p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)}
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--_worker", kind, "--_spec", str(spec_file),
-           "--_out", str(out_file)]
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p),
+    }
+    cmd = [
+        sys.executable,
+        str(Path(__file__).resolve()),
+        "--_worker",
+        kind,
+        "--_spec",
+        str(spec_file),
+        "--_out",
+        str(out_file),
+    ]
     with log_file.open("w") as log:
         proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO, timeout=timeout)
     if proc.returncode != 0 or not out_file.is_file():
@@ -587,35 +681,46 @@ def summarise(rounds: list[dict[str, Any]]) -> dict[str, Any]:
     eval_ratios = [r["eval_ratio"] for r in rounds]
     cpu_ratios = [r["train_cpu_ratio"] for r in rounds]
     return {
-        "train_ratios": train_ratios, "median_train_ratio": median(train_ratios),
-        "train_cpu_ratios": cpu_ratios, "median_train_cpu_ratio": median(cpu_ratios),
-        "eval_ratios": eval_ratios, "median_eval_ratio": median(eval_ratios),
+        "train_ratios": train_ratios,
+        "median_train_ratio": median(train_ratios),
+        "train_cpu_ratios": cpu_ratios,
+        "median_train_cpu_ratio": median(cpu_ratios),
+        "eval_ratios": eval_ratios,
+        "median_eval_ratio": median(eval_ratios),
         "median_train_images_per_s": {arm: median(col(arm, "train")) for arm in ("lightning", "plain")},
         "median_eval_images_per_s": {arm: median(col(arm, "eval")) for arm in ("lightning", "plain")},
-        "median_train_cpu_ms_per_image": {arm: median([r[arm]["train"]["cpu_ms_per_image"] for r in rounds])
-                                          for arm in ("lightning", "plain")},
+        "median_train_cpu_ms_per_image": {
+            arm: median([r[arm]["train"]["cpu_ms_per_image"] for r in rounds]) for arm in ("lightning", "plain")
+        },
         "max_rss_mb": {arm: max(r[arm]["max_rss_mb"] for r in rounds) for arm in ("lightning", "plain")},
-        "max_rss_mb_after_train": {arm: max(r[arm]["max_rss_mb_after_train"] for r in rounds)
-                                   for arm in ("lightning", "plain")},
+        "max_rss_mb_after_train": {
+            arm: max(r[arm]["max_rss_mb_after_train"] for r in rounds) for arm in ("lightning", "plain")
+        },
         "train_meets_target": (median(train_ratios) or 0) >= TARGET_RATIO,
         "eval_meets_target": (median(eval_ratios) or 0) >= TARGET_RATIO,
     }
 
 
 def markdown(report: dict[str, Any]) -> str:
-    lines = [f"# Train throughput: Lightning vs plain PyTorch ({report['date_utc']})", "",
-             f"CPU: {report['cpu']['model']} ({report['cpu']['usable_cpus']} usable CPUs), "
-             f"torch {report['versions'].get('torch')}, lightning {report['versions'].get('lightning')}, "
-             f"timm {report['versions'].get('timm')}; load average before {report['load_before']}, "
-             f"after {report['load_after']}; commit {str(report['git']['commit'])[:10]}", ""]
+    lines = [
+        f"# Train throughput: Lightning vs plain PyTorch ({report['date_utc']})",
+        "",
+        f"CPU: {report['cpu']['model']} ({report['cpu']['usable_cpus']} usable CPUs), "
+        f"torch {report['versions'].get('torch')}, lightning {report['versions'].get('lightning')}, "
+        f"timm {report['versions'].get('timm')}; load average before {report['load_before']}, "
+        f"after {report['load_after']}; commit {str(report['git']['commit'])[:10]}",
+        "",
+    ]
     for name, res in report["configs"].items():
         first = res["rounds"][0]["lightning"]
         lines += [
             f"## {name}: {first['backbone']}, {first['image_size'][0]}x{first['image_size'][1]}, batch "
             f"{first['batch_size']}, {first['num_workers']} workers, {first['torch_threads']} torch threads, "
-            f"{first['train']['warmup_steps']} warm-up + {first['train']['steps']} timed steps", "",
+            f"{first['train']['warmup_steps']} warm-up + {first['train']['steps']} timed steps",
+            "",
             "L = Lightning, P = plain. CPU ms/img: user+system CPU of the process and its loader workers per "
-            "trained image.", "",
+            "trained image.",
+            "",
             "| round | order | train img/s L | train img/s P | **ratio** | eval img/s L | eval img/s P | **ratio** "
             "| train CPU ms/img L / P | peak RSS MB L / P | RSS growth MB/step L / P | load at start L, P |",
             "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
@@ -629,28 +734,38 @@ def markdown(report: dict[str, Any]) -> str:
                 f"| {li['train']['cpu_ms_per_image']:.2f} / {pl['train']['cpu_ms_per_image']:.2f} "
                 f"| {li['max_rss_mb']:.0f} / {pl['max_rss_mb']:.0f} "
                 f"| {li['train']['rss_growth_mb_per_step']:.2f} / {pl['train']['rss_growth_mb_per_step']:.2f} "
-                f"| {li['load_before'][0]}, {pl['load_before'][0]} |")
+                f"| {li['load_before'][0]}, {pl['load_before'][0]} |"
+            )
         s = res["summary"]
-        lines += ["", f"Median ratio Lightning/plain: train **{s['median_train_ratio']:.3f}**, eval "
-                      f"**{s['median_eval_ratio']:.3f}**, train CPU time per image plain/Lightning "
-                      f"{s['median_train_cpu_ratio']:.3f} (target >= {TARGET_RATIO}: train "
-                      f"{'met' if s['train_meets_target'] else 'NOT met'}, eval "
-                      f"{'met' if s['eval_meets_target'] else 'NOT met'})", ""]
+        lines += [
+            "",
+            f"Median ratio Lightning/plain: train **{s['median_train_ratio']:.3f}**, eval "
+            f"**{s['median_eval_ratio']:.3f}**, train CPU time per image plain/Lightning "
+            f"{s['median_train_cpu_ratio']:.3f} (target >= {TARGET_RATIO}: train "
+            f"{'met' if s['train_meets_target'] else 'NOT met'}, eval "
+            f"{'met' if s['eval_meets_target'] else 'NOT met'})",
+            "",
+        ]
     gpu = report.get("gpu")
     if gpu:
         lines += ["## GPU matrix (Lightning, synthetic batch on the device)", ""]
         if gpu.get("skipped"):
             lines += [f"Skipped: {gpu['skipped']}.", ""]
         else:
-            lines += [f"Device: {gpu['device_name']}", "",
-                      "| model | size | batch | variant | img/s | peak GPU MB | note |",
-                      "|---|---:|---:|---|---:|---:|---|"]
+            lines += [
+                f"Device: {gpu['device_name']}",
+                "",
+                "| model | size | batch | variant | img/s | peak GPU MB | note |",
+                "|---|---:|---:|---|---:|---:|---|",
+            ]
             for c in gpu["cells"]:
                 note = c.get("skipped") or c.get("error") or ""
                 ips = f"{c['images_per_s']:.1f}" if "images_per_s" in c else "-"
                 mem = c.get("peak_gpu_memory_mb")
-                lines.append(f"| {c['model']} | {c['image_size']} | {c['batch_size']} | {c['variant']} | {ips} "
-                             f"| {mem if mem is not None else '-'} | {note[:120]} |")
+                lines.append(
+                    f"| {c['model']} | {c['image_size']} | {c['batch_size']} | {c['variant']} | {ips} "
+                    f"| {mem if mem is not None else '-'} | {note[:120]} |"
+                )
             lines.append("")
     return "\n".join(lines)
 
@@ -664,7 +779,7 @@ def base_parser(doc: str) -> argparse.ArgumentParser:
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = base_parser(__doc__)
-    p.add_argument("--configs", nargs="+", default=list(DEFAULT_CONFIGS), help="experiments (conf/experiment)")
+    p.add_argument("--configs", nargs="+", default=list(DEFAULT_CONFIGS), help="experiment configs")
     p.add_argument("--skip-cpu", action="store_true", help="no CPU configs (only the GPU matrix)")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--warmup", type=int, help="warm-up steps per arm (default: per config)")
@@ -672,8 +787,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--eval-warmup", type=int, default=2, help="val batches of warm-up before the eval timing")
     p.add_argument("--eval-batches", type=int, help="val batches timed (default: the whole val split)")
     p.add_argument("--threads", type=int, help="torch.set_num_threads in every arm (default: torch's default)")
-    p.add_argument("-o", "--override", action="append", default=[], metavar="KEY=VALUE",
-                   help="extra Hydra override for the CPU configs, e.g. -o data.num_workers=0 (repeatable)")
+    p.add_argument(
+        "-o",
+        "--override",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="extra Hydra override for the CPU configs, e.g. -o data.num_workers=0 (repeatable)",
+    )
     p.add_argument("--no-loggers", action="store_true", help="Lightning arm without loggers (and LR monitor)")
     p.add_argument("--pretrained", action="store_true", help="load pretrained weights (default: random init)")
     p.add_argument("--timeout", type=float, default=1800, help="seconds per arm before it is killed")
@@ -681,8 +802,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--gpu", choices=("auto", "off"), default="auto", help="auto: run the GPU matrix if CUDA is there")
     p.add_argument("--gpu-matrix-on-cpu", action="store_true", help="run the GPU matrix on the CPU (code path check)")
     p.add_argument("--gpu-compile-on-cpu", action="store_true", help="include torch.compile in --gpu-matrix-on-cpu")
-    p.add_argument("--gpu-models", nargs="+", default=list(GPU_MODELS), metavar="MODEL:SIZE",
-                   help="conf/model group and square input size")
+    p.add_argument(
+        "--gpu-models",
+        nargs="+",
+        default=list(GPU_MODELS),
+        metavar="MODEL:SIZE",
+        help="lesionnet/conf/model group and square input size",
+    )
     p.add_argument("--gpu-variants", nargs="+", default=list(GPU_VARIANTS), choices=list(GPU_VARIANTS))
     p.add_argument("--gpu-batch", type=int, default=32)
     p.add_argument("--gpu-warmup", type=int, default=5)
@@ -708,42 +834,71 @@ def main(argv: Sequence[str] | None = None) -> int:
         args._out.write_text(json.dumps(result, indent=1))
         return 0
 
-    report: dict[str, Any] = {"benchmark": "train_throughput", **run_metadata(), "target_ratio": TARGET_RATIO,
-                              "load_before": load_average(), "configs": {}}
-    report["settings"] = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
-                          if not k.startswith("_")}
+    report: dict[str, Any] = {
+        "benchmark": "train_throughput",
+        **run_metadata(),
+        "target_ratio": TARGET_RATIO,
+        "load_before": load_average(),
+        "configs": {},
+    }
+    report["settings"] = {
+        k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if not k.startswith("_")
+    }
     workdir = Path(tempfile.mkdtemp(prefix="lesionnet-throughput-"))
     try:
         configs = [] if args.skip_cpu else args.configs
         for r in range(1, args.rounds + 1 if configs else 1):
             for name in configs:
                 warmup, steps = DEFAULT_STEPS.get(name, FALLBACK_STEPS)
-                spec = {"config": name, "round": r, "root": args.root, "overrides": args.override,
-                        "warmup": args.warmup or warmup, "steps": args.steps or steps,
-                        "eval_warmup": args.eval_warmup, "eval_batches": args.eval_batches,
-                        "threads": args.threads, "loggers": not args.no_loggers, "pretrained": args.pretrained}
+                spec = {
+                    "config": name,
+                    "round": r,
+                    "root": args.root,
+                    "overrides": args.override,
+                    "warmup": args.warmup or warmup,
+                    "steps": args.steps or steps,
+                    "eval_warmup": args.eval_warmup,
+                    "eval_batches": args.eval_batches,
+                    "threads": args.threads,
+                    "loggers": not args.no_loggers,
+                    "pretrained": args.pretrained,
+                }
                 order = ("lightning", "plain") if r % 2 else ("plain", "lightning")  # A B, then B A: no order bias
                 row: dict[str, Any] = {"round": r, "order": list(order)}
                 for arm in order:
                     row[arm] = run_worker(arm, spec, workdir, args.timeout)
-                    print(f"round {r} {name} {arm}: train {row[arm]['train']['images_per_s']:.1f} img/s, eval "
-                          f"{row[arm]['eval']['images_per_s']:.1f} img/s, peak RSS {row[arm]['max_rss_mb']:.0f} MB, "
-                          f"load {row[arm]['load_before'][0]}", file=sys.stderr, flush=True)
-                row["train_ratio"] = round(row["lightning"]["train"]["images_per_s"]
-                                           / row["plain"]["train"]["images_per_s"], 4)
-                row["eval_ratio"] = round(row["lightning"]["eval"]["images_per_s"]
-                                          / row["plain"]["eval"]["images_per_s"], 4)
+                    print(
+                        f"round {r} {name} {arm}: train {row[arm]['train']['images_per_s']:.1f} img/s, eval "
+                        f"{row[arm]['eval']['images_per_s']:.1f} img/s, peak RSS {row[arm]['max_rss_mb']:.0f} MB, "
+                        f"load {row[arm]['load_before'][0]}",
+                        file=sys.stderr,
+                        flush=True,
+                    )
+                row["train_ratio"] = round(
+                    row["lightning"]["train"]["images_per_s"] / row["plain"]["train"]["images_per_s"], 4
+                )
+                row["eval_ratio"] = round(
+                    row["lightning"]["eval"]["images_per_s"] / row["plain"]["eval"]["images_per_s"], 4
+                )
                 # CPU seconds per image (process + loader workers), plain/Lightning: < 1 = Lightning uses more CPU
-                row["train_cpu_ratio"] = round(row["plain"]["train"]["cpu_ms_per_image"]
-                                               / row["lightning"]["train"]["cpu_ms_per_image"], 4)
+                row["train_cpu_ratio"] = round(
+                    row["plain"]["train"]["cpu_ms_per_image"] / row["lightning"]["train"]["cpu_ms_per_image"], 4
+                )
                 report["configs"].setdefault(name, {"rounds": []})["rounds"].append(row)
         for res in report["configs"].values():
             res["summary"] = summarise(res["rounds"])
         if args.gpu_matrix_on_cpu or (args.gpu == "auto" and cuda_available()):
-            spec = {"on_cpu": args.gpu_matrix_on_cpu, "models": args.gpu_models, "variants": args.gpu_variants,
-                    "batch": args.gpu_batch, "warmup": args.gpu_warmup, "steps": args.gpu_steps,
-                    "compile_on_cpu": args.gpu_compile_on_cpu, "threads": args.threads,
-                    "loggers": not args.no_loggers}
+            spec = {
+                "on_cpu": args.gpu_matrix_on_cpu,
+                "models": args.gpu_models,
+                "variants": args.gpu_variants,
+                "batch": args.gpu_batch,
+                "warmup": args.gpu_warmup,
+                "steps": args.gpu_steps,
+                "compile_on_cpu": args.gpu_compile_on_cpu,
+                "threads": args.threads,
+                "loggers": not args.no_loggers,
+            }
             report["gpu"] = run_worker("gpu", spec, workdir, args.timeout)
         else:
             report["gpu"] = {"skipped": "CUDA is not available" if args.gpu == "auto" else "--gpu off"}

@@ -1,6 +1,6 @@
 """Export a checkpoint for serving without PyTorch/Lightning: ONNX (or TorchScript) plus its preprocessing.
 
-``python -m lesionnet.export ckpt=... [format=onnx|torchscript] [out=...]`` (conf/export.yaml). The file carries the
+``lesionnet export ckpt=... [format=onnx|torchscript] [out=...]`` (lesionnet/conf/export.yaml). The file carries the
 preprocessing (input size, mean/std, interpolation, crop_pct, class names) in its metadata (ONNX metadata_props /
 TorchScript extra files) and in a JSON sidecar, so a runtime can reproduce ``build_eval_transform``. The exported
 graph outputs logits. At export the outputs are compared with PyTorch's on real images; a mismatch above ``atol``
@@ -15,15 +15,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import hydra
 import numpy as np
 import torch
-from omegaconf import DictConfig, OmegaConf
 
-from lesionnet.cli import CONF_DIR
-from lesionnet.data.dataset import read_rgb
-from lesionnet.data.transforms import build_eval_transform, to_hw
-from lesionnet.evaluation.checkpoints import Member, load_member, resolve_checkpoints
+from lesionnet.data.transforms import to_hw
+from lesionnet.inference import Member, Predictor, forward, read_rgb
 
 log = logging.getLogger(__name__)
 SAMPLE_IMAGES = Path(__file__).parent / "data" / "sample" / "images"
@@ -39,21 +35,29 @@ def preprocessing_metadata(member: Member) -> dict[str, Any]:
     cfg = member.data_config
     h, w = to_hw(cfg["input_size"])
     return {
-        "lesionnet_format": 1, "model_name": member.name, "backbone": member.model.hparams.backbone,
-        "class_names": member.class_names, "input_name": "image", "output_name": "logits", "layout": "NCHW",
-        "input_size": [3, h, w], "mean": list(cfg["mean"]), "std": list(cfg["std"]),
-        "interpolation": cfg.get("interpolation", "bilinear"), "crop_pct": float(cfg.get("crop_pct", 1.0)),
+        "lesionnet_format": 1,
+        "model_name": member.name,
+        "backbone": member.model.hparams.backbone,
+        "class_names": member.class_names,
+        "input_name": "image",
+        "output_name": "logits",
+        "layout": "NCHW",
+        "input_size": [3, h, w],
+        "mean": list(cfg["mean"]),
+        "std": list(cfg["std"]),
+        "interpolation": cfg.get("interpolation", "bilinear"),
+        "crop_pct": float(cfg.get("crop_pct", 1.0)),
         "resize": "shorter side to floor(size / crop_pct) then centre crop (square inputs); both sides to "
-                  "floor(size / crop_pct) then centre crop (non-square)",
-        "pixel_scale": "RGB uint8 / 255, then (x - mean) / std", "output": "logits; apply softmax",
+        "floor(size / crop_pct) then centre crop (non-square)",
+        "pixel_scale": "RGB uint8 / 255, then (x - mean) / std",
+        "output": "logits; apply softmax",
     }
 
 
 def sample_batch(member: Member, paths: Sequence[str | Path] | None = None, n: int = 4) -> torch.Tensor:
     """Preprocessed real images for the parity check (the embedded HAM10000 sample by default)."""
     paths = list(paths) if paths else sorted(SAMPLE_IMAGES.glob("*.jpg"))[:n]
-    transform = build_eval_transform(member.data_config)
-    return torch.stack([transform(image=read_rgb(p))["image"] for p in paths])
+    return Predictor([member]).preprocess(0, [read_rgb(p) for p in paths]).cpu()
 
 
 def _network(member: Member) -> torch.nn.Module:
@@ -66,9 +70,16 @@ def export_onnx(member: Member, out: Path, opset: int = 18) -> Path:
     h, w = to_hw(member.data_config["input_size"])
     # torch.export-based exporter (PyTorch's default since 2.9, needs onnxscript); the batch size stays dynamic.
     torch.onnx.export(
-        _network(member), (torch.zeros(1, 3, h, w),), str(out), input_names=["image"], output_names=["logits"],
-        dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=4096)},), opset_version=opset, dynamo=True,
-        verbose=False, external_data=False,
+        _network(member),
+        (torch.zeros(1, 3, h, w),),
+        str(out),
+        input_names=["image"],
+        output_names=["logits"],
+        dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=4096)},),
+        opset_version=opset,
+        dynamo=True,
+        verbose=False,
+        external_data=False,
     )
     model = onnx.load(str(out))
     meta = preprocessing_metadata(member)
@@ -101,11 +112,14 @@ def run_exported(path: Path, images: torch.Tensor) -> np.ndarray:
 
 def parity(member: Member, path: Path, images: torch.Tensor, atol: float = 1e-4) -> dict[str, float]:
     """Largest differences of logits and probabilities between PyTorch and the exported file; raises above atol."""
-    with torch.no_grad():
-        expected = _network(member)(images).numpy()
+    with torch.inference_mode():
+        expected = forward(member, images.to(next(member.model.parameters()).device)).logits.cpu().numpy()
     got = run_exported(path, images)
-    diff = {"max_abs_logit_diff": float(np.abs(got - expected).max()),
-            "max_abs_prob_diff": float(np.abs(_softmax(got) - _softmax(expected)).max()), "n_images": len(images)}
+    diff = {
+        "max_abs_logit_diff": float(np.abs(got - expected).max()),
+        "max_abs_prob_diff": float(np.abs(_softmax(got) - _softmax(expected)).max()),
+        "n_images": len(images),
+    }
     if max(diff["max_abs_logit_diff"], diff["max_abs_prob_diff"]) > atol:
         raise ExportError(f"{path} disagrees with PyTorch beyond {atol}: {diff}. Do not use it; try another opset.")
     return diff
@@ -116,8 +130,14 @@ def _softmax(x: np.ndarray) -> np.ndarray:
     return z / z.sum(axis=1, keepdims=True)
 
 
-def export(member: Member, fmt: str = "onnx", out: Path | None = None, opset: int = 18, atol: float = 1e-4,
-           parity_images: Sequence[str | Path] | None = None) -> dict[str, Any]:
+def export(
+    member: Member,
+    fmt: str = "onnx",
+    out: Path | None = None,
+    opset: int = 18,
+    atol: float = 1e-4,
+    parity_images: Sequence[str | Path] | None = None,
+) -> dict[str, Any]:
     """Write the model, check parity, write the sidecar; returns the sidecar's content."""
     if fmt not in FORMATS:
         raise ValueError(f"Unknown format '{fmt}'; use one of {sorted(FORMATS)}.")
@@ -125,23 +145,20 @@ def export(member: Member, fmt: str = "onnx", out: Path | None = None, opset: in
     out.parent.mkdir(parents=True, exist_ok=True)
     path = export_onnx(member, out, opset) if fmt == "onnx" else export_torchscript(member, out)
     check = parity(member, path, sample_batch(member, parity_images), atol)
-    sidecar = {**preprocessing_metadata(member), "format": fmt, "file": path.name, "checkpoint": str(member.path),
-               "opset": opset if fmt == "onnx" else None, "parity": {**check, "atol": atol}}
+    sidecar = {
+        **preprocessing_metadata(member),
+        "format": fmt,
+        "file": path.name,
+        "checkpoint": str(member.path),
+        "opset": opset if fmt == "onnx" else None,
+        "parity": {**check, "atol": atol},
+    }
     path.with_suffix(".json").write_text(json.dumps(sidecar, indent=2))
     log.info("Exported %s -> %s (parity: %s)", member.path, path, check)
     return sidecar
 
 
-@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="export")
-def main(cfg: DictConfig) -> None:
-    ckpt = OmegaConf.to_container(cfg.ckpt) if not isinstance(cfg.ckpt, str) else cfg.ckpt
-    paths = resolve_checkpoints(ckpt)
-    if cfg.out and len(paths) > 1:
-        raise ExportError(f"out= names one file but ckpt gives {len(paths)} checkpoints; export them one by one.")
-    for p in paths:
-        export(load_member(p), cfg.format, Path(cfg.out) if cfg.out else None, cfg.opset, cfg.atol,
-               list(cfg.parity_images) if cfg.parity_images else None)
+if __name__ == "__main__":  # ``python -m lesionnet.export``: the Hydra app is ``lesionnet export`` (lesionnet.cli)
+    from lesionnet.cli.export import main
 
-
-if __name__ == "__main__":
     main()

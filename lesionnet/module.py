@@ -23,11 +23,17 @@ from torchmetrics.classification import MulticlassAccuracy, MulticlassAUROC, Mul
 from torchmetrics.wrappers import ClasswiseWrapper
 
 from lesionnet.classes import CLASS_NAMES
+from lesionnet.contract.provenance import CHECKPOINT_KEY as PROVENANCE_KEY
+from lesionnet.contract.provenance import Provenance
 from lesionnet.finetune import apply_finetune
 from lesionnet.models.factory import create_backbone
 
 DEFAULT_OPTIMIZER: dict[str, Any] = {
-    "_target_": "timm.optim.create_optimizer_v2", "_partial_": True, "opt": "adamw", "lr": 1e-3, "weight_decay": 0.05,
+    "_target_": "timm.optim.create_optimizer_v2",
+    "_partial_": True,
+    "opt": "adamw",
+    "lr": 1e-3,
+    "weight_decay": 0.05,
 }
 
 
@@ -55,6 +61,23 @@ def build_metrics(class_names: Sequence[str], prefix: str) -> tm.MetricCollectio
         prefix=f"{prefix}/",
         compute_groups=False,  # ClasswiseWrapper must not share state with the macro recall
     )
+
+
+def check_logit_adjustment(
+    tau: float, class_prior: Sequence[float] | None, class_weights: Sequence[float] | None, num_classes: int
+) -> None:
+    """Logit adjustment already balances the classes: it needs the training prior and no class weights on top."""
+    if tau < 0:
+        raise ValueError(f"logit_adjust_tau must be >= 0, got {tau}.")
+    if class_prior is None or len(class_prior) != num_classes or min(class_prior) <= 0:
+        raise ValueError(
+            f"logit_adjust_tau={tau} needs class_prior: {num_classes} positive training class frequencies "
+            "(train.py passes the DataModule's class_prior)."
+        )
+    if class_weights is not None:
+        raise ValueError(
+            "logit_adjust_tau > 0 with class weights would correct the imbalance twice: set data.imbalance=none."
+        )
 
 
 def init_new_classifier(classifier: torch.nn.Module) -> None:
@@ -88,6 +111,8 @@ class LesionClassifier(L.LightningModule):
         data_config: Mapping[str, Any] | None = None,
         channels_last: bool = False,
         compile: bool = False,
+        logit_adjust_tau: float = 0.0,
+        class_prior: Sequence[float] | None = None,
     ) -> None:
         super().__init__()
         if not 0.0 <= label_smoothing < 1.0:
@@ -96,15 +121,27 @@ class LesionClassifier(L.LightningModule):
             class_weights = class_weights.tolist()
         if class_weights is not None and len(class_weights) != len(class_names):
             raise ValueError(f"{len(class_weights)} class weights for {len(class_names)} classes.")
-        self.save_hyperparameters({
-            "backbone": backbone, "pretrained": bool(pretrained),
-            "pretrained_file": str(pretrained_file) if pretrained_file else None, "class_names": list(class_names),
-            "model_kwargs": plain(model_kwargs or {}), "finetune": plain(finetune or {"policy": "all"}),
-            "optimizer": plain(optimizer or DEFAULT_OPTIMIZER),
-            "scheduler": plain(scheduler), "label_smoothing": float(label_smoothing),
-            "class_weights": plain(class_weights), "data_config": plain(data_config),
-            "channels_last": bool(channels_last), "compile": bool(compile),
-        })
+        if logit_adjust_tau:
+            check_logit_adjustment(logit_adjust_tau, class_prior, class_weights, len(class_names))
+        self.save_hyperparameters(
+            {
+                "backbone": backbone,
+                "pretrained": bool(pretrained),
+                "pretrained_file": str(pretrained_file) if pretrained_file else None,
+                "class_names": list(class_names),
+                "model_kwargs": plain(model_kwargs or {}),
+                "finetune": plain(finetune or {"policy": "all"}),
+                "optimizer": plain(optimizer or DEFAULT_OPTIMIZER),
+                "scheduler": plain(scheduler),
+                "label_smoothing": float(label_smoothing),
+                "class_weights": plain(class_weights),
+                "data_config": plain(data_config),
+                "channels_last": bool(channels_last),
+                "compile": bool(compile),
+                "logit_adjust_tau": float(logit_adjust_tau),
+                "class_prior": plain(class_prior),
+            }
+        )
         self.model = create_backbone(
             backbone, len(class_names), pretrained, self.hparams.pretrained_file, **self.hparams.model_kwargs
         )
@@ -116,6 +153,10 @@ class LesionClassifier(L.LightningModule):
             self.model.to(memory_format=torch.channels_last)
         weights = torch.tensor(class_weights, dtype=torch.float32) if class_weights is not None else None
         self.register_buffer("class_weights", weights, persistent=False)
+        # Logit adjustment (Menon et al., ICLR 2021): the loss sees f + tau * log(prior), predictions use f alone.
+        offsets = logit_adjust_tau * torch.tensor(class_prior, dtype=torch.float32).log() if logit_adjust_tau else None
+        self.register_buffer("logit_offsets", offsets, persistent=False)
+        self.provenance: Provenance | None = None  # set by training; written into every checkpoint
         # Separate attributes (not a ModuleDict keyed "train": that name is nn.Module.train).
         self.train_metrics = build_metrics(class_names, "train")
         self.val_metrics = build_metrics(class_names, "val")
@@ -126,8 +167,8 @@ class LesionClassifier(L.LightningModule):
         """Size figures for the results table. Depth = number of weight layers (Conv2d + Linear)."""
         params = list(self.model.parameters())
         return {
-            "params_total": sum(p.numel() for p in params) + sum(b.numel() for n, b in self.model.named_buffers()
-                                                              if n.endswith((".weight", ".bias"))),
+            "params_total": sum(p.numel() for p in params)
+            + sum(b.numel() for n, b in self.model.named_buffers() if n.endswith((".weight", ".bias"))),
             "params_trainable": sum(p.numel() for p in params if p.requires_grad),
             "depth": sum(isinstance(m, torch.nn.Conv2d | torch.nn.Linear) for m in self.model.modules()),
             "finetune": self.hparams.finetune.get("policy", "all"),
@@ -144,11 +185,20 @@ class LesionClassifier(L.LightningModule):
     def _shared_step(self, batch: tuple[torch.Tensor, torch.Tensor], stage: str) -> torch.Tensor:
         images, targets = batch
         logits = self(images)
-        loss = F.cross_entropy(logits, targets, weight=self.class_weights,
-                               label_smoothing=self.hparams.label_smoothing)
+        trained = logits + self.logit_offsets if self.logit_offsets is not None else logits
+        loss = F.cross_entropy(
+            trained, targets, weight=self.class_weights, label_smoothing=self.hparams.label_smoothing
+        )
         self._metrics(stage).update(logits.detach().softmax(dim=-1), targets)  # AUROC keeps its inputs: no graph
-        self.log(f"{stage}/loss", loss, on_step=stage == "train", on_epoch=True, prog_bar=True,
-                 batch_size=images.shape[0], sync_dist=stage != "train")
+        self.log(
+            f"{stage}/loss",
+            loss,
+            on_step=stage == "train",
+            on_epoch=True,
+            prog_bar=True,
+            batch_size=images.shape[0],
+            sync_dist=stage != "train",
+        )
         return loss
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
@@ -159,10 +209,6 @@ class LesionClassifier(L.LightningModule):
 
     def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         self._shared_step(batch, "test")
-
-    def predict_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-        images = batch[0] if isinstance(batch, list | tuple) else batch
-        return self(images).softmax(dim=-1)
 
     def _log_epoch_metrics(self, stage: str) -> None:
         metrics = self._metrics(stage)
@@ -194,6 +240,8 @@ class LesionClassifier(L.LightningModule):
         if self.device.type == "cuda":
             states["cuda"] = torch.cuda.get_rng_state(self.device)
         checkpoint["rng_states"] = states
+        if self.provenance is not None:
+            checkpoint[PROVENANCE_KEY] = self.provenance.to_checkpoint()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # Resuming a fit: continue the RNG stream the interrupted run would have used. This runs before the first

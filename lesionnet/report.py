@@ -1,17 +1,23 @@
 """Collect the metrics.json of training runs into the seed-style results table (Markdown and CSV).
 
-``python -m lesionnet.report logs/train/multiruns/2026-11-26_10-00-00 [more run or sweep folders] [--out DIR]``
-Depth is the number of weight layers (Conv2d and Linear modules) of the network.
+``lesionnet report logs/train/multiruns/2026-11-26_10-00-00 [more run or sweep folders] [out_dir=DIR]``
+(Hydra app in lesionnet/cli/report.py; ``python -m lesionnet.report <folders> [--out DIR]`` is kept too).
+Rows are sorted by the validation metric the runs monitored (``monitor``, val/balanced_acc by default):
+ranking by a test metric would be model selection on the test set. Depth is the number of weight layers
+(Conv2d and Linear modules) of the network.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Sequence
 from pathlib import Path
 
 import pandas as pd
 
+DEFAULT_MONITOR = "val/balanced_acc"  # train.yaml's default; metrics.json files older than `monitor` used it
+MODES = ("max", "min")
 COLUMNS: dict[str, str] = {
     "run": "run",
     "backbone": "model",
@@ -25,6 +31,8 @@ COLUMNS: dict[str, str] = {
     "params_trainable": "trainable params",
     "epochs": "epochs",
     "wall_min": "wall (min)",
+    "monitor": "sorted by",
+    "val_monitor": "val (sort key)",
 }
 
 
@@ -36,9 +44,11 @@ def _run_label(run: Path, root: Path) -> str:
         return str(run.relative_to(root)) or "."
 
 
-def _row(path: Path, root: Path) -> dict[str, object]:
+def _row(path: Path, root: Path, sort_by: str | None, sort_mode: str) -> dict[str, object]:
     m = json.loads(path.read_text())
     model = m.get("model", {})
+    monitor = sort_by or m.get("monitor") or DEFAULT_MONITOR
+    mode = sort_mode if sort_by else m.get("config", {}).get("monitor_mode", "max")
     return {
         "run": _run_label(path.parent, root),
         "backbone": m["backbone"],
@@ -52,21 +62,45 @@ def _row(path: Path, root: Path) -> dict[str, object]:
         "params_trainable": model.get("params_trainable"),
         "epochs": m.get("epochs_trained"),
         "wall_min": round(m["wall_seconds"] / 60, 1) if "wall_seconds" in m else None,
+        "monitor": monitor,
+        "val_monitor": m["val"].get(monitor),
+        "_mode": mode,
     }
 
 
-def collect(*roots: str | Path) -> pd.DataFrame:
-    """One row per metrics.json under the roots (runs or sweep folders), sorted by test balanced accuracy."""
+def _sort_order(table: pd.DataFrame) -> bool:
+    """Whether the sort key ascends: one metric and one direction, or the ranking would compare unlike scores."""
+    monitors, modes = sorted(table["monitor"].unique()), sorted(table["_mode"].unique())
+    if len(monitors) > 1 or len(modes) > 1:
+        rows = zip(table["run"], table["monitor"], table["_mode"], strict=True)
+        mixed = ", ".join(f"{run}: {monitor} ({mode})" for run, monitor, mode in rows)
+        raise ValueError(
+            f"The runs were selected on different validation metrics ({mixed}), so their scores do not rank. "
+            "Report them separately, or sort all by one logged metric: sort_by=val/balanced_acc [sort_mode=max]."
+        )
+    if modes[0] not in MODES:
+        raise ValueError(f"monitor_mode must be one of {MODES}, got {modes[0]!r} (in the runs' config or sort_mode).")
+    return modes[0] == "min"
+
+
+def collect(*roots: str | Path, sort_by: str | None = None, sort_mode: str = "max") -> pd.DataFrame:
+    """One row per metrics.json under the roots (runs or sweep folders), best validation score first.
+
+    The key is each run's ``monitor`` (what checkpointing selected on) in its ``monitor_mode``, or ``sort_by``
+    (a validation metric in every metrics.json) in ``sort_mode``. Runs without the metric go last.
+    """
     rows = []
     for root in map(Path, roots):
         files = sorted(root.rglob("metrics.json"))
         if not files:
             raise FileNotFoundError(f"No metrics.json under {root}: give a train.py run or multirun folder.")
-        rows += [_row(f, root) for f in files]
+        rows += [_row(f, root, sort_by, sort_mode) for f in files]
     table = pd.DataFrame(rows)
     for column in ("depth", "params_total", "params_trainable", "epochs"):
         table[column] = table[column].astype("Int64")  # integers stay integers even with gaps
-    return table.sort_values("test_balanced_acc", ascending=False, na_position="last").reset_index(drop=True)
+    ascending = _sort_order(table)
+    table = table.sort_values("val_monitor", ascending=ascending, na_position="last", kind="stable")
+    return table.drop(columns="_mode").reset_index(drop=True)
 
 
 def to_markdown(table: pd.DataFrame) -> str:
@@ -74,19 +108,30 @@ def to_markdown(table: pd.DataFrame) -> str:
     return shown.to_markdown(index=False, floatfmt=".4f", intfmt=",")
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("roots", type=Path, nargs="+", help="run or multirun folders holding metrics.json files")
-    parser.add_argument("--out", type=Path, default=None, help="where to write results.md/.csv (default: first root)")
-    args = parser.parse_args(argv)
-    table = collect(*args.roots)
-    out = args.out or args.roots[0]
+def write_report(
+    roots: Sequence[str | Path], out: str | Path | None = None, sort_by: str | None = None, sort_mode: str = "max"
+) -> pd.DataFrame:
+    """Write results.md and results.csv to ``out`` (default: the first root), print the table, return it."""
+    if not roots:
+        raise ValueError("No run folders given: name train.py run or multirun folders holding metrics.json.")
+    table = collect(*roots, sort_by=sort_by, sort_mode=sort_mode)
+    out = Path(out) if out else Path(roots[0])
     out.mkdir(parents=True, exist_ok=True)
     table.to_csv(out / "results.csv", index=False)
     markdown = to_markdown(table)
     (out / "results.md").write_text(markdown + "\n")
     print(markdown)
     print(f"\nWritten: {out / 'results.md'}, {out / 'results.csv'}")
+    return table
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m lesionnet.report <folders> [--out DIR]``: the positional form; ``lesionnet report`` is Hydra."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("roots", type=Path, nargs="+", help="run or multirun folders holding metrics.json files")
+    parser.add_argument("--out", type=Path, default=None, help="where to write results.md/.csv (default: first root)")
+    args = parser.parse_args(argv)
+    write_report(args.roots, args.out)
 
 
 if __name__ == "__main__":

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from pathlib import Path
@@ -15,6 +14,9 @@ from lightning.pytorch.callbacks import WeightAveraging
 from lightning.pytorch.plugins import TorchSyncBatchNorm
 from omegaconf import DictConfig, OmegaConf
 from timm.layers import BatchNormAct2d, SyncBatchNormAct, convert_sync_batchnorm
+
+from lesionnet.contract.provenance import Provenance
+from lesionnet.contract.run import RunFolder, RunMetrics
 
 log = logging.getLogger(__name__)
 
@@ -35,8 +37,9 @@ class TimmSyncBatchNorm(TorchSyncBatchNorm):
         # Lightning reverts after fit; the base class would turn SyncBatchNormAct into a BatchNorm without its act.
         if not isinstance(model, SyncBatchNormAct):
             return super().revert(model)
-        reverted = BatchNormAct2d(model.num_features, model.eps, model.momentum, model.affine,
-                                  model.track_running_stats, apply_act=False)
+        reverted = BatchNormAct2d(
+            model.num_features, model.eps, model.momentum, model.affine, model.track_running_stats, apply_act=False
+        )
         for name in ("weight", "bias", "running_mean", "running_var", "num_batches_tracked"):
             setattr(reverted, name, getattr(model, name))  # the same tensors, as the base class does
         reverted.training = model.training
@@ -76,8 +79,27 @@ def build_trainer(cfg: DictConfig) -> L.Trainer:
     if cfg.trainer.get("sync_batchnorm"):
         plugins.append(TimmSyncBatchNorm())  # replaces Lightning's converter, which breaks timm's BatchNormAct2d
     return instantiate(
-        cfg.trainer, callbacks=instantiate_group(cfg.get("callbacks")),
-        logger=instantiate_group(cfg.get("logger")) or False, plugins=plugins or None,
+        cfg.trainer,
+        callbacks=instantiate_group(cfg.get("callbacks")),
+        logger=instantiate_group(cfg.get("logger")) or False,
+        plugins=plugins or None,
+    )
+
+
+def build_model(cfg: DictConfig, datamodule: Any) -> Any:
+    """The LightningModule of ``cfg.model`` fitted to the data: classes, loss weights or prior, preprocessing."""
+    if cfg.model.get("logit_adjust_tau") and datamodule.imbalance != "none":
+        raise ValueError(
+            f"model.logit_adjust_tau={cfg.model.logit_adjust_tau} balances the classes itself; with "
+            f"data.imbalance={datamodule.imbalance} they would be balanced twice. Set data.imbalance=none."
+        )
+    return instantiate(
+        cfg.model,
+        _recursive_=False,
+        class_names=list(datamodule.class_names),
+        class_weights=datamodule.loss_weights,
+        data_config=datamodule.data_config,
+        class_prior=datamodule.class_prior,
     )
 
 
@@ -104,9 +126,13 @@ def train(cfg: DictConfig) -> float | None:
         split_path = datamodule.save_split(output_dir / "split.csv")
         log.info("Split written to %s\n%s", split_path, datamodule.split_summary())
 
-    model = instantiate(
-        cfg.model, _recursive_=False, class_names=list(datamodule.class_names),
-        class_weights=datamodule.loss_weights, data_config=datamodule.data_config,
+    model = build_model(cfg, datamodule)
+    provenance_start = time.perf_counter()
+    model.provenance = Provenance.from_table(datamodule.table)
+    log.info(
+        "Provenance of %d training/validation images fingerprinted in %.1f s",
+        len(model.provenance.image_id),
+        time.perf_counter() - provenance_start,
     )
     trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
     fit_seconds = time.perf_counter() - start
@@ -123,22 +149,21 @@ def train(cfg: DictConfig) -> float | None:
     if cfg.get("test"):
         test = _scalars(trainer.test(model, datamodule=datamodule, ckpt_path=ckpt)[0])
 
-    summary = {
-        "backbone": cfg.model.backbone,
-        "monitor": cfg.monitor,
-        "model": model.describe(),
-        "best_checkpoint": best,
-        "epochs_trained": trainer.current_epoch,
-        "fit_seconds": round(fit_seconds, 1),
-        "wall_seconds": round(time.perf_counter() - start, 1),
-        "data_root": str(datamodule.root),
-        "data_config": model.hparams.data_config,
-        "split_images": {k: int(v) for k, v in datamodule.table["split"].value_counts().items()},
-        "val": val,
-        "test": test,
-        "config": OmegaConf.to_container(cfg, resolve=True),
-    }
+    summary = RunMetrics(
+        backbone=cfg.model.backbone,
+        monitor=cfg.monitor,
+        model=model.describe(),
+        best_checkpoint=best,
+        epochs_trained=trainer.current_epoch,
+        fit_seconds=round(fit_seconds, 1),
+        wall_seconds=round(time.perf_counter() - start, 1),
+        data_root=str(datamodule.root),
+        data_config=model.hparams.data_config,
+        split_images={k: int(v) for k, v in datamodule.table["split"].value_counts().items()},
+        val=val,
+        test=test,
+        config=OmegaConf.to_container(cfg, resolve=True),
+    )
     if trainer.is_global_zero:
-        (output_dir / "metrics.json").write_text(json.dumps(summary, indent=2))
-        log.info("Metrics written to %s", output_dir / "metrics.json")
+        log.info("Metrics written to %s", RunFolder(output_dir).write_metrics(summary))
     return val.get(cfg.monitor)

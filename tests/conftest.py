@@ -12,17 +12,40 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig
 from PIL import Image
 
 from lesionnet.classes import CLASS_NAMES
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 REAL_DATA = REPO_ROOT.parent / "shared" / "data"
+CONF = REPO_ROOT / "lesionnet" / "conf"
+# Seconds-long training runs on the synthetic dataset: tiny inputs, no workers, a split every class reaches.
+FAST = [
+    "data.image_size=[24,32]",
+    "data.num_workers=0",
+    "data.batch_size=8",
+    "data.split_fractions={train:0.6,val:0.2,test:0.2}",
+    "logger=csv",
+]
 
 
-def write_image(path: Path, rng: np.random.Generator, size: tuple[int, int] = (40, 30)) -> None:
-    """A random RGB JPEG of ``size`` (width, height)."""
-    pixels = rng.integers(0, 256, size=(size[1], size[0], 3), dtype=np.uint8)
+def compose_train(overrides: list[str], hydra: bool = False) -> DictConfig:
+    """The train.py config with ``overrides``, as Hydra composes it for the command line (``hydra``: with the
+    ``hydra`` node, e.g. to inspect the launcher)."""
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose("train", overrides=overrides, return_hydra_config=hydra)
+
+
+def write_image(path: Path, rng: np.random.Generator, size: tuple[int, int] = (40, 30), smooth: bool = False) -> None:
+    """A random RGB JPEG of ``size`` (width, height): pixel noise, or (``smooth``) a random blurred blob picture
+    whose perceptual hash survives resizing, as a photo's does."""
+    if smooth:
+        coarse = rng.integers(0, 256, size=(12, 16, 3), dtype=np.uint8)
+        pixels = np.asarray(Image.fromarray(coarse).resize(size, Image.Resampling.BICUBIC))
+    else:
+        pixels = rng.integers(0, 256, size=(size[1], size[0], 3), dtype=np.uint8)
     Image.fromarray(pixels).save(path, quality=90)
 
 
@@ -32,6 +55,8 @@ def make_ham_dir(
     images_per_lesion: tuple[int, ...] = (1, 2, 3),
     folders: tuple[str, ...] = ("images",),
     seed: int = 0,
+    smooth: bool = False,
+    image_size: tuple[int, int] = (40, 30),
 ) -> Path:
     """Write HAM10000_metadata.csv and random images; lesions cycle through ``images_per_lesion`` images each."""
     rng = np.random.default_rng(seed)
@@ -43,11 +68,18 @@ def make_ham_dir(
             lesion = f"HAM_{c:02d}{k:05d}"
             for _ in range(images_per_lesion[k % len(images_per_lesion)]):
                 image_id = f"ISIC_{n:07d}"
-                write_image(root / folders[n % len(folders)] / f"{image_id}.jpg", rng)
-                rows.append({
-                    "lesion_id": lesion, "image_id": image_id, "dx": dx, "dx_type": "histo",
-                    "age": float(30 + n % 50), "sex": ("male", "female")[n % 2], "localization": "back",
-                })
+                write_image(root / folders[n % len(folders)] / f"{image_id}.jpg", rng, image_size, smooth)
+                rows.append(
+                    {
+                        "lesion_id": lesion,
+                        "image_id": image_id,
+                        "dx": dx,
+                        "dx_type": "histo",
+                        "age": float(30 + n % 50),
+                        "sex": ("male", "female")[n % 2],
+                        "localization": "back",
+                    }
+                )
                 n += 1
     pd.DataFrame(rows).to_csv(root / "HAM10000_metadata.csv", index=False)
     return root
@@ -77,3 +109,18 @@ def _rank_zero_after_each_test():
 
     yield
     rank_zero_only.rank = 0
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One 1-epoch baseline run on the synthetic dataset, shared by the app, evaluate and export tests (read-only)."""
+    from lesionnet.training import train
+
+    base = tmp_path_factory.mktemp("trained_run")
+    out = base / "run"
+    train(
+        compose_train(
+            [f"data.root={make_ham_dir(base / 'ham')}", f"paths.output_dir={out}", "trainer.max_epochs=1", *FAST]
+        )
+    )
+    return out

@@ -25,18 +25,17 @@ from PIL import Image
 from lesionnet.app import build
 from lesionnet.app.api import create_app
 from lesionnet.app.build import build_app, build_service
-from lesionnet.app.gradcam import crop_box, find_target_layer
+from lesionnet.app.gradcam import find_target_layer
 from lesionnet.app.image_check import check_image
 from lesionnet.app.policy import ConfidenceGate, ReferralPolicy, fit_gate
-from lesionnet.app.predictor import Output
 from lesionnet.app.schemas import ErrorResponse, HealthResponse, ModelCard, PredictResponse
 from lesionnet.app.service import LesionService
 from lesionnet.app.upload import UploadLimits, decode_image
-from lesionnet.evaluation.checkpoints import CheckpointError
-from lesionnet.evaluation.datasets import run_split_table
-from lesionnet.training import train
-from tests.conftest import make_ham_dir
-from tests.test_train import CONF, FAST, compose_train
+from lesionnet.contract.files import ContractError
+from lesionnet.contract.run import RunFolder
+from lesionnet.contract.scores import ScoredModel, ScoresFile, write_scores
+from lesionnet.inference import CheckpointError, Prediction, eval_crop_box, load_member, resolve_checkpoints
+from tests.test_train import CONF
 
 SAMPLE_IMAGES = Path(__file__).resolve().parents[1] / "lesionnet" / "data" / "sample" / "images"
 
@@ -75,31 +74,40 @@ def patterns() -> dict[str, np.ndarray]:
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    base = tmp_path_factory.mktemp("app")
-    data = make_ham_dir(base / "ham")
-    out = base / "run"
-    train(compose_train([f"data.root={data}", f"paths.output_dir={out}", "trainer.max_epochs=1", *FAST]))
-    return out
+def run(trained_run: Path) -> Path:
+    return trained_run
 
 
 @pytest.fixture(scope="module")
 def scores_file(run: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A scores.json shaped as evaluate.py writes it, with known thresholds."""
-    from lesionnet.evaluation.checkpoints import load_member, resolve_checkpoints
-
-    name = load_member(resolve_checkpoints(str(run))[0]).name
-    s = {"accuracy": 0.71, "balanced_accuracy": 0.55, "macro_auroc": 0.88, "macro_f1": 0.5,
-         "ci95": {"accuracy": [0.68, 0.74], "balanced_accuracy": [0.5, 0.6]},
-         "melanoma": {"argmax": {"sensitivity": 0.4, "specificity": 0.95, "threshold": None},
-                      "val_threshold": {"target_sensitivity": 0.95, "sensitivity": 0.93, "specificity": 0.6,
-                                        "threshold": 0.05}},
-         "temperature": 1.5, "ece_after_temperature": 0.03,
-         "per_class": {"mel": {"precision": 0.5, "recall": 0.4, "f1": 0.44, "auroc": 0.8, "support": 20}}}
+    """A scores.json of the served checkpoint, written by the contract's writer, with known thresholds."""
+    member = load_member(resolve_checkpoints(str(run))[0])
+    name = member.name
+    s = {
+        "accuracy": 0.71,
+        "balanced_accuracy": 0.55,
+        "macro_auroc": 0.88,
+        "macro_f1": 0.5,
+        "ci95": {"accuracy": [0.68, 0.74], "balanced_accuracy": [0.5, 0.6]},
+        "melanoma": {
+            "argmax": {"sensitivity": 0.4, "specificity": 0.95, "threshold": None},
+            "val_threshold": {"target_sensitivity": 0.95, "sensitivity": 0.93, "specificity": 0.6, "threshold": 0.05},
+        },
+        "temperature": 1.5,
+        "ece_after_temperature": 0.03,
+        "per_class": {"mel": {"precision": 0.5, "recall": 0.4, "f1": 0.44, "auroc": 0.8, "support": 20}},
+    }
     path = tmp_path_factory.mktemp("eval") / "scores.json"
-    path.write_text(json.dumps({"evaluated": "test split", "n_images": 100, "tta": "none", "scores": {name: s},
-                                "final": name, "ensemble": {"mode": "mean", "members": []}}))
-    return path
+    document = ScoresFile(
+        evaluated="test split of a run",
+        set="test",
+        n_images=100,
+        tta="none",
+        scores={name: s},
+        final=name,
+        models=[ScoredModel(**member.describe(), provenance="checked")],
+    )
+    return write_scores(document, path)
 
 
 def compose_serve(overrides: list[str]) -> DictConfig:
@@ -110,8 +118,17 @@ def compose_serve(overrides: list[str]) -> DictConfig:
 @pytest.fixture(scope="module")
 def client(run: Path, scores_file: Path, tmp_path_factory: pytest.TempPathFactory) -> TestClient:
     out = tmp_path_factory.mktemp("serve")
-    cfg = compose_serve([f"ckpt={run}", f"scores={scores_file}", f"paths.output_dir={out}", "device=cpu",
-                         "unsure.threshold=0.0", "limits.max_upload_mb=1", "limits.max_pixels=1000000"])
+    cfg = compose_serve(
+        [
+            f"ckpt={run}",
+            f"scores={scores_file}",
+            f"paths.output_dir={out}",
+            "device=cpu",
+            "unsure.threshold=0.0",
+            "limits.max_upload_mb=1",
+            "limits.max_pixels=1000000",
+        ]
+    )
     with TestClient(build_app(cfg), raise_server_exceptions=False) as c:
         yield c
 
@@ -180,16 +197,29 @@ def test_predict_answers_with_classes_urgency_version_and_gradcam(client: TestCl
 def test_openapi_documents_the_answer_and_the_error_body(client: TestClient) -> None:
     spec = client.get("/openapi.json").json()
     schemas = spec["components"]["schemas"]
-    answer = {"status", "message", "top_class", "probabilities", "urgency", "confidence", "image_check", "gradcam",
-              "model_version", "disclaimer"}
+    answer = {
+        "status",
+        "message",
+        "top_class",
+        "probabilities",
+        "urgency",
+        "confidence",
+        "image_check",
+        "gradcam",
+        "model_version",
+        "disclaimer",
+    }
     assert set(schemas["PredictResponse"]["properties"]) == set(schemas["PredictResponse"]["required"]) == answer
     assert schemas["PredictResponse"]["properties"]["status"]["enum"] == ["ok", "unsure", "rejected"]
     assert {"code", "name", "description", "malignant", "probability"} <= set(schemas["ClassProbability"]["required"])
     assert {"refer", "level", "message", "reasons"} == set(schemas["Urgency"]["required"])
     assert {"heatmap_png", "overlay_png", "width", "height", "crop_box", "layer"} <= set(schemas["GradCam"]["required"])
     assert schemas["ErrorResponse"]["properties"]["error"]["$ref"] == "#/components/schemas/ErrorDetail"
-    assert set(schemas["ErrorDetail"]["properties"]) == set(schemas["ErrorDetail"]["required"]) == {
-        "status", "code", "message"}
+    assert (
+        set(schemas["ErrorDetail"]["properties"])
+        == set(schemas["ErrorDetail"]["required"])
+        == {"status", "code", "message"}
+    )
     assert "HTTPValidationError" not in schemas  # 422 is our error body too, not FastAPI's default
 
     def ref(responses: dict, code: str) -> str:
@@ -198,14 +228,14 @@ def test_openapi_documents_the_answer_and_the_error_body(client: TestClient) -> 
     predict = spec["paths"]["/api/v1/predict"]["post"]["responses"]
     assert ref(predict, "200") == "PredictResponse"
     assert {code: ref(predict, code) for code in ("400", "413", "415", "422", "500", "503")} == dict.fromkeys(
-        ("400", "413", "415", "422", "500", "503"), "ErrorResponse")
+        ("400", "413", "415", "422", "500", "503"), "ErrorResponse"
+    )
     assert ref(spec["paths"]["/healthz"]["get"]["responses"], "200") == "HealthResponse"
     assert ref(spec["paths"]["/api/v1/model"]["get"]["responses"], "200") == "ModelCard"
 
 
 @pytest.mark.parametrize("image", ["lesion", "solid"])  # an "ok" answer with Grad-CAM and a "rejected" one
-def test_answers_validate_against_their_schemas_and_are_what_the_service_built(client: TestClient,
-                                                                                image: str) -> None:
+def test_answers_validate_against_their_schemas_and_are_what_the_service_built(client: TestClient, image: str) -> None:
     data = jpeg(lesion_like() if image == "lesion" else patterns()["solid"])
     r = client.post("/api/v1/predict", files={"file": ("l.jpg", data, "image/jpeg")})
     body = r.json()
@@ -238,18 +268,22 @@ def truncated_jpeg() -> bytes:
     return data[: len(data) // 2]
 
 
-@pytest.mark.parametrize(("data", "ctype", "status", "code"), [
-    (b"", "image/jpeg", 400, "empty_file"),
-    (b"%PDF-1.4 not an image at all" * 10, "image/jpeg", 422, "not_an_image"),
-    ("truncated", "image/jpeg", 422, "corrupt_image"),
-    ("small", "image/jpeg", 422, "image_too_small"),
-    ("lesion", "text/plain", 415, "unsupported_media_type"),
-    ("lesion", "application/octet-stream", 415, "unsupported_media_type"),
-    ("gif", "image/gif", 415, "unsupported_media_type"),
-    ("gif", "image/jpeg", 422, "not_an_image"),  # a GIF declared as JPEG is still refused by its bytes
-])
-def test_bad_uploads_get_clear_json_errors(client: TestClient, data: bytes | str, ctype: str, status: int,
-                                           code: str) -> None:
+@pytest.mark.parametrize(
+    ("data", "ctype", "status", "code"),
+    [
+        (b"", "image/jpeg", 400, "empty_file"),
+        (b"%PDF-1.4 not an image at all" * 10, "image/jpeg", 422, "not_an_image"),
+        ("truncated", "image/jpeg", 422, "corrupt_image"),
+        ("small", "image/jpeg", 422, "image_too_small"),
+        ("lesion", "text/plain", 415, "unsupported_media_type"),
+        ("lesion", "application/octet-stream", 415, "unsupported_media_type"),
+        ("gif", "image/gif", 415, "unsupported_media_type"),
+        ("gif", "image/jpeg", 422, "not_an_image"),  # a GIF declared as JPEG is still refused by its bytes
+    ],
+)
+def test_bad_uploads_get_clear_json_errors(
+    client: TestClient, data: bytes | str, ctype: str, status: int, code: str
+) -> None:
     if data == "truncated":
         data = truncated_jpeg()
     elif data == "small":
@@ -279,12 +313,15 @@ def test_oversized_files_are_refused_by_length_and_while_streaming(client: TestC
     body = post(client, big)
     assert (body["http"], body["error"]["code"]) == (413, "file_too_large")
     boundary = "lesionnetboundary"
-    head = (f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="x.jpg"\r\n'
-            "Content-Type: image/jpeg\r\n\r\n").encode()
+    head = (
+        f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="x.jpg"\r\n'
+        "Content-Type: image/jpeg\r\n\r\n"
+    ).encode()
     tail = f"\r\n--{boundary}--\r\n".encode()
-    chunks = iter([head, *[big[i:i + 100_000] for i in range(0, len(big), 100_000)], tail])
-    r = client.post("/api/v1/predict", content=chunks,
-                    headers={"content-type": f"multipart/form-data; boundary={boundary}"})
+    chunks = iter([head, *[big[i : i + 100_000] for i in range(0, len(big), 100_000)], tail])
+    r = client.post(
+        "/api/v1/predict", content=chunks, headers={"content-type": f"multipart/form-data; boundary={boundary}"}
+    )
     assert r.status_code == 413 and r.json()["error"]["code"] == "file_too_large"
 
 
@@ -330,9 +367,12 @@ def test_200_concurrent_uploads_all_answer_with_at_most_workers_analysing_at_onc
     async def fire() -> list[httpx.Response]:
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
-            return await asyncio.gather(*[
-                client.post("/api/v1/predict", files={"file": (f"{i}.jpg", images[i % 8], "image/jpeg")})
-                for i in range(200)])
+            return await asyncio.gather(
+                *[
+                    client.post("/api/v1/predict", files={"file": (f"{i}.jpg", images[i % 8], "image/jpeg")})
+                    for i in range(200)
+                ]
+            )
 
     answers = asyncio.run(fire())
     assert [r.status_code for r in answers] == [200] * 200
@@ -353,8 +393,11 @@ def test_blank_synthetic_and_noise_images_are_rejected(client: TestClient, name:
 
 
 def test_every_embedded_real_lesion_passes_the_image_check() -> None:
-    refused = [p.name for p in sorted(SAMPLE_IMAGES.glob("*.jpg"))
-               if not check_image(np.asarray(Image.open(p).convert("RGB"))).passed]
+    refused = [
+        p.name
+        for p in sorted(SAMPLE_IMAGES.glob("*.jpg"))
+        if not check_image(np.asarray(Image.open(p).convert("RGB"))).passed
+    ]
     assert refused == []
 
 
@@ -368,16 +411,20 @@ def test_a_natural_photo_passes_the_image_check_and_needs_the_confidence_gate(ru
     assert body["status"] == "unsure" and body["top_class"] is None and body["urgency"]["refer"] is None
 
 
-def stub_service(run: Path, probs: np.ndarray, gate: ConfidenceGate | None = None,
-                 referral: ReferralPolicy | None = None) -> LesionService:
+def stub_service(
+    run: Path, probs: np.ndarray, gate: ConfidenceGate | None = None, referral: ReferralPolicy | None = None
+) -> LesionService:
     """The real service with the model's output replaced by ``probs`` (a 1-epoch model is not confident)."""
-    cfg = compose_serve([f"ckpt={run}", "device=cpu", "unsure.threshold=0.4", "gradcam=false",
-                         "paths.output_dir=unused"])
+    cfg = compose_serve(
+        [f"ckpt={run}", "device=cpu", "unsure.threshold=0.4", "gradcam=false", "paths.output_dir=unused"]
+    )
     service = build_service(cfg)
     service.gate = gate or service.gate
     service.referral = referral or service.referral
     probs = np.asarray(probs, dtype=np.float64)
-    service.predictor.predict = lambda image: Output(probs, float(probs.max()), 0.0)
+    service.predictor.predict_arrays = lambda images: Prediction(
+        probs=probs[None], member_probs=probs[None, None], neg_energy=np.zeros(1), features=np.zeros((1, 1))
+    )
     return service
 
 
@@ -398,12 +445,15 @@ def test_low_confidence_is_unsure_and_never_reassures(run: Path) -> None:
     assert (benign_unsure["urgency"]["refer"], benign_unsure["urgency"]["level"]) == (None, "unknown")
 
 
-@pytest.mark.parametrize(("probs", "refer", "why"), [
-    (onehot("nv", 0.97), False, None),
-    (onehot("mel", 0.06), True, "Melanoma probability"),    # validated melanoma threshold 0.05, malignant sum low
-    (onehot("bcc", 0.31), True, "skin cancer or pre-cancer"),  # malignant rule
-    (onehot("akiec", 0.29), False, None),
-])
+@pytest.mark.parametrize(
+    ("probs", "refer", "why"),
+    [
+        (onehot("nv", 0.97), False, None),
+        (onehot("mel", 0.06), True, "Melanoma probability"),  # validated melanoma threshold 0.05, malignant sum low
+        (onehot("bcc", 0.31), True, "skin cancer or pre-cancer"),  # malignant rule
+        (onehot("akiec", 0.29), False, None),
+    ],
+)
 def test_urgency_flag(run: Path, probs: np.ndarray, refer: bool, why: str | None) -> None:
     policy = ReferralPolicy(malignant_threshold=0.3, melanoma_threshold=0.05, target_sensitivity=0.95)
     body = stub_service(run, probs, gate=ConfidenceGate("msp", 0.0), referral=policy).analyse(lesion_like())
@@ -421,13 +471,20 @@ def test_default_referral_without_scores_is_the_malignant_rule_and_says_unvalida
 
 
 def test_gate_is_fitted_on_validation_images_and_stored(run: Path, tmp_path: Path) -> None:
-    cfg = compose_serve([f"ckpt={run}", "device=cpu", "gradcam=false", f"paths.output_dir={tmp_path}",
-                         "unsure.quantile=0.2", "unsure.cache_dir=null"])  # no cache: the record is in output_dir
+    cfg = compose_serve(
+        [
+            f"ckpt={run}",
+            "device=cpu",
+            "gradcam=false",
+            f"paths.output_dir={tmp_path}",
+            "unsure.quantile=0.2",
+            "unsure.cache_dir=null",
+        ]
+    )  # no cache: the record is in output_dir
     service = build_service(cfg)
     gate_file = tmp_path / "confidence_gate.json"
     assert gate_file.is_file() and "quantile of" in service.gate.source
-    root = json.loads((run / "metrics.json").read_text())["data_root"]
-    val = run_split_table(run, root, "val")["path"].tolist()
+    val = RunFolder(run).split_table("val")["path"].tolist()
     expected = fit_gate(service.predictor, val, quantile=0.2)
     assert service.gate.threshold == pytest.approx(expected.threshold)
     assert service.gate.fit["n_images"] == len(val)
@@ -453,13 +510,24 @@ def count_fits(monkeypatch: pytest.MonkeyPatch) -> list[float]:
 
 
 def test_gate_is_fitted_once_per_model_and_settings_then_loaded_from_the_cache(
-        run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
     calls = count_fits(monkeypatch)
     cache = tmp_path / "gates"
 
     def start(n: int, *overrides: str) -> ConfidenceGate:  # each start has a fresh output folder, as under Hydra
-        return build_service(compose_serve([f"ckpt={run}", "device=cpu", "gradcam=false", f"unsure.cache_dir={cache}",
-                                            f"paths.output_dir={tmp_path / f'start{n}'}", *overrides])).gate
+        return build_service(
+            compose_serve(
+                [
+                    f"ckpt={run}",
+                    "device=cpu",
+                    "gradcam=false",
+                    f"unsure.cache_dir={cache}",
+                    f"paths.output_dir={tmp_path / f'start{n}'}",
+                    *overrides,
+                ]
+            )
+        ).gate
 
     with caplog.at_level(logging.INFO, logger="lesionnet.app.build"):
         first = start(1)
@@ -474,17 +542,28 @@ def test_gate_is_fitted_once_per_model_and_settings_then_loaded_from_the_cache(
     assert not list(tmp_path.glob("start*/confidence_gate.json"))
 
 
-def test_a_stale_or_broken_cached_gate_is_refitted_not_used(run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                                           caplog: pytest.LogCaptureFixture) -> None:
+def test_a_stale_or_broken_cached_gate_is_refitted_not_used(
+    run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
     calls = count_fits(monkeypatch)
-    cfg = compose_serve([f"ckpt={run}", "device=cpu", "gradcam=false", f"unsure.cache_dir={tmp_path}",
-                         f"paths.output_dir={tmp_path / 'out'}"])
+    cfg = compose_serve(
+        [
+            f"ckpt={run}",
+            "device=cpu",
+            "gradcam=false",
+            f"unsure.cache_dir={tmp_path}",
+            f"paths.output_dir={tmp_path / 'out'}",
+        ]
+    )
     gate = build_service(cfg).gate
     (cached,) = tmp_path.glob("*.json")
     stored = json.loads(cached.read_text())
     assert stored["fitted_on"]["model_version"] == gate.model_version and stored["fitted_on"]["quantile"] == 0.05
-    for broken in ({**stored, "threshold": 0.99, "fitted_on": {**stored["fitted_on"], "n_images": 1}},
-                   {**stored, "threshold": 0.99, "model_version": "other@123"}, "{not json"):
+    for broken in (
+        {**stored, "threshold": 0.99, "fitted_on": {**stored["fitted_on"], "n_images": 1}},
+        {**stored, "threshold": 0.99, "model_version": "other@123"},
+        "{not json",
+    ):
         cached.write_text(broken if isinstance(broken, str) else json.dumps(broken))
         assert build_service(cfg).gate == gate  # refitted (same data, same threshold) and rewritten
         assert json.loads(cached.read_text()) == stored
@@ -492,20 +571,31 @@ def test_a_stale_or_broken_cached_gate_is_refitted_not_used(run: Path, tmp_path:
     assert "fitted with other n_images than now" in caplog.text and "fitted for model other@123" in caplog.text
 
 
-def test_scores_for_other_checkpoints_are_refused(run: Path, tmp_path: Path) -> None:
-    bad = tmp_path / "scores.json"
-    bad.write_text(json.dumps({"scores": {"someone-else": {}}}))
-    with pytest.raises(CheckpointError, match="no scores for"):
-        build_service(compose_serve([f"ckpt={run}", f"scores={bad}", "unsure.threshold=0", "device=cpu"]))
+def test_scores_for_other_checkpoints_are_refused(run: Path, scores_file: Path, tmp_path: Path) -> None:
+    serve = [f"ckpt={run}", "unsure.threshold=0", "device=cpu", "gradcam=false"]
+    document = json.loads(scores_file.read_text())
+    other = tmp_path / "other.json"  # same file names and model names, another checkpoint's content
+    other.write_text(json.dumps({**document, "models": [{**document["models"][0], "sha256": "0" * 64}]}))
+    with pytest.raises(ContractError, match="does not score the served checkpoint"):
+        build_service(compose_serve([*serve, f"scores={other}"]))
+    with pytest.raises(ContractError, match="tta=none, the server runs tta=flips"):
+        build_service(compose_serve([*serve, f"scores={scores_file}", "tta=flips"]))
+    unversioned = tmp_path / "unversioned.json"  # written before the contract existed
+    unversioned.write_text(json.dumps({"scores": {"someone-else": {}}}))
+    with pytest.raises(ContractError, match="schema version None"):
+        build_service(compose_serve([*serve, f"scores={unversioned}"]))
 
 
 # ----------------------------------------------------------------------------- Grad-CAM layer and crop
 
 
-@pytest.mark.parametrize(("backbone", "size", "layer"), [
-    ("lesionnet_baseline", (3, 64, 64), "features"),
-    ("tf_efficientnet_lite0", (3, 64, 64), "bn2"),  # conv_head + BN + ReLU6
-])
+@pytest.mark.parametrize(
+    ("backbone", "size", "layer"),
+    [
+        ("lesionnet_baseline", (3, 64, 64), "features"),
+        ("tf_efficientnet_lite0", (3, 64, 64), "bn2"),  # conv_head + BN + ReLU6
+    ],
+)
 def test_gradcam_layer_is_the_last_feature_map(backbone: str, size: tuple[int, int, int], layer: str) -> None:
     model = timm.create_model(backbone, pretrained=False, num_classes=7).eval()
     name, _ = find_target_layer(model, size)
@@ -513,10 +603,11 @@ def test_gradcam_layer_is_the_last_feature_map(backbone: str, size: tuple[int, i
 
 
 def test_crop_box_follows_the_eval_transform() -> None:
-    assert crop_box({"input_size": (3, 224, 224), "crop_pct": 0.875}, 400, 300) == pytest.approx(
+    assert eval_crop_box({"input_size": (3, 224, 224), "crop_pct": 0.875}, 400, 300) == pytest.approx(
         (200 - 224 / (256 / 300) / 2, 300 * (1 - 0.875) / 2, 200 + 224 / (256 / 300) / 2, 300 - 300 * 0.125 / 2),
-        abs=1.0)
-    assert crop_box({"input_size": (3, 24, 32), "crop_pct": 1.0}, 40, 30) == pytest.approx((0, 0, 40, 30))
+        abs=1.0,
+    )
+    assert eval_crop_box({"input_size": (3, 24, 32), "crop_pct": 1.0}, 40, 30) == pytest.approx((0, 0, 40, 30))
 
 
 # ----------------------------------------------------------------------------- web page

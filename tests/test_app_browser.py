@@ -18,6 +18,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+pytestmark = pytest.mark.browser
+
 CHROMIUM = Path(os.environ.get("LESIONNET_CHROMIUM", "/usr/bin/chromium"))
 if not CHROMIUM.is_file():
     pytest.skip(f"no Chromium at {CHROMIUM} (apt-get install -y chromium)", allow_module_level=True)
@@ -26,24 +28,26 @@ sync_api = pytest.importorskip("playwright.sync_api", reason="Playwright is not 
 import uvicorn  # noqa: E402
 
 from lesionnet.app.build import build_app  # noqa: E402
-from lesionnet.training import train  # noqa: E402
-from tests.conftest import make_ham_dir  # noqa: E402
 from tests.test_app import compose_serve  # noqa: E402
-from tests.test_train import FAST, compose_train  # noqa: E402
 
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync", "--no-first-run"]
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
 SAMPLE = Path(__file__).resolve().parents[1] / "lesionnet" / "data" / "sample" / "images" / "ISIC_0024372.jpg"
 TIMEOUT_MS = 15_000
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def server(trained_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """The app the CLI serves, on a 1-epoch checkpoint, behind a real uvicorn on 127.0.0.1 (a free port)."""
     base = tmp_path_factory.mktemp("browser")
-    run = base / "run"
-    train(compose_train([f"data.root={make_ham_dir(base / 'ham')}", f"paths.output_dir={run}",
-                         "trainer.max_epochs=1", "test=false", *FAST]))
+    run = trained_run
     # unsure.threshold=0: a 1-epoch model is never confident, and the page should show a full "ok" answer
     cfg = compose_serve([f"ckpt={run}", f"paths.output_dir={base / 'serve'}", "device=cpu", "unsure.threshold=0.0"])
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -84,8 +88,9 @@ def watched_page(context: sync_api.BrowserContext) -> tuple[sync_api.Page, list[
 @pytest.fixture
 def page(browser: sync_api.Browser, server: str) -> Iterator[sync_api.Page]:
     """A phone-sized page at /, failing the test on any console error or uncaught exception (CSP included)."""
-    context = browser.new_context(viewport={"width": 390, "height": 844}, device_scale_factor=1, is_mobile=True,
-                                  has_touch=True)
+    context = browser.new_context(
+        viewport={"width": 390, "height": 844}, device_scale_factor=1, is_mobile=True, has_touch=True
+    )
     page, errors = watched_page(context)
     page.goto(server + "/")
     yield page
@@ -172,8 +177,7 @@ def test_keyboard_user_uploads_a_photo_and_sees_classes_heatmap_and_urgency(page
     expect(page.locator("#status")).to_have_text("")
 
 
-def test_a_blank_image_is_refused_on_the_page_without_classes_or_heatmap(page: sync_api.Page,
-                                                                         tmp_path: Path) -> None:
+def test_a_blank_image_is_refused_on_the_page_without_classes_or_heatmap(page: sync_api.Page, tmp_path: Path) -> None:
     blank = tmp_path / "blank.png"
     Image.fromarray(np.full((300, 400, 3), (200, 150, 120), np.uint8)).save(blank)
     page.locator("#file").set_input_files(str(blank))

@@ -24,7 +24,11 @@ TINY = ["-o", "data.image_size=[24,32]", "-o", "data.num_workers=0"]
 
 def run_script(script: str, *args: str) -> subprocess.CompletedProcess:
     proc = subprocess.run(
-        [sys.executable, str(BENCH / script), *args], cwd=REPO_ROOT, capture_output=True, text=True, timeout=300,
+        [sys.executable, str(BENCH / script), *args],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
         env={**os.environ, "HF_HUB_OFFLINE": "1"},
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -45,9 +49,27 @@ def positive(*values: Any) -> bool:
 @pytest.fixture(scope="module")
 def train_report(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Any], str, Path]:
     out = tmp_path_factory.mktemp("bench") / "train.json"
-    proc = run_script("train_throughput.py", "--configs", "baseline_cpu", "cpu_lite0_all", "--rounds", "1",
-                      "--warmup", "1", "--steps", "2", "--eval-warmup", "1", "--eval-batches", "1", "--gpu", "off",
-                      *TINY, "--json", str(out))
+    proc = run_script(
+        "train_throughput.py",
+        "--configs",
+        "baseline_cpu",
+        "cpu_lite0_all",
+        "--rounds",
+        "1",
+        "--warmup",
+        "1",
+        "--steps",
+        "2",
+        "--eval-warmup",
+        "1",
+        "--eval-batches",
+        "1",
+        "--gpu",
+        "off",
+        *TINY,
+        "--json",
+        str(out),
+    )
     return json.loads(out.read_text()), proc.stdout, out
 
 
@@ -65,8 +87,15 @@ def test_train_throughput_reports_both_arms_per_round(train_report: tuple[dict[s
             r = row[arm]
             assert r["arm"] == arm and r["config"] == name and r["image_size"] == [24, 32]
             assert r["train"]["steps"] == 2 and r["train"]["images"] == 2 * r["batch_size"]
-            assert positive(r["train"]["images_per_s"], r["train"]["seconds"], r["train"]["cpu_ms_per_image"],
-                            r["eval"]["images_per_s"], r["eval"]["images"], r["max_rss_mb"], r["torch_threads"])
+            assert positive(
+                r["train"]["images_per_s"],
+                r["train"]["seconds"],
+                r["train"]["cpu_ms_per_image"],
+                r["eval"]["images_per_s"],
+                r["eval"]["images"],
+                r["max_rss_mb"],
+                r["torch_threads"],
+            )
         assert row["lightning"]["pid"] != row["plain"]["pid"]  # a fresh process per arm
         assert "TQDMProgressBar" in row["lightning"]["callbacks"]
         assert not {"ModelCheckpoint", "EarlyStopping", "EMAWeightAveraging"} & set(row["lightning"]["callbacks"])
@@ -79,9 +108,27 @@ def test_train_throughput_reports_both_arms_per_round(train_report: tuple[dict[s
 
 def test_gpu_matrix_code_path_on_cpu(tmp_path: Path) -> None:
     out = tmp_path / "gpu.json"
-    proc = run_script("train_throughput.py", "--skip-cpu", "--gpu-matrix-on-cpu", "--gpu-models", "densenet201:32",
-                      "inception_v3:75", "--gpu-variants", "fp32", "bf16_cl", "bf16_cl_compile", "--gpu-batch", "2",
-                      "--gpu-warmup", "1", "--gpu-steps", "1", "--no-loggers", "--json", str(out))
+    proc = run_script(
+        "train_throughput.py",
+        "--skip-cpu",
+        "--gpu-matrix-on-cpu",
+        "--gpu-models",
+        "densenet201:32",
+        "inception_v3:75",
+        "--gpu-variants",
+        "fp32",
+        "bf16_cl",
+        "bf16_cl_compile",
+        "--gpu-batch",
+        "2",
+        "--gpu-warmup",
+        "1",
+        "--gpu-steps",
+        "1",
+        "--no-loggers",
+        "--json",
+        str(out),
+    )
     gpu = json.loads(out.read_text())["gpu"]
     assert gpu["on_cpu"] is True and gpu["synthetic_data"] is True
     cells = {(c["model"], c["variant"]): c for c in gpu["cells"]}
@@ -97,19 +144,42 @@ def test_gpu_matrix_code_path_on_cpu(tmp_path: Path) -> None:
     assert "GPU matrix" in proc.stdout
 
 
-def test_data_throughput_compares_with_the_model(tmp_path: Path,
-                                                 train_report: tuple[dict[str, Any], str, Path]) -> None:
+def test_data_throughput_compares_with_the_model(
+    tmp_path: Path, train_report: tuple[dict[str, Any], str, Path]
+) -> None:
     out = tmp_path / "data.json"
-    proc = run_script("data_throughput.py", "--configs", "baseline_cpu", "--workers", "0", "1", "--rounds", "1",
-                      "--warmup", "1", "--batches", "2", "--model-warmup", "1", "--model-steps", "1",
-                      "-o", "data.image_size=[24,32]", "--train-json", str(train_report[2]), "--json", str(out))
+    proc = run_script(
+        "data_throughput.py",
+        "--configs",
+        "baseline_cpu",
+        "--workers",
+        "0",
+        "1",
+        "--rounds",
+        "1",
+        "--warmup",
+        "1",
+        "--batches",
+        "2",
+        "--model-warmup",
+        "1",
+        "--model-steps",
+        "1",
+        "-o",
+        "data.image_size=[24,32]",
+        "--train-json",
+        str(train_report[2]),
+        "--json",
+        str(out),
+    )
     report = json.loads(out.read_text())
     for key in ("date_utc", "git", "versions", "cpu", "load_before", "load_after", "target_data_over_model"):
         assert key in report
     res = report["configs"]["baseline_cpu"]
     assert [r["num_workers"] for r in res["runs"]] == [0, 1]
-    assert all(positive(r["images_per_s"], r["cpu_ms_per_image"]) and r["images"] == 2 * res["batch_size"]
-               for r in res["runs"])
+    assert all(
+        positive(r["images_per_s"], r["cpu_ms_per_image"]) and r["images"] == 2 * res["batch_size"] for r in res["runs"]
+    )
     assert res["runs"][1]["cpu_seconds_workers"] > 0  # the worker process's CPU time is counted
     assert positive(res["model_only"]["images_per_s"])
     assert set(res["comparisons"]) == {"model_only", "train_lightning", "train_plain"}

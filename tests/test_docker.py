@@ -13,6 +13,8 @@ import pytest
 
 from tests.conftest import REPO_ROOT
 
+pytestmark = pytest.mark.docker
+
 DOCKERFILE = REPO_ROOT / "Dockerfile"
 
 
@@ -59,7 +61,7 @@ def _regex(pattern: str) -> re.Pattern[str]:
             out, i = out + "[^/]", i + 1
         elif pattern[i] == "[":
             end = pattern.index("]", i)
-            out, i = out + pattern[i:end + 1], end + 1
+            out, i = out + pattern[i : end + 1], end + 1
         else:
             out, i = out + re.escape(pattern[i]), i + 1
     return re.compile(out)
@@ -79,8 +81,9 @@ def is_ignored(path: str, patterns: list[str]) -> bool:
 def tracked_files(source: str) -> list[str]:
     """The project's files under a COPY source (git's list; the working tree when git is unavailable)."""
     try:
-        out = subprocess.run(["git", "ls-files", "--", source], cwd=REPO_ROOT, capture_output=True, text=True,
-                             check=True).stdout.split()
+        out = subprocess.run(
+            ["git", "ls-files", "--", source], cwd=REPO_ROOT, capture_output=True, text=True, check=True
+        ).stdout.split()
     except (OSError, subprocess.CalledProcessError):
         out = []
     if out:
@@ -116,8 +119,16 @@ def test_every_copied_file_exists_and_reaches_the_build_context() -> None:
 
 def test_runs_data_environments_stay_out_of_the_context() -> None:
     patterns = dockerignore()
-    for path in (".venv/bin/python", "logs/train/runs/x/metrics.json", "data/HAM10000/a.jpg", "checkpoints/last.ckpt",
-                 "outputs/x", "lesionnet/__pycache__/module.cpython-311.pyc", ".git/HEAD", "x/y/best.ckpt"):
+    for path in (
+        ".venv/bin/python",
+        "logs/train/runs/x/metrics.json",
+        "data/HAM10000/a.jpg",
+        "checkpoints/last.ckpt",
+        "outputs/x",
+        "lesionnet/__pycache__/module.cpython-311.pyc",
+        ".git/HEAD",
+        "x/y/best.ckpt",
+    ):
         assert is_ignored(path, patterns), path
 
 
@@ -126,15 +137,25 @@ def test_the_commands_the_image_runs_exist() -> None:
     assert len(cmd) == 1
     argv = json.loads(cmd[0])  # exec form: signals reach python, not a shell
     assert argv == ["python", "train.py"] and "train.py" in copy_sources()
-    for path in ("evaluate.py", "lesionnet/app/__main__.py", "conf/train.yaml", "conf/eval.yaml", "conf/serve.yaml"):
+    for path in (
+        "evaluate.py",
+        "lesionnet/app/__main__.py",
+        "lesionnet/cli/serve.py",
+        "lesionnet/conf/train.yaml",
+        "lesionnet/conf/eval.yaml",
+        "lesionnet/conf/serve.yaml",
+    ):
         assert (REPO_ROOT / path).is_file(), path
     header = DOCKERFILE.read_text()
     assert "python evaluate.py" in header and "python -m lesionnet.app" in header and "host=0.0.0.0" in header
 
 
 def test_the_build_installs_pinned_versions() -> None:
-    pins = dict(line.split("==") for line in (REPO_ROOT / "constraints.txt").read_text().splitlines()
-                if "==" in line and not line.startswith("#"))
+    pins = dict(
+        line.split("==")
+        for line in (REPO_ROOT / "constraints.txt").read_text().splitlines()
+        if "==" in line and not line.startswith("#")
+    )
     assert {"torch", "torchvision", "lightning", "hydra-core", "timm"} <= set(pins)
     installs = [args for name, args in instructions() if name == "RUN" and "pip install" in args]
     assert installs and all("-c constraints.txt" in args for args in installs)

@@ -10,6 +10,8 @@ from __future__ import annotations
 import hashlib
 import io
 import re
+import subprocess
+import sys
 import threading
 import zipfile
 from collections.abc import Callable, Iterator
@@ -20,10 +22,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from omegaconf import OmegaConf
+from hydra import compose, initialize_config_module
+from hydra.errors import MissingConfigException
+from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 
 from lesionnet.classes import CLASS_NAMES
+from lesionnet.cli.download import fetch
 from lesionnet.data import download as dl
 from lesionnet.data.metadata import load_ham10000
 
@@ -198,15 +203,25 @@ def write_config(
         "backoff_s": 0.01,
         "sources": {"dataverse": {"expected_images": None, "convert": None, "files": specs}},
     }
-    path = tmp_path / "download.yaml"
+    path = tmp_path / "conf" / "download" / "served.yaml"  # an option of the download group, outside the package
+    path.parent.mkdir(parents=True, exist_ok=True)
     OmegaConf.save(OmegaConf.create(cfg), path)
     return path
 
 
+def compose_download(config: Path, *overrides: str) -> DictConfig:
+    """What ``lesionnet download --config-dir <conf> download=<name> <overrides>`` composes."""
+    group_root = config.parent.parent
+    with initialize_config_module(config_module="lesionnet.conf", version_base="1.3"):
+        return compose(
+            "download", overrides=[f"hydra.searchpath=[file://{group_root}]", f"download={config.stem}", *overrides]
+        )
+
+
 @pytest.fixture
 def cli(capsys: pytest.CaptureFixture[str]) -> Callable[..., tuple[int, str, str]]:
-    def run(*args: str | Path) -> tuple[int, str, str]:
-        code = dl.main([str(a) for a in args])
+    def run(dest: Path, config: Path, *overrides: str) -> tuple[int, str, str]:
+        code = fetch(compose_download(config, f"dest={dest}", *overrides))
         out, err = capsys.readouterr()
         return code, out, err
 
@@ -219,14 +234,14 @@ def cli(capsys: pytest.CaptureFixture[str]) -> Callable[..., tuple[int, str, str
 def test_end_to_end_download_builds_layout_and_prints_data_root(tmp_path, served, cli):
     served.files = ham_files()
     dest = tmp_path / "ham"
-    code, out, err = cli("--dest", dest, "--config", write_config(tmp_path, served, served.files))
+    code, out, err = cli(dest, write_config(tmp_path, served, served.files))
     assert code == 0, err
     assert (dest / "HAM10000_metadata.csv").read_bytes() == served.files["HAM10000_metadata.csv"]
     assert sorted(p.name for p in (dest / "HAM10000_images_part_1").iterdir()) == [f"{i}.jpg" for i in PART_1]
     assert sorted(p.name for p in (dest / "HAM10000_images_part_2").iterdir()) == [f"{i}.jpg" for i in PART_2]
     assert not (dest / "HAM10000_images_part_1" / "HAM10000_images_part_1").exists()
     assert len(load_ham10000(dest)) == 6
-    assert f"HAM10000 ready: 6 images. Train with: python train.py data.root={dest.resolve()}" in out
+    assert f"HAM10000 ready: 6 images. Train with: lesionnet train data.root={dest.resolve()}" in out
     assert not (dest / ".partial").exists(), "finished downloads must leave no .part files"
     assert served.user_agents == {"lesionnet-test-agent"}, "Dataverse refuses urllib's default agent"
 
@@ -235,7 +250,7 @@ def test_flat_zip_without_folder_lands_in_target(tmp_path, served, cli):
     """The real Dataverse zips hold the JPEGs at top level; they must end up in the same place."""
     served.files = ham_files(part_1=make_zip({f"{i}.jpg": jpeg(int(i[-7:])) for i in PART_1}))
     dest = tmp_path / "ham"
-    code, _, err = cli("--dest", dest, "--config", write_config(tmp_path, served, served.files))
+    code, _, err = cli(dest, write_config(tmp_path, served, served.files))
     assert code == 0, err
     assert (dest / "HAM10000_images_part_1" / "ISIC_0000001.jpg").is_file()
 
@@ -247,7 +262,7 @@ def test_resume_completes_partial_file_with_range_request(tmp_path, served, cli)
     (dest / ".partial").mkdir(parents=True)
     head = len(data) // 3
     (dest / ".partial" / "HAM10000_images_part_1.zip.part").write_bytes(data[:head])
-    code, _, err = cli("--dest", dest, "--config", write_config(tmp_path, served, served.files))
+    code, _, err = cli(dest, write_config(tmp_path, served, served.files))
     assert code == 0, err
     assert ("HAM10000_images_part_1.zip", f"bytes={head}-") in served.requests
     assert ("HAM10000_metadata.csv", None) in served.requests, "fresh files are requested without Range"
@@ -257,7 +272,7 @@ def test_resume_completes_partial_file_with_range_request(tmp_path, served, cli)
 def test_dropped_connection_resumes_with_range_request(tmp_path, served, cli):
     served.files = ham_files()
     served.drop_next_after = 200  # the first response (the metadata CSV) stops short
-    code, _, err = cli("--dest", tmp_path / "ham", "--config", write_config(tmp_path, served, served.files))
+    code, _, err = cli(tmp_path / "ham", write_config(tmp_path, served, served.files))
     assert code == 0, err
     assert "connection closed after 200 of" in err
     assert served.requests[:2] == [("HAM10000_metadata.csv", None), ("HAM10000_metadata.csv", "bytes=200-")]
@@ -271,7 +286,7 @@ def test_range_header_survives_redirect(tmp_path, served, cli):
     (dest / ".partial" / "HAM10000_images_part_1.zip.part").write_bytes(data[:50])
     config = write_config(tmp_path, served, served.files)
     config.write_text(config.read_text().replace("/HAM10000_images_part_1.zip", "/redirect/HAM10000_images_part_1.zip"))
-    code, _, err = cli("--dest", dest, "--config", config)
+    code, _, err = cli(dest, config)
     assert code == 0, err
     assert ("redirect/HAM10000_images_part_1.zip", "bytes=50-") in served.requests
     assert ("HAM10000_images_part_1.zip", "bytes=50-") in served.requests
@@ -284,7 +299,7 @@ def test_server_ignoring_range_restarts_from_zero(tmp_path, served, cli):
     dest = tmp_path / "ham"
     (dest / ".partial").mkdir(parents=True)
     (dest / ".partial" / "HAM10000_images_part_1.zip.part").write_bytes(data[:100])
-    code, out, err = cli("--dest", dest, "--config", write_config(tmp_path, served, served.files))
+    code, out, err = cli(dest, write_config(tmp_path, served, served.files))
     assert code == 0, err
     assert "ignored the Range request" in out
     assert len(load_ham10000(dest)) == 6
@@ -297,7 +312,7 @@ def test_server_sending_another_range_restarts_from_zero(tmp_path, served, cli):
     dest = tmp_path / "ham"
     (dest / ".partial").mkdir(parents=True)
     (dest / ".partial" / "HAM10000_images_part_1.zip.part").write_bytes(data[:100])
-    code, _, err = cli("--dest", dest, "--config", write_config(tmp_path, served, served.files))
+    code, _, err = cli(dest, write_config(tmp_path, served, served.files))
     assert code == 0, err
     assert "server answered Range bytes=100- with bytes 0-" in err
     assert [r for r in served.requests if r[0] == "HAM10000_images_part_1.zip"] == [
@@ -312,7 +327,7 @@ def test_http_416_on_complete_partial_means_done(tmp_path, served, cli):
     dest = tmp_path / "ham"
     (dest / ".partial").mkdir(parents=True)
     (dest / ".partial" / "HAM10000_images_part_2.zip.part").write_bytes(data)
-    code, _, err = cli("--dest", dest, "--config", write_config(tmp_path, served, served.files))
+    code, _, err = cli(dest, write_config(tmp_path, served, served.files))
     assert code == 0, err
     assert ("HAM10000_images_part_2.zip", f"bytes={len(data)}-") in served.requests
 
@@ -320,7 +335,7 @@ def test_http_416_on_complete_partial_means_done(tmp_path, served, cli):
 def test_transient_server_error_is_retried(tmp_path, served, cli):
     served.files = ham_files()
     served.fail_next = 2
-    code, _, err = cli("--dest", tmp_path / "ham", "--config", write_config(tmp_path, served, served.files))
+    code, _, err = cli(tmp_path / "ham", write_config(tmp_path, served, served.files))
     assert code == 0, err
     assert "HTTP 503" in err and "retrying" in err
 
@@ -330,7 +345,7 @@ def test_corrupted_download_md5_mismatch_deletes_file_and_says_rerun(tmp_path, s
     served.files = ham_files(part_1=flip_member_byte(good["HAM10000_images_part_1.zip"]))
     dest = tmp_path / "ham"
     config = write_config(tmp_path, served, good)  # MD5s of the good files
-    code, _, err = cli("--dest", dest, "--config", config)
+    code, _, err = cli(dest, config)
     assert code == 1
     expected, actual = md5(good["HAM10000_images_part_1.zip"]), md5(served.files["HAM10000_images_part_1.zip"])
     assert "HAM10000_images_part_1.zip" in err and expected in err and actual in err
@@ -343,7 +358,7 @@ def test_corrupted_zip_without_md5_caught_by_crc_check(tmp_path, served, cli):
     served.files = ham_files()
     served.files["HAM10000_images_part_1.zip"] = flip_member_byte(served.files["HAM10000_images_part_1.zip"])
     config = write_config(tmp_path, served, served.files, md5s={"HAM10000_images_part_1.zip": None})
-    code, _, err = cli("--dest", tmp_path / "ham", "--config", config)
+    code, _, err = cli(tmp_path / "ham", config)
     assert code == 1
     assert "HAM10000_images_part_1/ISIC_0000001.jpg fails its CRC check" in err
     assert "run the command again" in err
@@ -351,7 +366,7 @@ def test_corrupted_zip_without_md5_caught_by_crc_check(tmp_path, served, cli):
 
 def test_metadata_row_without_image_is_clear_error(tmp_path, served, cli):
     served.files = ham_files(csv=metadata_csv([*PART_1, *PART_2, "ISIC_0999999"]))
-    code, out, err = cli("--dest", tmp_path / "ham", "--config", write_config(tmp_path, served, served.files))
+    code, out, err = cli(tmp_path / "ham", write_config(tmp_path, served, served.files))
     assert code == 1
     error_lines = [line for line in re.split(r"[\r\n]", err) if line.startswith("error: ")]  # skip progress bars
     assert len(error_lines) == 1 and "ISIC_0999999" in error_lines[0] and "delete their rows" in error_lines[0]
@@ -362,7 +377,7 @@ def test_metadata_row_without_image_is_clear_error(tmp_path, served, cli):
 def test_zip_slip_member_refused(tmp_path, served, cli, evil):
     served.files = ham_files(part_2=make_zip({"HAM10000_images_part_2/ISIC_0000004.jpg": jpeg(4), evil: b"x"}))
     dest = tmp_path / "deep" / "ham"
-    code, _, err = cli("--dest", dest, "--config", write_config(tmp_path, served, served.files))
+    code, _, err = cli(dest, write_config(tmp_path, served, served.files))
     assert code == 1
     assert "Refusing to unpack HAM10000_images_part_2.zip" in err and repr(evil) in err
     assert not (dest / "HAM10000_images_part_2").exists(), "an unsafe zip must write nothing"
@@ -373,9 +388,9 @@ def test_second_run_downloads_nothing(tmp_path, served, cli):
     served.files = ham_files()
     dest = tmp_path / "ham"
     config = write_config(tmp_path, served, served.files)
-    assert cli("--dest", dest, "--config", config)[0] == 0
+    assert cli(dest, config)[0] == 0
     served.requests.clear()
-    code, out, err = cli("--dest", dest, "--config", config)
+    code, out, err = cli(dest, config)
     assert code == 0, err
     assert served.requests == []
     assert out.count("already installed") == 3 and "HAM10000 ready: 6 images" in out
@@ -385,15 +400,15 @@ def test_keep_archives_then_force_refetches_everything(tmp_path, served, cli):
     served.files = ham_files()
     dest = tmp_path / "ham"
     config = write_config(tmp_path, served, served.files)
-    assert cli("--dest", dest, "--config", config, "--keep-archives")[0] == 0
+    assert cli(dest, config, "keep_archives=true")[0] == 0
     assert sorted(p.name for p in (dest / ".downloads").iterdir()) == sorted(served.files)
     (dest / "HAM10000_images_part_1" / "ISIC_0000002.jpg").unlink()
     served.requests.clear()
-    code, out, err = cli("--dest", dest, "--config", config, "--keep-archives")
+    code, out, err = cli(dest, config, "keep_archives=true")
     assert code == 0, err
     assert served.requests == [], "a kept, verified archive is unpacked again without downloading"
     assert "verifying the kept archive" in out
-    code, _, err = cli("--dest", dest, "--config", config, "--force")
+    code, _, err = cli(dest, config, "force=true")
     assert code == 0, err
     assert sorted(path for path, _ in served.requests) == sorted(served.files)
     assert not (dest / ".downloads").exists(), "without --keep-archives nothing is kept"
@@ -403,10 +418,10 @@ def test_second_run_refetches_only_what_went_missing(tmp_path, served, cli):
     served.files = ham_files()
     dest = tmp_path / "ham"
     config = write_config(tmp_path, served, served.files)
-    assert cli("--dest", dest, "--config", config)[0] == 0
+    assert cli(dest, config)[0] == 0
     (dest / "HAM10000_images_part_2" / "ISIC_0000005.jpg").unlink()
     served.requests.clear()
-    code, _, err = cli("--dest", dest, "--config", config)
+    code, _, err = cli(dest, config)
     assert code == 0, err
     assert [path for path, _ in served.requests] == ["HAM10000_images_part_2.zip"]
 
@@ -443,10 +458,11 @@ def test_isic_source_builds_metadata_from_ground_truth_and_groupings(tmp_path, s
         "ground_truth": ".isic2018/ISIC2018_Task3_Training_GroundTruth.csv",
         "lesion_groupings": ".isic2018/ISIC2018_Task3_Training_LesionGroupings.csv",
     }
-    config = tmp_path / "isic.yaml"
+    config = tmp_path / "conf" / "download" / "isic.yaml"
+    config.parent.mkdir(parents=True)
     OmegaConf.save(OmegaConf.create({"sources": {"isic": {"files": files, "convert": convert}}}), config)
     dest = tmp_path / "isic"
-    code, out, err = cli("--dest", dest, "--config", config, "--source", "isic")
+    code, out, err = cli(dest, config, "source=isic")
     assert code == 0, err
     table = load_ham10000(dest)
     assert list(table["image_id"]) == ids
@@ -458,10 +474,17 @@ def test_isic_source_builds_metadata_from_ground_truth_and_groupings(tmp_path, s
 def test_unknown_source_and_missing_config_are_clear_errors(tmp_path, served, cli):
     served.files = ham_files()
     config = write_config(tmp_path, served, served.files)
-    code, _, err = cli("--dest", tmp_path / "ham", "--config", config, "--source", "kaggle")
+    code, _, err = cli(tmp_path / "ham", config, "source=kaggle")
     assert code == 1 and "Unknown source 'kaggle'" in err and "dataverse" in err
-    code, _, err = cli("--dest", tmp_path / "ham", "--config", tmp_path / "nope.yaml")
-    assert code == 1 and "Download config not found" in err
+    with pytest.raises(MissingConfigException, match="Could not find 'download/nope'"):
+        cli(tmp_path / "ham", tmp_path / "conf" / "download" / "nope.yaml")
+    with pytest.raises(dl.DownloadError, match="Download config not found"):
+        dl.load_config(tmp_path / "nope.yaml", "dataverse")
+
+
+def test_missing_dest_says_how_to_give_it(capsys):
+    code = fetch(compose_download(dl.DEFAULT_CONFIG))
+    assert code == 1 and "lesionnet download dest=DIR" in capsys.readouterr().err
 
 
 def test_shipped_config_is_valid_for_both_sources():
@@ -470,3 +493,48 @@ def test_shipped_config_is_valid_for_both_sources():
         assert spec.expected_images == 10015
         assert {f.kind for f in spec.files} == {"zip", "metadata"}
         assert all(f.url.startswith("https://") for f in spec.files)
+
+
+def test_composed_default_group_is_the_shipped_file():
+    with initialize_config_module(config_module="lesionnet.conf", version_base="1.3"):
+        cfg = compose("download", overrides=["dest=x"])
+    assert OmegaConf.to_container(cfg.download) == OmegaConf.to_container(OmegaConf.load(dl.DEFAULT_CONFIG))
+    assert dl.load_config(OmegaConf.to_container(cfg.download), "isic") == dl.load_config(dl.DEFAULT_CONFIG, "isic")
+
+
+def test_lesionnet_download_command_with_a_config_dir_outside_the_package(tmp_path, served):
+    """The real Hydra app, from another folder: the mirror's YAML is an option of the download group."""
+    served.files = ham_files()
+    config, dest = write_config(tmp_path, served, served.files), tmp_path / "ham"
+    result = subprocess.run(
+        [
+            str(Path(sys.executable).parent / "lesionnet"),
+            "download",
+            "--config-dir",
+            str(config.parent.parent),
+            "download=served",
+            f"dest={dest}",
+            f"hydra.run.dir={tmp_path / 'run'}",
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "HAM10000 ready: 6 images" in result.stdout and len(load_ham10000(dest)) == 6
+    again = subprocess.run(
+        [
+            str(Path(sys.executable).parent / "lesionnet"),
+            "download",
+            f"dest={dest}",
+            "source=nowhere",
+            f"hydra.run.dir={tmp_path / 'run2'}",
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert again.returncode == 1 and "error: Unknown source 'nowhere'" in again.stderr
+    assert "Traceback" not in again.stderr

@@ -23,7 +23,7 @@ from lesionnet.data.split import split_lesions
 from lesionnet.eda import section_image_stats, section_quality, write_eda_report
 from tests.conftest import REPO_ROOT, make_ham_dir
 
-CONF = REPO_ROOT / "conf"
+CONF = REPO_ROOT / "lesionnet" / "conf"
 FRACTIONS = {"train": 0.7, "val": 0.15, "test": 0.15}
 IMAGE_LINK = re.compile(r"!\[[^\]]*\]\(([^)\s]+)\)")
 
@@ -148,12 +148,23 @@ def test_eda_config_builds_the_same_data_config_as_training() -> None:
 def test_cli_writes_the_report_with_the_training_split(ham_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "eda"
     result = subprocess.run(
-        [sys.executable, "-m", "lesionnet.eda", f"data.root={ham_dir}", f"out_dir={out}",
-         f"hydra.run.dir={tmp_path / 'hydra'}", "sample_grid=false"],
-        cwd=REPO_ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True, timeout=600,
+        [
+            str(Path(sys.executable).parent / "lesionnet"),
+            "eda",
+            f"data.root={ham_dir}",
+            f"out_dir={out}",
+            f"hydra.run.dir={tmp_path / 'hydra'}",
+            "sample_grid=false",
+        ],
+        cwd=REPO_ROOT,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     markdown = (out / "README.md").read_text()
+    assert markdown.startswith("# HAM10000 exploratory data analysis")
     assert f"data root: `{ham_dir}`" in markdown and "**Leak check: passed.**" in markdown
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         dm = instantiate(compose("train", overrides=[f"data.root={ham_dir}"]).data)

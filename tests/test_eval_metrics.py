@@ -14,31 +14,32 @@ from PIL import Image
 from torchmetrics.functional.classification import multiclass_accuracy, multiclass_recall
 
 from lesionnet.classes import CLASS_NAMES
-from lesionnet.evaluation import metrics as M
-from lesionnet.evaluation import plots
+from lesionnet.evaluation import metrics, plots
 
 torch.set_num_threads(1)  # tiny tensors; leave the cores to whatever else runs on the machine
 
 # Ten images, three classes (4/3/3). Argmax per row in the comment; no row has a tied maximum.
-PROBS = np.array([
-    [0.7, 0.2, 0.1],  # t0 -> 0
-    [0.5, 0.3, 0.2],  # t0 -> 0
-    [0.6, 0.1, 0.3],  # t0 -> 0
-    [0.3, 0.5, 0.2],  # t0 -> 1
-    [0.1, 0.7, 0.2],  # t1 -> 1
-    [0.2, 0.3, 0.5],  # t1 -> 2
-    [0.1, 0.6, 0.3],  # t1 -> 1
-    [0.1, 0.1, 0.8],  # t2 -> 2
-    [0.1, 0.6, 0.3],  # t2 -> 1
-    [0.4, 0.3, 0.3],  # t2 -> 0
-])
+PROBS = np.array(
+    [
+        [0.7, 0.2, 0.1],  # t0 -> 0
+        [0.5, 0.3, 0.2],  # t0 -> 0
+        [0.6, 0.1, 0.3],  # t0 -> 0
+        [0.3, 0.5, 0.2],  # t0 -> 1
+        [0.1, 0.7, 0.2],  # t1 -> 1
+        [0.2, 0.3, 0.5],  # t1 -> 2
+        [0.1, 0.6, 0.3],  # t1 -> 1
+        [0.1, 0.1, 0.8],  # t2 -> 2
+        [0.1, 0.6, 0.3],  # t2 -> 1
+        [0.4, 0.3, 0.3],  # t2 -> 0
+    ]
+)
 TARGETS = np.array([0, 0, 0, 0, 1, 1, 1, 2, 2, 2])
 NAMES = ["a", "b", "c"]
 
 
 @pytest.fixture(scope="module")
 def scores() -> dict:
-    return M.classification_scores(PROBS, TARGETS, NAMES)
+    return metrics.classification_scores(PROBS, TARGETS, NAMES)
 
 
 def random_predictions(n: int, k: int, seed: int, signal: float = 1.5) -> tuple[np.ndarray, np.ndarray]:
@@ -103,7 +104,7 @@ def test_log_loss_is_mean_negative_log_probability_of_the_true_class(scores: dic
 def test_log_loss_clips_a_zero_probability_at_1e_minus_7() -> None:
     probs = np.array([[1.0, 0.0], [0.5, 0.5]])
     # the first image gives its true class 1 probability 0 -> clipped to 1e-7, a finite -log(1e-7) = 16.118
-    assert M.log_loss(probs, np.array([1, 0])) == pytest.approx((-np.log(1e-7) - np.log(0.5)) / 2)
+    assert metrics.log_loss(probs, np.array([1, 0])) == pytest.approx((-np.log(1e-7) - np.log(0.5)) / 2)
 
 
 def test_ece_is_the_sample_weighted_gap_between_confidence_and_accuracy() -> None:
@@ -111,8 +112,8 @@ def test_ece_is_the_sample_weighted_gap_between_confidence_and_accuracy() -> Non
     # Two at 0.5 (bin [0.467, 0.533)), both right: |1.0 - 0.5| = 0.5. Each bin holds half: ECE = 0.2 + 0.25.
     probs = np.array([[0.9, 0.05, 0.05], [0.9, 0.05, 0.05], [0.5, 0.3, 0.2], [0.5, 0.3, 0.2]])
     targets = np.array([0, 1, 0, 0])
-    assert M.expected_calibration_error(probs, targets) == pytest.approx(0.45, abs=1e-6)
-    assert M.classification_scores(probs, targets, NAMES)["ece"] == pytest.approx(0.45, abs=1e-6)
+    assert metrics.expected_calibration_error(probs, targets) == pytest.approx(0.45, abs=1e-6)
+    assert metrics.classification_scores(probs, targets, NAMES)["ece"] == pytest.approx(0.45, abs=1e-6)
 
 
 def test_scores_are_plain_json_without_float32_noise(scores: dict) -> None:
@@ -127,7 +128,7 @@ def test_absent_class_is_none_and_left_out_of_macro_averages() -> None:
     targets = np.array([0, 0, 0, 1, 1])
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # the absent class is handled, not warned about
-        scores = M.classification_scores(probs, targets, NAMES)
+        scores = metrics.classification_scores(probs, targets, NAMES)
     c = scores["per_class"]["c"]
     assert (c["recall"], c["f1"], c["auroc"], c["support"]) == (None, None, None, 0)
     assert c["precision"] == 0.0  # its one prediction was wrong
@@ -139,13 +140,15 @@ def test_absent_class_is_none_and_left_out_of_macro_averages() -> None:
 
 def test_numpy_helpers_equal_torchmetrics() -> None:
     probs, targets = random_predictions(300, 7, seed=1)
-    p, t = torch.from_numpy(probs), torch.from_numpy(targets)
-    assert M.accuracy(probs, targets) == pytest.approx(float(multiclass_accuracy(p, t, 7, average="micro")), abs=1e-6)
-    assert M.balanced_accuracy(probs, targets) == pytest.approx(
-        float(multiclass_recall(p, t, 7, average="macro")), abs=1e-6
+    probs_t, targets_t = torch.from_numpy(probs), torch.from_numpy(targets)
+    assert metrics.accuracy(probs, targets) == pytest.approx(
+        float(multiclass_accuracy(probs_t, targets_t, 7, average="micro")), abs=1e-6
     )
-    scores = M.classification_scores(probs, targets, CLASS_NAMES)
-    assert scores["balanced_accuracy"] == pytest.approx(M.balanced_accuracy(probs, targets), abs=1e-6)
+    assert metrics.balanced_accuracy(probs, targets) == pytest.approx(
+        float(multiclass_recall(probs_t, targets_t, 7, average="macro")), abs=1e-6
+    )
+    scores = metrics.classification_scores(probs, targets, CLASS_NAMES)
+    assert scores["balanced_accuracy"] == pytest.approx(metrics.balanced_accuracy(probs, targets), abs=1e-6)
 
 
 @pytest.mark.parametrize(
@@ -159,7 +162,7 @@ def test_numpy_helpers_equal_torchmetrics() -> None:
 )
 def test_invalid_inputs_raise_clear_errors(probs: np.ndarray, targets: np.ndarray) -> None:
     with pytest.raises(ValueError):
-        M.classification_scores(probs, targets, ["x", "y"])
+        metrics.classification_scores(probs, targets, ["x", "y"])
 
 
 # ----------------------------------------------------------------------------- operating points
@@ -167,7 +170,7 @@ def test_invalid_inputs_raise_clear_errors(probs: np.ndarray, targets: np.ndarra
 
 def test_sensitivity_specificity_at_argmax() -> None:
     # positive class c (index 2): argmax flags images 5 (t1) and 7 (t2) -> TP 1 of 3 positives, FP 1 of 7 negatives
-    result = M.sensitivity_specificity(PROBS, TARGETS, positive=2)
+    result = metrics.sensitivity_specificity(PROBS, TARGETS, positive=2)
     assert result["sensitivity"] == pytest.approx(1 / 3, abs=1e-6)
     assert result["specificity"] == pytest.approx(6 / 7, abs=1e-6)
     assert result["threshold"] is None
@@ -176,7 +179,7 @@ def test_sensitivity_specificity_at_argmax() -> None:
 def test_sensitivity_specificity_at_a_threshold_is_inclusive() -> None:
     # p_c >= 0.3 flags images 2 .3, 5 .5, 6 .3, 7 .8, 8 .3, 9 .3: all 3 positives, 3 of 7 negatives (2, 5, 6).
     # The scores exactly at 0.3 count as flagged; torchmetrics' own binary threshold (>) would drop them.
-    result = M.sensitivity_specificity(PROBS, TARGETS, positive=2, threshold=0.3)
+    result = metrics.sensitivity_specificity(PROBS, TARGETS, positive=2, threshold=0.3)
     assert result == {"sensitivity": 1.0, "specificity": pytest.approx(4 / 7, abs=1e-6), "threshold": 0.3}
 
 
@@ -192,16 +195,37 @@ def test_sensitivity_specificity_at_a_threshold_is_inclusive() -> None:
     ],
 )
 def test_threshold_for_sensitivity_picks_the_largest_qualifying_score(target: float, expected: float) -> None:
-    threshold = M.threshold_for_sensitivity(PROBS, TARGETS, positive=0, target_sensitivity=target)
+    threshold = metrics.threshold_for_sensitivity(PROBS, TARGETS, positive=0, target_sensitivity=target)
     assert threshold == expected
-    assert M.sensitivity_specificity(PROBS, TARGETS, 0, threshold)["sensitivity"] >= target
+    assert metrics.sensitivity_specificity(PROBS, TARGETS, 0, threshold)["sensitivity"] >= target
     next_up = np.nextafter(threshold, 1.0)
-    assert M.sensitivity_specificity(PROBS, TARGETS, 0, next_up)["sensitivity"] < target
+    assert metrics.sensitivity_specificity(PROBS, TARGETS, 0, next_up)["sensitivity"] < target
+
+
+def test_threshold_for_sensitivity_is_not_moved_by_an_ensemble_score_just_above_one() -> None:
+    # Issue 10's reproduction: the weighted mean of ensemble_weights=[.299, .396, .379] gave one saturated melanoma
+    # image the score 1.0000000000000002 (round-off of the weighted sum). torchmetrics' binary_roc then took every
+    # score for a logit and applied a sigmoid, so the 95%-sensitivity threshold came out as sigmoid(0.224) = 0.556
+    # instead of 0.224, and applied to the real scores it caught 11 of 25 melanomas (0.44) instead of 24 (0.96).
+    just_above_one = np.nextafter(1.0, 2.0)
+    positives = np.array(
+        [just_above_one, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7, 0.68, 0.65, 0.62, 0.6, *np.linspace(0.5, 0.224, 13), 0.1]
+    )  # 24 of 25 at >= 0.224: the threshold for 0.95
+    negatives = np.linspace(0.0, 0.5, 25)
+    mel_scores = np.concatenate([positives, negatives])
+    ensemble = metrics.average_probs([np.stack([mel_scores, 1.0 - mel_scores], axis=1)] * 3, [0.299, 0.396, 0.379])
+    ensemble[0] = [just_above_one, 1.0 - just_above_one]  # the saturated row as the issue's weighted mean rounded it
+    targets = np.array([0] * 25 + [1] * 25)
+    assert ensemble.max() > 1.0  # the reproduction holds: one score above 1
+
+    threshold = metrics.threshold_for_sensitivity(ensemble, targets, positive=0, target_sensitivity=0.95)
+    assert threshold == pytest.approx(0.224, abs=1e-12)  # not sigmoid(0.224) = 0.5558
+    assert metrics.sensitivity_specificity(ensemble, targets, 0, threshold)["sensitivity"] == pytest.approx(0.96)
 
 
 def test_threshold_for_sensitivity_without_positives_raises() -> None:
     with pytest.raises(ValueError, match="No samples of the positive class"):
-        M.threshold_for_sensitivity(PROBS[:4], TARGETS[:4], positive=2)
+        metrics.threshold_for_sensitivity(PROBS[:4], TARGETS[:4], positive=2)
 
 
 # ----------------------------------------------------------------------------- temperature scaling
@@ -209,19 +233,20 @@ def test_threshold_for_sensitivity_without_positives_raises() -> None:
 
 def test_temperature_softens_overconfident_predictions() -> None:
     probs, targets = calibrated_predictions(2000, 3, seed=2)
-    overconfident = M.apply_temperature(probs, 0.5)  # logits doubled: the fitted T should undo it
-    temperature = M.fit_temperature(overconfident, targets)
+    overconfident = metrics.apply_temperature(probs, 0.5)  # logits doubled: the fitted T should undo it
+    temperature = metrics.fit_temperature(overconfident, targets)
     assert temperature == pytest.approx(2.0, rel=0.15)
-    calibrated = M.apply_temperature(overconfident, temperature)
-    assert M.log_loss(calibrated, targets) < M.log_loss(overconfident, targets)
-    assert M.expected_calibration_error(calibrated, targets) < M.expected_calibration_error(overconfident, targets)
+    calibrated = metrics.apply_temperature(overconfident, temperature)
+    assert metrics.log_loss(calibrated, targets) < metrics.log_loss(overconfident, targets)
+    ece = metrics.expected_calibration_error
+    assert ece(calibrated, targets) < ece(overconfident, targets)
     assert np.array_equal(calibrated.argmax(axis=1), overconfident.argmax(axis=1))  # accuracy untouched
 
 
 def test_temperature_is_near_one_for_calibrated_predictions_and_one_is_identity() -> None:
     probs, targets = calibrated_predictions(2000, 3, seed=3)
-    assert M.fit_temperature(probs, targets) == pytest.approx(1.0, abs=0.15)
-    np.testing.assert_allclose(M.apply_temperature(probs, 1.0), probs, atol=1e-12)
+    assert metrics.fit_temperature(probs, targets) == pytest.approx(1.0, abs=0.15)
+    np.testing.assert_allclose(metrics.apply_temperature(probs, 1.0), probs, atol=1e-12)
 
 
 # ----------------------------------------------------------------------------- bootstrap
@@ -229,17 +254,75 @@ def test_temperature_is_near_one_for_calibrated_predictions_and_one_is_identity(
 
 def test_bootstrap_ci_contains_the_estimate_and_is_deterministic() -> None:
     probs, targets = random_predictions(500, 7, seed=4)
-    low, high = M.bootstrap_ci(probs, targets, M.balanced_accuracy, n_boot=300, seed=0)
-    assert low < M.balanced_accuracy(probs, targets) < high
-    assert M.bootstrap_ci(probs, targets, M.balanced_accuracy, n_boot=300, seed=0) == (low, high)
-    assert M.bootstrap_ci(probs, targets, M.balanced_accuracy, n_boot=300, seed=1) != (low, high)
+    low, high = metrics.bootstrap_ci(probs, targets, metrics.balanced_accuracy, n_boot=300, seed=0)
+    assert low < metrics.balanced_accuracy(probs, targets) < high
+    assert metrics.bootstrap_ci(probs, targets, metrics.balanced_accuracy, n_boot=300, seed=0) == (low, high)
+    assert metrics.bootstrap_ci(probs, targets, metrics.balanced_accuracy, n_boot=300, seed=1) != (low, high)
 
 
 def test_bootstrap_ci_narrows_with_more_data() -> None:
     probs, targets = random_predictions(4000, 7, seed=5)
-    small = M.bootstrap_ci(probs[:250], targets[:250], M.accuracy, n_boot=300)
-    large = M.bootstrap_ci(probs, targets, M.accuracy, n_boot=300)
+    small = metrics.bootstrap_ci(probs[:250], targets[:250], metrics.accuracy, n_boot=300)
+    large = metrics.bootstrap_ci(probs, targets, metrics.accuracy, n_boot=300)
     assert large[1] - large[0] < (small[1] - small[0]) / 2  # width ~ 1/sqrt(n): 16x the data, ~1/4 the width
+
+
+def _clustered_predictions(
+    n_lesions: int, images_per_lesion: int, seed: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """All images of a lesion right or all wrong together (the extreme of correlated images): probs, targets, ids."""
+    rng = np.random.default_rng(seed)
+    lesion_right = rng.random(n_lesions) < 0.7
+    right = np.repeat(lesion_right, images_per_lesion)
+    probs = np.where(right[:, None], [0.8, 0.2], [0.2, 0.8])
+    lesion_ids = np.repeat([f"HAM_{i:07d}" for i in range(n_lesions)], images_per_lesion)
+    return probs, np.zeros(len(probs), dtype=np.int64), lesion_ids
+
+
+def test_bootstrap_over_lesions_is_wider_than_over_images_when_images_of_a_lesion_agree() -> None:
+    # 40 lesions of 8 images: only 40 independent outcomes, so the interval must be ~sqrt(8) = 2.8x the image one.
+    probs, targets, lesion_ids = _clustered_predictions(40, 8, seed=11)
+    low_img, high_img = metrics.bootstrap_ci(probs, targets, metrics.accuracy, n_boot=500, seed=0)
+    low_les, high_les = metrics.bootstrap_ci(probs, targets, metrics.accuracy, n_boot=500, seed=0, groups=lesion_ids)
+    assert low_les < metrics.accuracy(probs, targets) < high_les
+    assert high_les - low_les > 2 * (high_img - low_img)
+
+
+def test_bootstrap_over_one_image_lesions_equals_the_image_bootstrap() -> None:
+    # With one image per lesion, lesion k (numbered by first appearance, whatever the ids sort as) is image k, so the
+    # same seed draws the very same resamples.
+    probs, targets = random_predictions(300, 7, seed=12)
+    shuffled_ids = [f"HAM_{i:07d}" for i in np.random.default_rng(12).permutation(300)]
+    by_image = metrics.bootstrap_ci(probs, targets, metrics.balanced_accuracy, n_boot=200, seed=3)
+    by_lesion = metrics.bootstrap_ci(probs, targets, metrics.balanced_accuracy, n_boot=200, seed=3, groups=shuffled_ids)
+    assert by_lesion == by_image
+
+
+def test_bootstrap_over_lesions_draws_whole_lesions() -> None:
+    # Lesions of 1, 2 and 3 images, interleaved; each image's own index is hidden in its class-0 probability.
+    lesion_ids = np.array(["a", "b", "c", "b", "c", "c", "d"])
+    n_images = len(lesion_ids)
+    probs = np.stack([np.arange(n_images) / 10, 1 - np.arange(n_images) / 10], axis=1)
+    targets = np.zeros(n_images, dtype=np.int64)
+    seen: list[np.ndarray] = []
+
+    def record(drawn_probs: np.ndarray, drawn_targets: np.ndarray) -> float:
+        seen.append(np.rint(drawn_probs[:, 0] * 10).astype(np.int64))
+        return 0.0
+
+    metrics.bootstrap_ci(probs, targets, record, n_boot=50, seed=0, groups=lesion_ids)
+    for drawn in seen:
+        counts = np.bincount(drawn, minlength=n_images)
+        for lesion in set(lesion_ids):
+            in_lesion = counts[lesion_ids == lesion]
+            assert len(set(in_lesion)) == 1  # every image of a lesion drawn as often as the lesion
+        assert sum(counts[lesion_ids == lesion][0] for lesion in set(lesion_ids)) == 4  # 4 lesions drawn per resample
+
+
+def test_bootstrap_needs_one_group_per_image() -> None:
+    probs, targets = random_predictions(10, 3, seed=13)
+    with pytest.raises(ValueError, match="one cluster id per image"):
+        metrics.bootstrap_ci(probs, targets, metrics.accuracy, groups=["HAM_1"] * 9)
 
 
 # ----------------------------------------------------------------------------- ensembles
@@ -247,11 +330,11 @@ def test_bootstrap_ci_narrows_with_more_data() -> None:
 
 def test_average_probs_equals_the_hand_average_and_normalises_weights() -> None:
     a, b = np.array([[0.8, 0.2], [0.4, 0.6]]), np.array([[0.2, 0.8], [0.0, 1.0]])
-    np.testing.assert_allclose(M.average_probs([a, b]), [[0.5, 0.5], [0.2, 0.8]])
+    np.testing.assert_allclose(metrics.average_probs([a, b]), [[0.5, 0.5], [0.2, 0.8]])
     # weights 1:3 -> 0.25 a + 0.75 b, however they are scaled
     expected = [[0.35, 0.65], [0.1, 0.9]]
-    np.testing.assert_allclose(M.average_probs([a, b], [1, 3]), expected)
-    np.testing.assert_allclose(M.average_probs([a, b], [0.5, 1.5]), expected)
+    np.testing.assert_allclose(metrics.average_probs([a, b], [1, 3]), expected)
+    np.testing.assert_allclose(metrics.average_probs([a, b], [0.5, 1.5]), expected)
 
 
 @pytest.mark.parametrize(
@@ -267,7 +350,37 @@ def test_average_probs_equals_the_hand_average_and_normalises_weights() -> None:
 )
 def test_average_probs_rejects_mismatched_inputs(members: list[np.ndarray], weights: list[float] | None) -> None:
     with pytest.raises(ValueError):
-        M.average_probs(members, weights)
+        metrics.average_probs(members, weights)
+
+
+def test_fit_ensemble_weights_matches_the_hand_optimum() -> None:
+    # True-class probabilities: A gives 0.9 and 0.1, B 0.3 and 0.6. With weight w on A the log loss is
+    # -(ln(0.3 + 0.6 w) + ln(0.6 - 0.5 w)) / 2; its derivative 0.6 / (0.3 + 0.6 w) = 0.5 / (0.6 - 0.5 w) gives w = 0.35.
+    member_a = np.array([[0.9, 0.1], [0.9, 0.1]])
+    member_b = np.array([[0.3, 0.7], [0.4, 0.6]])
+    weights = metrics.fit_ensemble_weights([member_a, member_b], np.array([0, 1]))
+    np.testing.assert_allclose(weights, [0.35, 0.65], atol=1e-5)
+
+
+def test_fit_ensemble_weights_zeroes_useless_members_and_beats_every_fixed_mix(
+    complementary: tuple[dict[str, np.ndarray], np.ndarray],
+) -> None:
+    members, targets = complementary  # wrong, uniform, B, A: only A and B carry information, symmetrically
+    weights = metrics.fit_ensemble_weights(list(members.values()), targets)
+    assert weights.sum() == pytest.approx(1.0) and (weights >= 0).all()
+    assert dict(zip(members, weights.round(4), strict=True)) == {"wrong": 0.0, "uniform": 0.0, "B": 0.5, "A": 0.5}
+    fitted = metrics.log_loss(metrics.average_probs(list(members.values()), weights), targets)
+    for mix in ([1, 1, 1, 1], [0, 0, 1, 1], [0, 1, 2, 2], [0, 0, 1, 2]):
+        assert fitted <= metrics.log_loss(metrics.average_probs(list(members.values()), mix), targets) + 1e-9
+
+
+def test_fit_ensemble_weights_of_one_member_is_one_and_mismatches_raise() -> None:
+    probs, targets = random_predictions(20, 3, seed=14)
+    assert metrics.fit_ensemble_weights([probs], targets).tolist() == [1.0]
+    with pytest.raises(ValueError):
+        metrics.fit_ensemble_weights([probs, probs[:10]], targets)
+    with pytest.raises(ValueError, match="No ensemble members"):
+        metrics.fit_ensemble_weights([], targets)
 
 
 def _member(correct: list[bool], targets: np.ndarray) -> np.ndarray:
@@ -305,18 +418,18 @@ def test_greedy_selection_combines_complementary_members_and_skips_useless_ones(
     # log loss: A alone (4 ln 0.8 + 2 ln 0.3) / -6 = 0.550; A + B (4 ln 0.55 + 2 ln 0.8) / -6 = 0.473;
     # adding uniform to A + B: (4 ln 0.478 + 2 ln 0.644) / -6 = 0.639, worse.
     members, targets = complementary
-    assert M.greedy_selection(members, targets, metric=metric) == ["A", "B"]
+    assert metrics.greedy_selection(members, targets, metric=metric) == ["A", "B"]
 
 
 def test_greedy_selection_respects_max_members_and_breaks_ties_by_name(
     complementary: tuple[dict[str, np.ndarray], np.ndarray],
 ) -> None:
     members, targets = complementary
-    assert M.greedy_selection(members, targets, max_members=1) == ["A"]
+    assert metrics.greedy_selection(members, targets, max_members=1) == ["A"]
     renamed = {"Z" if k == "A" else k: v for k, v in members.items()}  # now B comes first among the tied pair
-    assert M.greedy_selection(renamed, targets) == ["B", "Z"]
+    assert metrics.greedy_selection(renamed, targets) == ["B", "Z"]
     with pytest.raises(ValueError, match="Unknown selection metric"):
-        M.greedy_selection(members, targets, metric="auroc")
+        metrics.greedy_selection(members, targets, metric="auroc")
 
 
 # ----------------------------------------------------------------------------- official ISIC 2018 scorer
@@ -347,10 +460,10 @@ def test_balanced_accuracy_and_auroc_agree_with_the_official_isic_scorer(
 
     # What `isic-challenge-scoring classification truth.csv pred.csv` runs (its default metric).
     official = ClassificationScore.from_file(truth, pred, ClassificationMetric.BALANCED_ACCURACY)
-    ours = M.classification_scores(probs, targets, CLASS_NAMES)
+    ours = metrics.classification_scores(probs, targets, CLASS_NAMES)
 
     assert ours["balanced_accuracy"] == pytest.approx(official.overall, abs=1e-6)
-    assert ours["balanced_accuracy"] == pytest.approx(M.balanced_accuracy(probs, targets), abs=1e-6)
+    assert ours["balanced_accuracy"] == pytest.approx(metrics.balanced_accuracy(probs, targets), abs=1e-6)
     for name in CLASS_NAMES:
         official_auc = official.per_category.at[name.upper(), "auc"]
         assert ours["per_class"][name]["auroc"] == pytest.approx(official_auc, abs=1e-6), name
@@ -372,7 +485,7 @@ def test_absent_class_is_averaged_like_the_isic_metric_functions() -> None:
         isic_balanced = isic_metrics.balanced_multiclass_accuracy(truth, pred, weights)
         isic_auc = pd.Series({c: isic_metrics.auc(truth[c], pred[c], weights) for c in ISIC_COLUMNS})
 
-    ours = M.classification_scores(probs, targets, CLASS_NAMES)
+    ours = metrics.classification_scores(probs, targets, CLASS_NAMES)
     assert ours["balanced_accuracy"] == pytest.approx(isic_balanced, abs=1e-6)
     assert np.isnan(isic_auc["DF"]) and ours["per_class"]["df"]["auroc"] is None
     assert ours["macro_auroc"] == pytest.approx(isic_auc.mean(), abs=1e-6)
@@ -394,7 +507,7 @@ def _assert_png(path: Path, min_side: int = 300, max_side: int = 1200) -> None:
 
 def test_plots_write_small_valid_pngs(tmp_path: Path) -> None:
     probs, targets = random_predictions(150, 7, seed=9)
-    scores = M.classification_scores(probs, targets, CLASS_NAMES)
+    scores = metrics.classification_scores(probs, targets, CLASS_NAMES)
     cm = np.asarray(scores["confusion_matrix"])
     written = [
         plots.plot_confusion_matrix(cm, CLASS_NAMES, tmp_path / "cm_counts.png", normalize=False),
@@ -402,7 +515,7 @@ def test_plots_write_small_valid_pngs(tmp_path: Path) -> None:
         plots.plot_roc_curves(probs, targets, CLASS_NAMES, tmp_path / "roc.png"),
         plots.plot_reliability_diagram(probs, targets, tmp_path / "nested" / "reliability.png"),
         plots.plot_reliability_diagram(
-            probs, targets, tmp_path / "reliability_both.png", calibrated=M.apply_temperature(probs, 1.5)
+            probs, targets, tmp_path / "reliability_both.png", calibrated=metrics.apply_temperature(probs, 1.5)
         ),
     ]
     for path in written:
@@ -415,7 +528,7 @@ def test_plots_cope_with_an_absent_class_and_leave_no_open_figures(tmp_path: Pat
 
     probs, targets = random_predictions(60, 3, seed=10)
     targets[targets == 2] = 0
-    cm = np.asarray(M.classification_scores(probs, targets, NAMES)["confusion_matrix"])  # row c is all zero
+    cm = np.asarray(metrics.classification_scores(probs, targets, NAMES)["confusion_matrix"])  # row c is all zero
     _assert_png(plots.plot_confusion_matrix(cm, NAMES, tmp_path / "cm.png", normalize=True))
     _assert_png(plots.plot_roc_curves(probs, targets, NAMES, tmp_path / "roc.png"))
     assert plt.get_fignums() == []

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -10,13 +11,16 @@ import pandas as pd
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
+from PIL import Image
 
+from lesionnet.contract.provenance import ProvenanceError, file_sha256
+from lesionnet.contract.scores import read_scores
 from lesionnet.data.metadata import DatasetError
-from lesionnet.evaluation.checkpoints import CheckpointError, load_member, resolve_checkpoints
 from lesionnet.evaluation.datasets import ISIC_COLUMNS, read_labels
-from lesionnet.evaluation.predict import tta_views
-from lesionnet.evaluation.runner import evaluate
+from lesionnet.evaluation.report import write_report
+from lesionnet.evaluation.runner import EvalSet, bootstrap_unit, ensemble_weights, evaluate
+from lesionnet.inference import CheckpointError, load_member, resolve_checkpoints, tta_views
 from lesionnet.training import train
 from tests.conftest import make_ham_dir
 from tests.test_train import CONF, FAST, compose_train
@@ -26,7 +30,9 @@ from tests.test_train import CONF, FAST, compose_train
 def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """Two short training runs on one synthetic dataset and one split, plus one run on another split."""
     base = tmp_path_factory.mktemp("eval")
-    data = make_ham_dir(base / "ham")
+    data = make_ham_dir(
+        base / "ham", smooth=True, image_size=(80, 60)
+    )  # pictures, so resized copies keep their perceptual hash
     out = {"data": data}
     for name, overrides in {
         "baseline": ["model=baseline"],
@@ -34,8 +40,11 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         "other_split": ["model=baseline", "data.split_seed=7"],
     }.items():
         out[name] = base / name
-        train(compose_train([f"data.root={data}", f"paths.output_dir={out[name]}", "trainer.max_epochs=1", *FAST,
-                             *overrides]))
+        train(
+            compose_train(
+                [f"data.root={data}", f"paths.output_dir={out[name]}", "trainer.max_epochs=1", *FAST, *overrides]
+            )
+        )
     return out
 
 
@@ -60,6 +69,15 @@ def test_single_run_writes_scores_predictions_plots_and_report(runs: dict[str, P
         assert (tmp_path / file).stat().st_size > 1000
     report = (tmp_path / "report.md").read_text()
     assert "balanced acc [95% CI]" in report and all(f"]({f})" in report for f in result["plots"].values())
+    assert report.startswith("# LesionNet evaluation: test\n") and not scores["in_sample"]
+    n_lesions = split.loc[split.split == "test", "lesion_id"].nunique()
+    assert scores["bootstrap"] == {
+        "unit": "lesions",
+        "n_units": n_lesions,
+        "resamples": 200,
+        "description": f"bootstrap over {n_lesions:,} lesions",
+    }
+    assert f"95% intervals: bootstrap over {n_lesions:,} lesions, 200 resamples." in report
 
 
 def test_ensemble_is_the_average_of_member_probabilities(runs: dict[str, Path], tmp_path: Path) -> None:
@@ -71,11 +89,146 @@ def test_ensemble_is_the_average_of_member_probabilities(runs: dict[str, Path], 
     ensemble = pd.read_csv(tmp_path / "predictions_ensemble.csv")[cols].to_numpy()
     np.testing.assert_allclose(ensemble, (members[0] + members[1]) / 2, atol=2e-6)  # CSV keeps 6 decimals
     assert set(result["scores"]) == {*result["ensemble"]["members"], "ensemble"}  # singles reported too
+    assert result["ensemble"]["weights"] == [0.5, 0.5]
+
+
+def test_fitted_ensemble_weights_are_recorded_next_to_their_members(runs: dict[str, Path], tmp_path: Path) -> None:
+    both = f"ckpt=[{runs['baseline']},{runs['baseline_bn']}]"
+    result = evaluate(compose_eval([both, "ensemble=fit", f"paths.output_dir={tmp_path}"]))
+    saved = json.loads((tmp_path / "scores.json").read_text())["ensemble"]
+    assert saved == result["ensemble"] and saved["mode"] == "fit"
+    assert len(saved["weights"]) == len(saved["members"]) >= 1
+    assert sum(saved["weights"]) == pytest.approx(1.0) and min(saved["weights"]) > 0
+    cols = list(ISIC_COLUMNS)
+    members = [pd.read_csv(tmp_path / f"predictions_{n}.csv")[cols].to_numpy() for n in saved["members"]]
+    ensemble = pd.read_csv(tmp_path / "predictions_ensemble.csv")[cols].to_numpy()
+    weighted = sum(weight * probs for weight, probs in zip(saved["weights"], members, strict=True))
+    np.testing.assert_allclose(ensemble, weighted, atol=2e-6)  # the ensemble scored is the recorded weighted mean
+    report = (tmp_path / "report.md").read_text()
+    assert (
+        "Ensemble (fit) of: "
+        + ", ".join(f"{n} ({w:.3f})" for n, w in zip(saved["members"], saved["weights"], strict=True))
+        in report
+    )
+
+
+def test_in_sample_validation_is_titled_optimistic(runs: dict[str, Path], tmp_path: Path) -> None:
+    result = evaluate(
+        compose_eval([f"ckpt={runs['baseline']}", "data.split=val", "in_sample=true", f"paths.output_dir={tmp_path}"])
+    )
+    saved = json.loads((tmp_path / "scores.json").read_text())
+    assert saved["set"] == result["set"] == "validation (in-sample, optimistic)" and saved["in_sample"] is True
+    assert saved["evaluated"].startswith("validation (in-sample, optimistic) split of ")
+    report = (tmp_path / "report.md").read_text()
+    assert report.startswith("# LesionNet evaluation: validation (in-sample, optimistic)\n")
+    assert "**In-sample:**" in report and "test split" not in report and "test sensitivity" not in report
+
+
+def test_validation_split_is_refused_without_the_in_sample_flag(tmp_path: Path) -> None:
+    # Refused before any checkpoint is read: no model is needed to get the message.
+    with pytest.raises(ValueError, match=r"data.split=val scores the very images .* set in_sample=true"):
+        evaluate(compose_eval([f"ckpt={tmp_path / 'any.ckpt'}", "data.split=val", f"paths.output_dir={tmp_path}"]))
+    with pytest.raises(ValueError, match="data.split=train cannot be scored"):
+        evaluate(compose_eval([f"ckpt={tmp_path / 'any.ckpt'}", "data.split=train", f"paths.output_dir={tmp_path}"]))
+
+
+def test_hand_typed_ensemble_weights_are_refused_with_the_fix(tmp_path: Path) -> None:
+    # An old config (or +ensemble_weights=...) still carrying hand weights; eval.yaml no longer has the key, so a
+    # plain ensemble_weights=... override is already refused by Hydra.
+    cfg = compose_eval([f"ckpt={tmp_path / 'any.ckpt'}", "+ensemble_weights=[0.3,0.7]", f"paths.output_dir={tmp_path}"])
+    with pytest.raises(ValueError, match="weights are now fitted on validation .* ensemble=fit"):
+        evaluate(cfg)
+
+
+def _probs(true_class_probs: list[float], targets: np.ndarray) -> np.ndarray:
+    """Two-class probabilities giving each image's true class the given probability."""
+    probs = np.empty((len(targets), 2))
+    probs[np.arange(len(targets)), targets] = true_class_probs
+    probs[np.arange(len(targets)), 1 - targets] = 1 - np.asarray(true_class_probs)
+    return probs
+
+
+def test_ensemble_weights_per_mode_leave_out_members_fitted_to_zero() -> None:
+    targets = np.array([0, 1, 0, 1])
+    val_probs = {"good": _probs([0.9, 0.8, 0.7, 0.9], targets), "bad": _probs([0.1, 0.2, 0.1, 0.3], targets)}
+    names = ["bad", "good"]
+
+    def cfg(mode: str) -> DictConfig:
+        return OmegaConf.create({"ensemble": mode, "greedy_metric": "log_loss"})
+
+    assert ensemble_weights(cfg("mean"), val_probs, targets, names) == (names, [0.5, 0.5])
+    assert ensemble_weights(cfg("greedy"), val_probs, targets, names) == (["good"], [1.0])
+    members, weights = ensemble_weights(cfg("fit"), val_probs, targets, names)
+    assert members == ["good"] and weights == pytest.approx([1.0])
+    with pytest.raises(CheckpointError, match="ensemble=fit is chosen on the validation split"):
+        ensemble_weights(cfg("fit"), {}, None, names)
+
+
+def test_bootstrap_unit_is_lesions_where_their_ids_are_known_else_images() -> None:
+    with_ids = EvalSet(pd.DataFrame({"image_id": ["a", "b", "c"], "lesion_id": ["L1", "L1", "L2"]}), "x", "test")
+    assert bootstrap_unit(with_ids, 100) == {
+        "unit": "lesions",
+        "n_units": 2,
+        "resamples": 100,
+        "description": "bootstrap over 2 lesions",
+    }
+    external = EvalSet(pd.DataFrame({"image_id": [f"ISIC_{i}" for i in range(1520)]}), "y", "external")
+    assert bootstrap_unit(external, 100)["description"] == "bootstrap over images: lesion ids unknown (1,520 images)"
+    assert external.lesion_ids is None and list(with_ids.lesion_ids) == ["L1", "L1", "L2"]
+
+
+def _result(title: str, in_sample: bool, bootstrap: str) -> dict:
+    """A scores.json as evaluate.py writes it, reduced to what the report reads."""
+    scores = {
+        "accuracy": 0.8,
+        "balanced_accuracy": 0.7,
+        "macro_f1": 0.6,
+        "macro_auroc": 0.9,
+        "log_loss": 0.5,
+        "ece": 0.05,
+        "ci95": {"accuracy": [0.75, 0.85], "balanced_accuracy": [0.6, 0.8]},
+        "per_class": {"mel": {"precision": 0.5, "recall": 0.6, "f1": 0.55, "auroc": 0.9, "support": 10}},
+        "melanoma": {
+            "val_threshold": {"target_sensitivity": 0.95, "threshold": 0.224, "sensitivity": 0.9, "specificity": 0.5}
+        },
+    }
+    return {
+        "evaluated": f"{title} split of run",
+        "set": title,
+        "in_sample": in_sample,
+        "n_images": 1520,
+        "tta": "none",
+        "validation": "validation split of run",
+        "ensemble": None,
+        "models": [{"name": "m", "file": "m.ckpt", "sha256": "0" * 64, "provenance": "checked"}],
+        "bootstrap": {"description": bootstrap, "resamples": 1000},
+        "scores": {"m": scores},
+        "final": "m",
+        "plots": {},
+    }
+
+
+def test_report_title_follows_the_evaluated_set(tmp_path: Path) -> None:
+    title = "validation (in-sample, optimistic)"
+    report = write_report(_result(title, True, "bootstrap over 1,120 lesions"), ["mel"], tmp_path / "a.md").read_text()
+    assert report.startswith(f"# LesionNet evaluation: {title}\n") and "**In-sample:**" in report
+    assert f"): {title} sensitivity 0.900" in report and "test" not in report
+    assert "95% intervals: bootstrap over 1,120 lesions, 1000 resamples." in report
+    external = write_report(
+        _result("external", False, "bootstrap over images: lesion ids unknown (1,520 images)"),
+        ["mel"],
+        tmp_path / "b.md",
+    ).read_text()
+    assert external.startswith("# LesionNet evaluation: external\n") and "In-sample" not in external
+    assert "over images: lesion ids unknown" in external and "test" not in external
 
 
 def test_greedy_ensemble_selects_on_validation(runs: dict[str, Path], tmp_path: Path) -> None:
-    result = evaluate(compose_eval([f"ckpt=[{runs['baseline']},{runs['baseline_bn']}]", "ensemble=greedy",
-                                    f"paths.output_dir={tmp_path}"]))
+    result = evaluate(
+        compose_eval(
+            [f"ckpt=[{runs['baseline']},{runs['baseline_bn']}]", "ensemble=greedy", f"paths.output_dir={tmp_path}"]
+        )
+    )
     assert 1 <= len(result["ensemble"]["members"]) <= 2
     assert "validation split" in result["validation"]
 
@@ -117,8 +270,16 @@ def _external(runs: dict[str, Path], tmp_path: Path, fmt: str) -> tuple[Path, Pa
 def test_external_labelled_set_scores_like_the_run_split(runs: dict[str, Path], tmp_path: Path, fmt: str) -> None:
     images, labels = _external(runs, tmp_path, fmt)
     run = evaluate(compose_eval([f"ckpt={runs['baseline']}", f"paths.output_dir={tmp_path / 'a'}"]))
-    ext = evaluate(compose_eval([f"ckpt={runs['baseline']}", f"data.images={images}", f"data.labels={labels}",
-                                 f"paths.output_dir={tmp_path / 'b'}"]))
+    ext = evaluate(
+        compose_eval(
+            [
+                f"ckpt={runs['baseline']}",
+                f"data.images={images}",
+                f"data.labels={labels}",
+                f"paths.output_dir={tmp_path / 'b'}",
+            ]
+        )
+    )
     name = next(iter(run["scores"]))
     assert ext["scores"][name]["accuracy"] == pytest.approx(run["scores"][name]["accuracy"])
     assert ext["scores"][name]["balanced_accuracy"] == pytest.approx(run["scores"][name]["balanced_accuracy"])
@@ -126,9 +287,10 @@ def test_external_labelled_set_scores_like_the_run_split(runs: dict[str, Path], 
 
 def test_unlabelled_folder_gives_predictions_only(runs: dict[str, Path], tmp_path: Path) -> None:
     images, _ = _external(runs, tmp_path, "ham")
-    result = evaluate(compose_eval([f"ckpt={runs['baseline']}", f"data.images={images}",
-                                    f"paths.output_dir={tmp_path / 'out'}"]))
-    assert "scores" not in result
+    result = evaluate(
+        compose_eval([f"ckpt={runs['baseline']}", f"data.images={images}", f"paths.output_dir={tmp_path / 'out'}"])
+    )
+    assert result["scores"] is None and result["final"] is None
     assert len(pd.read_csv(next((tmp_path / "out").glob("predictions_*.csv")))) == len(list(images.glob("*.jpg")))
 
 
@@ -155,7 +317,7 @@ def test_missing_checkpoint_and_foreign_files_are_refused(runs: dict[str, Path],
 
 
 def test_checkpoints_trained_on_the_evaluated_images_are_refused(runs: dict[str, Path], tmp_path: Path) -> None:
-    with pytest.raises(CheckpointError, match="was trained on .* image"):
+    with pytest.raises(ProvenanceError, match="was trained or validated on .* image"):
         evaluate(compose_eval([f"ckpt=[{runs['baseline']},{runs['other_split']}]", f"paths.output_dir={tmp_path}"]))
 
 
@@ -164,27 +326,56 @@ def test_labels_without_images_and_unknown_classes_are_refused(runs: dict[str, P
     frame = pd.read_csv(labels)
     pd.concat([frame, pd.DataFrame({"image_id": ["ISIC_missing"], "dx": ["nv"]})]).to_csv(labels, index=False)
     with pytest.raises(DatasetError, match=r"1 labelled image\(s\) have no file"):
-        evaluate(compose_eval([f"ckpt={runs['baseline']}", f"data.images={images}", f"data.labels={labels}",
-                               f"paths.output_dir={tmp_path / 'o'}"]))
+        evaluate(
+            compose_eval(
+                [
+                    f"ckpt={runs['baseline']}",
+                    f"data.images={images}",
+                    f"data.labels={labels}",
+                    f"paths.output_dir={tmp_path / 'o'}",
+                ]
+            )
+        )
     frame.assign(dx="melanoma").to_csv(labels, index=False)
     with pytest.raises(DatasetError, match="not among the model's classes"):
-        evaluate(compose_eval([f"ckpt={runs['baseline']}", f"data.images={images}", f"data.labels={labels}",
-                               f"paths.output_dir={tmp_path / 'p'}"]))
+        evaluate(
+            compose_eval(
+                [
+                    f"ckpt={runs['baseline']}",
+                    f"data.images={images}",
+                    f"data.labels={labels}",
+                    f"paths.output_dir={tmp_path / 'p'}",
+                ]
+            )
+        )
 
 
 def test_empty_image_folder_is_refused(runs: dict[str, Path], tmp_path: Path) -> None:
     (tmp_path / "empty").mkdir()
     with pytest.raises(DatasetError, match="No .jpg/.jpeg/.png images"):
-        evaluate(compose_eval([f"ckpt={runs['baseline']}", f"data.images={tmp_path / 'empty'}",
-                               f"paths.output_dir={tmp_path}"]))
+        evaluate(
+            compose_eval(
+                [f"ckpt={runs['baseline']}", f"data.images={tmp_path / 'empty'}", f"paths.output_dir={tmp_path}"]
+            )
+        )
 
 
 def test_train_scores_the_ema_weights_it_checkpointed(runs: dict[str, Path], tmp_path: Path) -> None:
     """With weight EMA, train.py's test figures are those of the saved (averaged) checkpoint."""
     run = tmp_path / "ema"
-    train(compose_train([f"data.root={runs['data']}", f"paths.output_dir={run}", "trainer.max_epochs=2",
-                         "callbacks=ema", "callbacks.ema.update_starting_at_epoch=0", "callbacks.ema.decay=0.5",
-                         *FAST]))
+    train(
+        compose_train(
+            [
+                f"data.root={runs['data']}",
+                f"paths.output_dir={run}",
+                "trainer.max_epochs=2",
+                "callbacks=ema",
+                "callbacks.ema.update_starting_at_epoch=0",
+                "callbacks.ema.decay=0.5",
+                *FAST,
+            ]
+        )
+    )
     trained = json.loads((run / "metrics.json").read_text())["test"]
     scored = evaluate(compose_eval([f"ckpt={run}", f"paths.output_dir={tmp_path / 'eval'}"]))
     name = next(iter(scored["scores"]))
@@ -192,3 +383,68 @@ def test_train_scores_the_ema_weights_it_checkpointed(runs: dict[str, Path], tmp
     assert scored["scores"][name]["balanced_accuracy"] == pytest.approx(trained["test/balanced_acc"], abs=1e-6)
     # AUROC depends on every probability, so it tells the averaged from the current weights
     assert scored["scores"][name]["macro_auroc"] == pytest.approx(trained["test/auroc"], abs=1e-5)
+
+
+def copy_of_training_images(run: Path, data: Path, folder: Path, resize: bool) -> pd.DataFrame:
+    """Training images of ``run`` under new names in ``folder`` (optionally resized and re-encoded), labelled."""
+    split = pd.read_csv(run / "split.csv")
+    train_ids = split.loc[split["split"] == "train"].head(6)
+    folder.mkdir(parents=True)
+    rows = []
+    for k, row in enumerate(train_ids.itertuples()):
+        image = Image.open(data / "images" / f"{row.image_id}.jpg")
+        if resize:
+            image = image.resize((image.width * 3, image.height * 3), Image.Resampling.BICUBIC)
+        image.save(folder / f"holiday_{k}.jpg", quality=80 if resize else 95)
+        rows.append({"image_id": f"holiday_{k}", "dx": row.dx})
+    labels = pd.DataFrame(rows)
+    labels.to_csv(folder.parent / f"{folder.name}.csv", index=False)
+    return labels
+
+
+@pytest.mark.parametrize("resize", [False, True], ids=["renamed", "renamed+resized"])
+def test_renamed_training_images_in_an_external_set_are_refused(
+    runs: dict[str, Path], tmp_path: Path, resize: bool
+) -> None:
+    folder = tmp_path / "external"
+    copy_of_training_images(runs["baseline"], runs["data"], folder, resize)
+    copied = tmp_path / "elsewhere" / "model.ckpt"  # a bare checkpoint, away from its run folder and split.csv
+    copied.parent.mkdir()
+    shutil.copy(next((runs["baseline"] / "checkpoints").glob("epoch_*.ckpt")), copied)
+    for ckpt in (runs["baseline"], copied):
+        with pytest.raises(ProvenanceError, match="was trained or validated on 6 image"):
+            evaluate(
+                compose_eval(
+                    [
+                        f"ckpt={ckpt}",
+                        f"data.images={folder}",
+                        f"data.labels={tmp_path / 'external.csv'}",
+                        f"paths.output_dir={tmp_path / 'out'}",
+                    ]
+                )
+            )
+
+
+def test_checkpoint_without_provenance_needs_an_explicit_override(runs: dict[str, Path], tmp_path: Path) -> None:
+    old = tmp_path / "old" / "checkpoints" / "old.ckpt"  # as written before checkpoints carried provenance
+    old.parent.mkdir(parents=True)
+    checkpoint = torch.load(next((runs["baseline"] / "checkpoints").glob("epoch_*.ckpt")), weights_only=True)
+    del checkpoint["lesionnet_provenance"]
+    torch.save(checkpoint, old)
+    shutil.copy(runs["baseline"] / "split.csv", old.parent.parent / "split.csv")
+    shutil.copy(runs["baseline"] / "metrics.json", old.parent.parent / "metrics.json")
+    with pytest.raises(ProvenanceError, match="allow_unknown_provenance=true"):
+        evaluate(compose_eval([f"ckpt={old}", f"paths.output_dir={tmp_path / 'a'}"]))
+    result = evaluate(
+        compose_eval([f"ckpt={old}", f"paths.output_dir={tmp_path / 'b'}", "allow_unknown_provenance=true"])
+    )
+    assert result["models"][0]["provenance"].startswith("unknown")
+    assert "**Provenance unknown** for" in (tmp_path / "b" / "report.md").read_text()
+
+
+def test_scores_name_models_by_checkpoint_hash(runs: dict[str, Path], tmp_path: Path) -> None:
+    result = evaluate(compose_eval([f"ckpt={runs['baseline']}", f"paths.output_dir={tmp_path}"]))
+    (model,) = result["models"]
+    assert model["sha256"] == file_sha256(next((runs["baseline"] / "checkpoints").glob("epoch_*.ckpt")))
+    assert model["provenance"] == "checked"
+    assert read_scores(tmp_path / "scores.json").models[0].sha256 == model["sha256"]

@@ -24,12 +24,23 @@ MIN_SIZE = {"inception_v3": 75, "inception_resnet_v2": 75}
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
 def test_experiment_runs_fast_dev_run(experiment: str, ham_dir: Path, tmp_path: Path) -> None:
     size = next((s for k, s in MIN_SIZE.items() if k in experiment), 32)
-    cfg = compose_train([
-        f"experiment={experiment}", f"data.root={ham_dir}", f"paths.output_dir={tmp_path}",
-        "model.pretrained=false", "trainer.fast_dev_run=true", "trainer.accelerator=cpu", "trainer.devices=1",
-        f"data.image_size={size}", "data.num_workers=0", "data.batch_size=4", "data.eval_batch_size=4",
-        "data.split_fractions={train:0.6,val:0.2,test:0.2}", "logger=csv",
-    ])
+    cfg = compose_train(
+        [
+            f"experiment={experiment}",
+            f"data.root={ham_dir}",
+            f"paths.output_dir={tmp_path}",
+            "model.pretrained=false",
+            "trainer.fast_dev_run=true",
+            "trainer.accelerator=cpu",
+            "trainer.devices=1",
+            f"data.image_size={size}",
+            "data.num_workers=0",
+            "data.batch_size=4",
+            "data.eval_batch_size=4",
+            "data.split_fractions={train:0.6,val:0.2,test:0.2}",
+            "logger=csv",
+        ]
+    )
     train(cfg)
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics["model"]["finetune"] == cfg.model.finetune.policy
@@ -42,9 +53,21 @@ def test_experiment_runs_fast_dev_run(experiment: str, ham_dir: Path, tmp_path: 
 def test_failed_run_does_not_stop_the_sweep_and_report_collects_the_rest(tmp_path: Path) -> None:
     sweep = tmp_path / "sweep"
     result = subprocess.run(
-        [sys.executable, "train.py", "-m", "data.imbalance=bogus,none", "trainer.fast_dev_run=true",
-         "data.num_workers=0", "logger=csv", f"hydra.sweep.dir={sweep}"],
-        cwd=REPO_ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True, timeout=600,
+        [
+            sys.executable,
+            "train.py",
+            "-m",
+            "data.imbalance=bogus,none",
+            "trainer.fast_dev_run=true",
+            "data.num_workers=0",
+            "logger=csv",
+            f"hydra.sweep.dir={sweep}",
+        ],
+        cwd=REPO_ROOT,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert result.returncode != 0  # the failure is reported ...
     assert "data.imbalance must be one of" in result.stderr

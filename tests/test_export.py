@@ -13,20 +13,14 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from lesionnet.evaluation.checkpoints import load_member, resolve_checkpoints
 from lesionnet.export import ExportError, export, parity, sample_batch
-from lesionnet.training import train
-from tests.conftest import REPO_ROOT, make_ham_dir
-from tests.test_train import FAST, compose_train
+from lesionnet.inference import load_member, resolve_checkpoints
+from tests.conftest import REPO_ROOT
 
 
 @pytest.fixture(scope="module")
-def ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    base = tmp_path_factory.mktemp("export")
-    out = base / "run"
-    train(compose_train([f"data.root={make_ham_dir(base / 'ham')}", f"paths.output_dir={out}",
-                         "trainer.max_epochs=1", "model=baseline_bn", *FAST]))
-    return resolve_checkpoints(str(out))[0]
+def ckpt(trained_run: Path) -> Path:
+    return resolve_checkpoints(str(trained_run))[0]
 
 
 def test_onnx_carries_preprocessing_and_matches_pytorch(ckpt: Path, tmp_path: Path) -> None:
@@ -59,6 +53,10 @@ def test_torchscript_export_and_a_failing_parity_check(ckpt: Path, tmp_path: Pat
 
 def test_cli(ckpt: Path, tmp_path: Path) -> None:
     out = tmp_path / "cli.onnx"
-    subprocess.run([sys.executable, "-m", "lesionnet.export", f"ckpt={ckpt}", f"out={out}",
-                    f"hydra.run.dir={tmp_path / 'hydra'}"], check=True, cwd=REPO_ROOT, capture_output=True)
+    subprocess.run(
+        [sys.executable, "-m", "lesionnet.export", f"ckpt={ckpt}", f"out={out}", f"hydra.run.dir={tmp_path / 'hydra'}"],
+        check=True,
+        cwd=REPO_ROOT,
+        capture_output=True,
+    )
     assert out.is_file() and json.loads(out.with_suffix(".json").read_text())["parity"]["n_images"] == 4

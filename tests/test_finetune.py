@@ -14,24 +14,29 @@ import lesionnet  # noqa: F401
 from lesionnet.finetune import apply_finetune, trainable_parameter_names
 from lesionnet.module import LesionClassifier
 
-SEED_CUTS = [  # (timm model, cut module from conf/model, first trainable parameter, last frozen parameter)
+SEED_CUTS = [  # (timm model, cut module from lesionnet/conf/model, first trainable parameter, last frozen parameter)
     ("vgg16", "features.24", "features.24.weight", "features.21.bias"),
     ("inception_v3", "Mixed_7b", "Mixed_7b.branch1x1.conv.weight", "Mixed_7a.branch7x7x3_4.bn.bias"),
     ("inception_resnet_v2", "repeat_2", "repeat_2.0.branch0.conv.weight", "mixed_7a.branch2.2.bn.bias"),
-    ("densenet201", "features.denseblock4", "features.denseblock4.denselayer1.norm1.weight",
-     "features.transition3.conv.weight"),
+    (
+        "densenet201",
+        "features.denseblock4",
+        "features.denseblock4.denselayer1.norm1.weight",
+        "features.transition3.conv.weight",
+    ),
 ]
 
 
 @pytest.mark.parametrize("name, cut, first_trainable, last_frozen", SEED_CUTS, ids=[c[0] for c in SEED_CUTS])
-def test_partial_policy_trains_from_the_seed_cut_point(name: str, cut: str, first_trainable: str,
-                                                       last_frozen: str) -> None:
+def test_partial_policy_trains_from_the_seed_cut_point(
+    name: str, cut: str, first_trainable: str, last_frozen: str
+) -> None:
     model = timm.create_model(name, pretrained=False, num_classes=7)
     trainable = trainable_parameter_names(model, "partial", cut)
     names = [n for n, _ in model.named_parameters()]
     assert names[names.index(first_trainable) - 1] == last_frozen
     assert first_trainable in trainable and last_frozen not in trainable
-    assert set(names[names.index(first_trainable):]) == trainable  # everything after the cut, head included
+    assert set(names[names.index(first_trainable) :]) == trainable  # everything after the cut, head included
 
 
 def test_cut_prefix_matches_whole_module_names_only() -> None:
@@ -62,8 +67,15 @@ def _bn_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
 def _fit_a_few_steps(model: L.LightningModule, size: int) -> None:
     torch.manual_seed(0)
     data = TensorDataset(torch.randn(24, 3, size, size) * 2 + 1, torch.arange(24) % 7)
-    trainer = L.Trainer(max_epochs=2, accelerator="cpu", logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=1)
+    trainer = L.Trainer(
+        max_epochs=2,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=1,
+    )
     trainer.fit(model, DataLoader(data, batch_size=8), DataLoader(data, batch_size=8))
 
 
@@ -88,8 +100,11 @@ def test_frozen_part_is_bit_identical_after_training_and_validation(backbone: st
     for key in frozen_keys:  # weights, BN affine params and BN running stats
         assert torch.equal(before[key], after[key]), f"frozen {key} changed"
     assert trainable_bn and all(not torch.equal(before[k], after[k]) for k in trainable_bn)
-    assert all(not torch.equal(before[k], after[k]) for k in before if k.startswith("classifier.weight")
-               or k.startswith("head.fc.weight"))
+    assert all(
+        not torch.equal(before[k], after[k])
+        for k in before
+        if k.startswith("classifier.weight") or k.startswith("head.fc.weight")
+    )
 
 
 @pytest.mark.parametrize("backbone", ["lesionnet_baseline_bn", "tf_efficientnet_lite0"])
@@ -119,8 +134,9 @@ def test_naive_requires_grad_freezing_would_fail_the_check() -> None:
 
 
 def test_frozen_parameters_get_no_gradient_and_no_optimizer_slot() -> None:
-    model = LesionClassifier(backbone="tf_efficientnet_lite0", finetune={"policy": "partial",
-                                                                         "unfreeze_from": "blocks.5"})
+    model = LesionClassifier(
+        backbone="tf_efficientnet_lite0", finetune={"policy": "partial", "unfreeze_from": "blocks.5"}
+    )
     model.model(torch.randn(2, 3, 32, 32)).sum().backward()
     optimizer = model.configure_optimizers()
     in_optimizer = {id(p) for g in optimizer.param_groups for p in g["params"]}

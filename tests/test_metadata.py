@@ -109,8 +109,9 @@ def test_duplicate_image_rows_are_rejected(ham_dir: Path) -> None:
 def test_lesion_with_two_diagnoses_is_rejected(ham_dir: Path) -> None:
     def edit(df: pd.DataFrame) -> pd.DataFrame:
         lesion = df.lesion_id[df.lesion_id.duplicated()].iloc[0]
-        df.loc[df.index[df.lesion_id == lesion][0], "dx"] = "vasc" if df.dx[df.lesion_id == lesion].iloc[0] != "vasc" \
-            else "nv"
+        df.loc[df.index[df.lesion_id == lesion][0], "dx"] = (
+            "vasc" if df.dx[df.lesion_id == lesion].iloc[0] != "vasc" else "nv"
+        )
         return df
 
     _edit_csv(ham_dir, edit)

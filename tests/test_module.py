@@ -8,8 +8,14 @@ from timm.scheduler.scheduler import Scheduler
 
 from lesionnet.module import LesionClassifier, build_metrics
 
-SCHED = {"_target_": "timm.scheduler.create_scheduler_v2", "_partial_": True, "sched": "cosine", "num_epochs": 10,
-         "warmup_epochs": 0, "min_lr": 0.0}
+SCHED = {
+    "_target_": "timm.scheduler.create_scheduler_v2",
+    "_partial_": True,
+    "sched": "cosine",
+    "num_epochs": 10,
+    "warmup_epochs": 0,
+    "min_lr": 0.0,
+}
 
 
 def test_hyperparameters_are_plain_data() -> None:
@@ -36,7 +42,7 @@ def test_class_weights_change_the_loss() -> None:
     weighted.load_state_dict(plain_model.state_dict())
     plain_model.eval(), weighted.eval()
     logits = plain_model(batch[0])
-    expected = torch.nn.functional.cross_entropy(logits, batch[1], weight=torch.tensor([1., 1, 1, 1, 10, 1, 1]))
+    expected = torch.nn.functional.cross_entropy(logits, batch[1], weight=torch.tensor([1.0, 1, 1, 1, 10, 1, 1]))
     plain_model.log = weighted.log = lambda *a, **k: None  # not attached to a Trainer
     assert weighted._shared_step(batch, "val").item() == pytest.approx(expected.item(), rel=1e-5)
     assert plain_model._shared_step(batch, "val").item() != pytest.approx(expected.item(), rel=1e-3)

@@ -19,12 +19,10 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 from hydra.utils import get_class, instantiate
 from lightning.pytorch.plugins import TorchSyncBatchNorm
 from lightning.pytorch.plugins.environments import SLURMEnvironment
 from lightning.pytorch.strategies import DDPStrategy
-from omegaconf import DictConfig
 from PIL import Image
 from timm.layers import BatchNormAct2d, FrozenBatchNormAct2d, SyncBatchNormAct
 
@@ -32,24 +30,32 @@ from lesionnet.classes import CLASS_NAMES
 from lesionnet.data.datamodule import HAM10000DataModule
 from lesionnet.module import LesionClassifier, build_metrics
 from lesionnet.training import TimmSyncBatchNorm, build_trainer, train
-from tests.conftest import REPO_ROOT, make_ham_dir
+from tests.conftest import FAST, REPO_ROOT, compose_train, make_ham_dir
 
-CONF = REPO_ROOT / "conf"
-FAST = ["data.image_size=[24,32]", "data.num_workers=0", "data.batch_size=8",
-        "data.split_fractions={train:0.6,val:0.2,test:0.2}", "logger=csv"]
 # The checkpoint that ckpt_path=last resumes from must be the latest state. With save_last=True Lightning 2.6 rewrites
 # last.ckpt only when a top-k checkpoint is saved (i.e. it is the best, not the latest), so a second, unmonitored
 # ModelCheckpoint writes last.ckpt every epoch, and on an exception (SIGTERM) too. `++` works with or without
-# callbacks.last_checkpoint in conf/callbacks.
-LAST = ["callbacks.model_checkpoint.save_last=false",
-        "++callbacks.last_checkpoint._target_=lightning.pytorch.callbacks.ModelCheckpoint",
-        "++callbacks.last_checkpoint.dirpath=${paths.output_dir}/checkpoints",
-        "++callbacks.last_checkpoint.filename=last",
-        "++callbacks.last_checkpoint.monitor=null", "++callbacks.last_checkpoint.enable_version_counter=false",
-        "++callbacks.last_checkpoint.save_on_exception=true"]
+# callbacks.last_checkpoint in lesionnet/conf/callbacks.
+LAST = [
+    "callbacks.model_checkpoint.save_last=false",
+    "++callbacks.last_checkpoint._target_=lightning.pytorch.callbacks.ModelCheckpoint",
+    "++callbacks.last_checkpoint.dirpath=${paths.output_dir}/checkpoints",
+    "++callbacks.last_checkpoint.filename=last",
+    "++callbacks.last_checkpoint.monitor=null",
+    "++callbacks.last_checkpoint.enable_version_counter=false",
+    "++callbacks.last_checkpoint.save_on_exception=true",
+]
 # What SLURM exports to the task of a one-task job (all that Lightning's SLURMEnvironment reads).
-SLURM_ENV = {"SLURM_NTASKS": "1", "SLURM_NTASKS_PER_NODE": "1", "SLURM_JOB_NAME": "lesionnet", "SLURM_JOB_ID": "4242",
-             "SLURM_PROCID": "0", "SLURM_LOCALID": "0", "SLURM_NODEID": "0", "SLURM_NODELIST": "localhost"}
+SLURM_ENV = {
+    "SLURM_NTASKS": "1",
+    "SLURM_NTASKS_PER_NODE": "1",
+    "SLURM_JOB_NAME": "lesionnet",
+    "SLURM_JOB_ID": "4242",
+    "SLURM_PROCID": "0",
+    "SLURM_LOCALID": "0",
+    "SLURM_NODEID": "0",
+    "SLURM_NODELIST": "localhost",
+}
 
 
 class SignalAt(L.Callback):
@@ -72,8 +78,12 @@ def signal_number(name: str) -> signal.Signals:
 
 def signal_at(name: str, sig: str, epoch: int, batch: int) -> list[str]:
     key = f"+callbacks.{name}"
-    return [f"{key}._target_=tests.test_scale.SignalAt", f"{key}.signal={sig}", f"{key}.epoch={epoch}",
-            f"{key}.batch={batch}"]
+    return [
+        f"{key}._target_=tests.test_scale.SignalAt",
+        f"{key}.signal={sig}",
+        f"{key}.epoch={epoch}",
+        f"{key}.batch={batch}",
+    ]
 
 
 def make_flat_ham_dir(root: Path) -> Path:
@@ -100,15 +110,14 @@ def textured_ham(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_ham_dir(tmp_path_factory.mktemp("textured") / "ham")
 
 
-def compose_train(overrides: list[str], hydra: bool = False) -> DictConfig:
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return compose("train", overrides=overrides, return_hydra_config=hydra)
-
-
 def run_train(args: list[str], env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     """train.py in its own process: DDP re-runs it per rank, and a killed run must not take pytest with it."""
     return subprocess.run(
-        [sys.executable, "train.py", *args], cwd=REPO_ROOT, capture_output=True, text=True, timeout=300,
+        [sys.executable, "train.py", *args],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
         env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})},
     )
 
@@ -129,16 +138,30 @@ def fake_commands(folder: Path, log: Path, *names: str) -> dict[str, str]:
 # --- configuration -------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("overrides", "check"), [
-    (["trainer=ddp", "trainer.accelerator=cpu", "trainer.precision=32-true"],
-     lambda t: isinstance(t.strategy, DDPStrategy) and t.num_devices == 2
-     and isinstance(t.strategy._layer_sync, TimmSyncBatchNorm)),
-    (["trainer=ddp_cpu"],
-     lambda t: isinstance(t.strategy, DDPStrategy) and t.num_devices == 2 and t.strategy._layer_sync is None
-     and t.strategy._get_process_group_backend() == "gloo"),
-    (["trainer=cpu", "trainer.precision=bf16-mixed"], lambda t: t.precision == "bf16-mixed"),
-    (["trainer=gpu", "trainer.accelerator=cpu"], lambda t: t.precision == "bf16-mixed"),  # 16-mixed: bf16 on CPU
-])
+@pytest.mark.parametrize(
+    ("overrides", "check"),
+    [
+        (
+            ["trainer=ddp", "trainer.accelerator=cpu", "trainer.precision=32-true"],
+            lambda t: (
+                isinstance(t.strategy, DDPStrategy)
+                and t.num_devices == 2
+                and isinstance(t.strategy._layer_sync, TimmSyncBatchNorm)
+            ),
+        ),
+        (
+            ["trainer=ddp_cpu"],
+            lambda t: (
+                isinstance(t.strategy, DDPStrategy)
+                and t.num_devices == 2
+                and t.strategy._layer_sync is None
+                and t.strategy._get_process_group_backend() == "gloo"
+            ),
+        ),
+        (["trainer=cpu", "trainer.precision=bf16-mixed"], lambda t: t.precision == "bf16-mixed"),
+        (["trainer=gpu", "trainer.accelerator=cpu"], lambda t: t.precision == "bf16-mixed"),  # 16-mixed: bf16 on CPU
+    ],
+)
 @pytest.mark.filterwarnings("ignore:.*AMP with fp16 is not supported on CPU")
 def test_trainer_options_build_the_lightning_objects(overrides: list[str], check: Callable, tmp_path: Path) -> None:
     trainer = build_trainer(compose_train([*overrides, f"paths.output_dir={tmp_path}", "logger=none"]))
@@ -146,11 +169,23 @@ def test_trainer_options_build_the_lightning_objects(overrides: list[str], check
 
 
 def test_slurm_trainer_takes_ranks_from_slurm_and_requeues(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    for key, value in {**SLURM_ENV, "SLURM_NTASKS": "2", "SLURM_NTASKS_PER_NODE": "2", "SLURM_PROCID": "1",
-                       "SLURM_LOCALID": "1"}.items():
+    for key, value in {
+        **SLURM_ENV,
+        "SLURM_NTASKS": "2",
+        "SLURM_NTASKS_PER_NODE": "2",
+        "SLURM_PROCID": "1",
+        "SLURM_LOCALID": "1",
+    }.items():
         monkeypatch.setenv(key, value)
-    cfg = compose_train(["trainer=slurm", "trainer.accelerator=cpu", "trainer.precision=32-true",
-                         f"paths.output_dir={tmp_path}", "logger=none"])
+    cfg = compose_train(
+        [
+            "trainer=slurm",
+            "trainer.accelerator=cpu",
+            "trainer.precision=32-true",
+            f"paths.output_dir={tmp_path}",
+            "logger=none",
+        ]
+    )
     trainer = build_trainer(cfg)
     env = trainer.strategy.cluster_environment
     assert isinstance(env, SLURMEnvironment) and env.auto_requeue and env.requeue_signal == signal.SIGUSR1
@@ -162,16 +197,34 @@ def test_slurm_launcher_writes_the_batch_script_ddp_needs(tmp_path: Path, monkey
     """hydra/launcher=slurm through hydra-submitit-launcher up to the sbatch script (submission itself faked)."""
     submitit = pytest.importorskip("submitit", reason="hydra-submitit-launcher not installed")
     monkeypatch.setenv("PATH", fake_commands(tmp_path / "bin", tmp_path / "calls.log", "srun", "sbatch")["PATH"])
-    cfg = compose_train(["trainer=slurm", "trainer.devices=4", "trainer.num_nodes=2", "hydra/launcher=slurm",
-                         "hydra.launcher.partition=gpu", f"hydra.sweep.dir={tmp_path / 'sweep'}"], hydra=True)
+    cfg = compose_train(
+        [
+            "trainer=slurm",
+            "trainer.devices=4",
+            "trainer.num_nodes=2",
+            "hydra/launcher=slurm",
+            "hydra.launcher.partition=gpu",
+            f"hydra.sweep.dir={tmp_path / 'sweep'}",
+        ],
+        hydra=True,
+    )
     launcher = instantiate(cfg.hydra.launcher)
     launcher.config = cfg
     executors: list[Any] = []
     monkeypatch.setattr(submitit.AutoExecutor, "map_array", lambda self, fn, *args: executors.append(self) or [])
     assert launcher.launch([["model=baseline"], ["model=baseline_bn"]], initial_job_idx=0) == []
     script = executors[0]._executor._make_submission_file_text("python -u -m submitit.core._submit FOLDER", "0")
-    for line in ("--nodes=2", "--ntasks-per-node=4", "--gpus-per-node=4", "--signal=USR1@120", "--requeue",
-                 "--partition=gpu", "--mem=64GB", "--time=720", "export HF_HUB_OFFLINE=1"):
+    for line in (
+        "--nodes=2",
+        "--ntasks-per-node=4",
+        "--gpus-per-node=4",
+        "--signal=USR1@120",
+        "--requeue",
+        "--partition=gpu",
+        "--mem=64GB",
+        "--time=720",
+        "export HF_HUB_OFFLINE=1",
+    ):
         assert line in script, line
     assert script.rstrip().splitlines()[-1].startswith("srun ")  # one task per GPU, started by srun
 
@@ -251,11 +304,21 @@ def test_compile_is_in_place_and_checkpoints_stay_eager(monkeypatch: pytest.Monk
 # --- processes -----------------------------------------------------------------------------------------------
 
 
+@pytest.mark.ddp
+@pytest.mark.slow
 @pytest.mark.filterwarnings("ignore:No positive samples in targets")  # one rank's half lacks a class
 def test_ddp_on_cpu_reduces_validation_metrics_over_both_ranks(flat_ham: Path, tmp_path: Path) -> None:
     run = tmp_path / "ddp"
-    result = run_train(["trainer=ddp_cpu", "trainer.max_epochs=1", "test=false", f"data.root={flat_ham}",
-                        f"hydra.run.dir={run}", *FAST])
+    result = run_train(
+        [
+            "trainer=ddp_cpu",
+            "trainer.max_epochs=1",
+            "test=false",
+            f"data.root={flat_ham}",
+            f"hydra.run.dir={run}",
+            *FAST,
+        ]
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     reported = metrics(run)
     assert reported["config"]["trainer"]["devices"] == 2 and "train_ddp_process_1.log" in os.listdir(run)
@@ -264,8 +327,13 @@ def test_ddp_on_cpu_reduces_validation_metrics_over_both_ranks(flat_ham: Path, t
     ckpt = torch.load(reported["best_checkpoint"], map_location="cpu", weights_only=True)
     model = LesionClassifier(**ckpt["hyper_parameters"]).eval()
     model.load_state_dict(ckpt["state_dict"])
-    dm = HAM10000DataModule(model.hparams.backbone, root=str(flat_ham), image_size=[24, 32], num_workers=0,
-                            split_file=str(run / "split.csv"))
+    dm = HAM10000DataModule(
+        model.hparams.backbone,
+        root=str(flat_ham),
+        image_size=[24, 32],
+        num_workers=0,
+        split_file=str(run / "split.csv"),
+    )
     dm.setup()
     with torch.no_grad():
         batches = [(model(x).softmax(-1), y) for x, y in dm.val_dataloader()]
@@ -284,6 +352,7 @@ def test_ddp_on_cpu_reduces_validation_metrics_over_both_ranks(flat_ham: Path, t
     assert any(rank0[k] != pytest.approx(everything[k], abs=1e-6) for k in names)  # the check can tell them apart
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_from_last_to_the_uninterrupted_result(textured_ham: Path, tmp_path: Path) -> None:
     """SIGKILL mid-epoch, then ckpt_path=last in the same run folder: bit-identical to a run never interrupted.
 
@@ -291,8 +360,14 @@ def test_killed_run_resumes_from_last_to_the_uninterrupted_result(textured_ham: 
     (persistent workers would be reseeded at the resumed epoch instead of continuing), checkpoints carry the global
     RNG states (LesionClassifier.on_save_checkpoint) and albumentations is reseeded from torch's RNG per sample.
     """
-    common = ["trainer=cpu", "trainer.max_epochs=3", "trainer.deterministic=true", f"data.root={textured_ham}",
-              *FAST, *LAST]
+    common = [
+        "trainer=cpu",
+        "trainer.max_epochs=3",
+        "trainer.deterministic=true",
+        f"data.root={textured_ham}",
+        *FAST,
+        *LAST,
+    ]
     plain, crashed = tmp_path / "plain", tmp_path / "crashed"
     assert run_train([*common, f"hydra.run.dir={plain}"]).returncode == 0
 
@@ -313,17 +388,30 @@ def test_killed_run_resumes_from_last_to_the_uninterrupted_result(textured_ham: 
     assert all(torch.equal(weights_a[k], weights_b[k]) for k in weights_a)
 
 
+@pytest.mark.slow
 def test_slurm_sigusr1_saves_and_requeues_sigterm_saves_and_the_requeued_job_resumes(
-    flat_ham: Path, tmp_path: Path,
+    flat_ham: Path,
+    tmp_path: Path,
 ) -> None:
     """trainer=slurm under a faked one-task SLURM job: the time-limit signal, then the SIGTERM that follows it."""
     calls = tmp_path / "calls.log"
     env = {**SLURM_ENV, **fake_commands(tmp_path / "bin", calls, "scontrol")}
     run = tmp_path / "job"
-    common = ["trainer=slurm", "trainer.accelerator=cpu", "trainer.devices=1", "trainer.precision=32-true",
-              "trainer.max_epochs=2", "test=false", f"data.root={flat_ham}", f"hydra.run.dir={run}", *FAST, *LAST]
-    first = run_train([*common, *signal_at("usr1", "SIGUSR1", epoch=0, batch=2),
-                       *signal_at("term", "SIGTERM", epoch=0, batch=3)], env)
+    common = [
+        "trainer=slurm",
+        "trainer.accelerator=cpu",
+        "trainer.devices=1",
+        "trainer.precision=32-true",
+        "trainer.max_epochs=2",
+        "test=false",
+        f"data.root={flat_ham}",
+        f"hydra.run.dir={run}",
+        *FAST,
+        *LAST,
+    ]
+    first = run_train(
+        [*common, *signal_at("usr1", "SIGUSR1", epoch=0, batch=2), *signal_at("term", "SIGTERM", epoch=0, batch=3)], env
+    )
     log = first.stdout + first.stderr
     assert first.returncode == 0, log[-3000:]  # Lightning ends a SIGTERMed fit with SystemExit(None)
     assert calls.read_text().split() == ["scontrol", "requeue", "4242"]

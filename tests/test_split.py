@@ -109,8 +109,9 @@ def test_assert_no_leak_passes_on_clean_split(table: pd.DataFrame) -> None:
 
 def test_empty_split_is_an_error(table: pd.DataFrame) -> None:
     with pytest.raises(DatasetError, match=r"Split\(s\) \['test'\] are empty"):
-        check_splits_nonempty(table.assign(split="train").assign(split=lambda d: d["split"].where(
-            d.index % 2 == 0, "val")), SPLITS)
+        check_splits_nonempty(
+            table.assign(split="train").assign(split=lambda d: d["split"].where(d.index % 2 == 0, "val")), SPLITS
+        )
 
 
 def test_legacy_split_is_image_level_with_the_seed_proportions(make_ham) -> None:

@@ -10,23 +10,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from lesionnet.module import LesionClassifier
 from lesionnet.training import instantiate_group, train
-from tests.conftest import REPO_ROOT
+from tests.conftest import CONF, FAST, REPO_ROOT, compose_train
 from tests.test_scale import SLURM_ENV
-
-CONF = REPO_ROOT / "conf"
-FAST = ["data.image_size=[24,32]", "data.num_workers=0", "data.batch_size=8",
-        "data.split_fractions={train:0.6,val:0.2,test:0.2}", "logger=csv"]
-
-
-def compose_train(overrides: list[str]) -> DictConfig:
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return compose("train", overrides=overrides)
 
 
 def test_fast_dev_run_writes_split_and_metrics(ham_dir: Path, tmp_path: Path) -> None:
@@ -60,12 +50,23 @@ def test_fit_tests_the_best_checkpoint_and_returns_the_monitored_metric(ham_dir:
 
 def test_resume_from_last_checkpoint_continues_training(ham_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "run"
-    train(compose_train([f"data.root={ham_dir}", f"paths.output_dir={out}", "trainer.max_epochs=1", "test=false",
-                         *FAST]))
+    train(
+        compose_train([f"data.root={ham_dir}", f"paths.output_dir={out}", "trainer.max_epochs=1", "test=false", *FAST])
+    )
     last = out / "checkpoints" / "last.ckpt"
     resumed = tmp_path / "resumed"
-    train(compose_train([f"data.root={ham_dir}", f"paths.output_dir={resumed}", "trainer.max_epochs=2",
-                         f"ckpt_path={last}", "test=false", *FAST]))
+    train(
+        compose_train(
+            [
+                f"data.root={ham_dir}",
+                f"paths.output_dir={resumed}",
+                "trainer.max_epochs=2",
+                f"ckpt_path={last}",
+                "test=false",
+                *FAST,
+            ]
+        )
+    )
     metrics = json.loads((resumed / "metrics.json").read_text())
     assert metrics["epochs_trained"] == 2
 
@@ -85,27 +86,32 @@ def _group_options(group: str) -> list[str]:
     [f"{g}={o}" for g in ("data", "model", "finetune", "trainer", "callbacks", "logger") for o in _group_options(g)]
     + [f"experiment={o}" for o in _group_options("experiment")],
 )
-def test_every_config_composes_and_instantiates(
-    override: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_every_config_composes_and_instantiates(override: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     if override == "trainer=slurm":  # SLURMEnvironment reads the job's variables when the Trainer is built
         for key, value in SLURM_ENV.items():
             monkeypatch.setenv(key, value)
     cfg = compose_train([override, f"paths.output_dir={tmp_path}", "data.num_workers=0", "model.pretrained=false"])
     dm = instantiate(cfg.data)
     assert dm.data_config["input_size"][0] == 3
-    model = instantiate(cfg.model, _recursive_=False)
+    model = instantiate(cfg.model, _recursive_=False, class_prior=[1 / 7] * 7)  # train.py passes the real prior
     model.configure_optimizers()
     trainer_cfg = {k: v for k, v in cfg.trainer.items() if k not in ("accelerator", "devices", "precision")}
-    instantiate(DictConfig(trainer_cfg), callbacks=instantiate_group(cfg.get("callbacks")),
-                logger=instantiate_group(cfg.get("logger")) or False)
+    instantiate(
+        DictConfig(trainer_cfg),
+        callbacks=instantiate_group(cfg.get("callbacks")),
+        logger=instantiate_group(cfg.get("logger")) or False,
+    )
 
 
 def test_train_py_cli_runs_on_the_embedded_sample(tmp_path: Path) -> None:
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     result = subprocess.run(
         [sys.executable, "train.py", "trainer.fast_dev_run=true", "data.num_workers=0", f"hydra.run.dir={tmp_path}"],
-        cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300,
+        cwd=REPO_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "embedded HAM10000 sample" in result.stdout + result.stderr

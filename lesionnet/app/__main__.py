@@ -1,17 +1,6 @@
-"""``lesionnet serve ckpt=... [scores=.../scores.json] [host=...] [port=...]`` (= ``python -m lesionnet.app``)."""
+"""``python -m lesionnet.app [overrides]``: kept for old commands; the Hydra app is ``lesionnet serve``."""
 
-import hydra
-import uvicorn
-from omegaconf import DictConfig
-
-from lesionnet.app.build import build_app
-from lesionnet.cli import CONF_DIR
-
-
-@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="serve")
-def main(cfg: DictConfig) -> None:
-    uvicorn.run(build_app(cfg), host=cfg.host, port=cfg.port, log_level="info")
-
+from lesionnet.cli.serve import main
 
 if __name__ == "__main__":
     main()

@@ -37,14 +37,20 @@ from lesionnet.app.upload import UploadError, UploadLimits, check_content_type, 
 log = logging.getLogger(__name__)
 STATIC = Path(__file__).parent / "static"
 MULTIPART_OVERHEAD = 64 * 1024  # form boundaries and headers around the file
-PAGE_CSP = ("default-src 'self'; img-src 'self' data: blob:; media-src 'self' blob:; style-src 'self'; "
-            "script-src 'self'; connect-src 'self'; manifest-src 'self'; worker-src 'self'; frame-ancestors 'none'")
+PAGE_CSP = (
+    "default-src 'self'; img-src 'self' data: blob:; media-src 'self' blob:; style-src 'self'; "
+    "script-src 'self'; connect-src 'self'; manifest-src 'self'; worker-src 'self'; frame-ancestors 'none'"
+)
 # Swagger UI's JS and CSS from the fastapi-offline wheel (the app extra), served from /docs/assets instead of a CDN
 SWAGGER_ASSETS = Path(str(files("fastapi_offline") / "static"))
-ERRORS = {400: "Bad request (e.g. an empty file)", 413: "File or image too large",
-          415: "Not a JPEG, PNG or WebP upload", 422: "Missing field, or an undecodable, corrupt or too small image",
-          500: "Unexpected server error (no details are given)",
-          503: "Server busy; retry after the Retry-After seconds"}
+ERRORS = {
+    400: "Bad request (e.g. an empty file)",
+    413: "File or image too large",
+    415: "Not a JPEG, PNG or WebP upload",
+    422: "Missing field, or an undecodable, corrupt or too small image",
+    500: "Unexpected server error (no details are given)",
+    503: "Server busy; retry after the Retry-After seconds",
+}
 
 
 def error_responses(*codes: int) -> dict[int | str, dict[str, Any]]:
@@ -58,20 +64,26 @@ def swagger_page(title: str, openapi_url: str) -> tuple[str, str]:
     The page is the same for every request, so the hash is computed once; no 'unsafe-inline' is needed.
     """
     html = get_swagger_ui_html(
-        openapi_url=openapi_url, title=f"{title} - API docs", swagger_js_url="/docs/assets/swagger-ui-bundle.js",
-        swagger_css_url="/docs/assets/swagger-ui.css", swagger_favicon_url="/static/icon-192.png",
+        openapi_url=openapi_url,
+        title=f"{title} - API docs",
+        swagger_js_url="/docs/assets/swagger-ui-bundle.js",
+        swagger_css_url="/docs/assets/swagger-ui.css",
+        swagger_favicon_url="/static/icon-192.png",
         swagger_ui_parameters={"validatorUrl": None},  # else the badge image is fetched from validator.swagger.io
     ).body.decode()
     inline = re.findall(r"<script>(.*?)</script>", html, flags=re.DOTALL)
     hashes = " ".join(f"'sha256-{base64.b64encode(hashlib.sha256(s.encode()).digest()).decode()}'" for s in inline)
-    csp = (f"default-src 'self'; img-src 'self' data:; style-src 'self'; script-src 'self' {hashes}; "
-           "connect-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'none'")
+    csp = (
+        f"default-src 'self'; img-src 'self' data:; style-src 'self'; script-src 'self' {hashes}; "
+        "connect-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'none'"
+    )
     return html, csp
 
 
 def error_response(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
-    return JSONResponse({"error": {"status": status, "code": code, "message": message}}, status_code=status,
-                        headers=headers)
+    return JSONResponse(
+        {"error": {"status": status, "code": code, "message": message}}, status_code=status, headers=headers
+    )
 
 
 class BodyLimit:
@@ -83,8 +95,9 @@ class BodyLimit:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        too_large = UploadError(413, "file_too_large",
-                                f"The upload is larger than {(self.max_bytes - MULTIPART_OVERHEAD) // 2**20} MB.")
+        too_large = UploadError(
+            413, "file_too_large", f"The upload is larger than {(self.max_bytes - MULTIPART_OVERHEAD) // 2**20} MB."
+        )
         length = dict(scope["headers"]).get(b"content-length")
         if length is not None and (not length.isdigit() or int(length) > self.max_bytes):
             return await error_response(too_large.status, too_large.code, too_large.message)(scope, receive, send)
@@ -119,27 +132,8 @@ class Admission:
             self.count -= 1
 
 
-def create_app(service: LesionService, limits: UploadLimits | None = None, workers: int = 1,
-               max_pending: int = 256) -> FastAPI:
-    """The FastAPI app around a loaded ``service``."""
-    limits = limits or UploadLimits()
-    guard_pillow(limits)
-    executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="lesionnet-infer")
-    admission = Admission(max_pending)
-
-    @asynccontextmanager
-    async def lifespan(_: FastAPI) -> Any:
-        yield
-        executor.shutdown(wait=False, cancel_futures=True)
-
-    ModelCard.model_validate(service.model_card())  # a malformed scores.json fails here, not at every request
-    app = FastAPI(
-        title="LesionNet", version=service.predictor.version, lifespan=lifespan, docs_url=None, redoc_url=None,
-        description=f"Classifies a photo of a skin lesion into 7 HAM10000 classes, with a referral flag, an "
-                    f"'unsure' answer and a Grad-CAM heatmap. {DISCLAIMER}",
-    )
-    app.add_middleware(BodyLimit, max_bytes=limits.max_bytes + MULTIPART_OVERHEAD)
-    app.state.service, app.state.admission = service, admission
+def install_error_handlers(app: FastAPI) -> None:
+    """Every error becomes ``{error: {status, code, message}}``; nothing internal reaches the client."""
 
     @app.exception_handler(UploadError)
     async def upload_error(_: Request, exc: UploadError) -> JSONResponse:
@@ -155,8 +149,11 @@ def create_app(service: LesionService, limits: UploadLimits | None = None, worke
     @app.exception_handler(RequestValidationError)
     async def invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
         fields = sorted({".".join(str(p) for p in e.get("loc", ())[1:]) for e in exc.errors()})
-        hint = " Send the image as multipart/form-data in a field named 'file'." \
-            if request.url.path.endswith("/predict") else ""
+        hint = (
+            " Send the image as multipart/form-data in a field named 'file'."
+            if request.url.path.endswith("/predict")
+            else ""
+        )
         return error_response(422, "invalid_request", f"Missing or invalid: {', '.join(fields) or 'request'}.{hint}")
 
     @app.exception_handler(Exception)
@@ -164,46 +161,75 @@ def create_app(service: LesionService, limits: UploadLimits | None = None, worke
         log.exception("Unhandled error")
         return error_response(500, "internal_error", "Something went wrong on the server; please try again.")
 
+
+def install_security_headers(app: FastAPI) -> None:
+    """nosniff everywhere, no caching of answers, the page's CSP (/docs sets its own, with its script's hash)."""
+
     @app.middleware("http")
     async def headers(request: Request, call_next: Any) -> Any:
         response = await call_next(request)
         response.headers.setdefault("X-Content-Type-Options", "nosniff")
         if request.url.path.startswith("/api/"):
             response.headers["Cache-Control"] = "no-store"  # answers about someone's skin are not cached
-        elif not request.url.path.startswith("/openapi"):  # /docs sets its own (with the hash of its script)
+        elif not request.url.path.startswith("/openapi"):
             response.headers.setdefault("Content-Security-Policy", PAGE_CSP)
         return response
 
-    @app.get("/healthz", tags=["service"], summary="Liveness and the model version", response_model=HealthResponse,
-             responses=error_responses(500))
+
+def install_api_routes(
+    app: FastAPI, service: LesionService, limits: UploadLimits, executor: ThreadPoolExecutor, admission: Admission
+) -> None:
+    """/healthz, /api/v1/model and /api/v1/predict (bounded admission; decoding and analysis in the executor)."""
+
+    @app.get(
+        "/healthz",
+        tags=["service"],
+        summary="Liveness and the model version",
+        response_model=HealthResponse,
+        responses=error_responses(500),
+    )
     async def healthz() -> dict[str, Any]:
         return {"status": "ok", "model_version": service.predictor.version, "in_flight": admission.count}
 
-    @app.get("/api/v1/model", tags=["model"], summary="Model card: data, metrics with CIs, intended use, limits",
-             response_model=ModelCard, response_model_exclude_unset=True, responses=error_responses(500))
+    @app.get(
+        "/api/v1/model",
+        tags=["model"],
+        summary="Model card: data, metrics with CIs, intended use, limits",
+        response_model=ModelCard,
+        response_model_exclude_unset=True,
+        responses=error_responses(500),
+    )
     async def model_card() -> dict[str, Any]:
         return service.model_card()
 
     @app.post(
-        "/api/v1/predict", tags=["model"], summary="Classify one lesion photo",
+        "/api/v1/predict",
+        tags=["model"],
+        summary="Classify one lesion photo",
         description="Upload a JPEG, PNG or WebP photo (multipart field 'file', at most "
-                    f"{limits.max_bytes // 2**20} MB). Answers 'ok' with the top class, 'unsure' (no label) or "
-                    "'rejected' (not a lesion photo). Errors are JSON: {error: {status, code, message}}.",
-        response_model=PredictResponse, response_model_exclude_unset=True,  # keys the service left out stay out
+        f"{limits.max_bytes // 2**20} MB). Answers 'ok' with the top class, 'unsure' (no label) or "
+        "'rejected' (not a lesion photo). Errors are JSON: {error: {status, code, message}}.",
+        response_model=PredictResponse,
+        response_model_exclude_unset=True,  # keys the service left out stay out
         responses=error_responses(400, 413, 415, 422, 500, 503),
     )
     async def predict(file: Annotated[UploadFile, File(description="The photo")]) -> dict[str, Any]:
         check_content_type(file.content_type)
         if not admission.enter():
-            return error_response(503, "busy", "The server is busy; try again in a few seconds.",
-                                  headers={"Retry-After": "2"})
+            return error_response(
+                503, "busy", "The server is busy; try again in a few seconds.", headers={"Retry-After": "2"}
+            )
         try:  # a queued upload stays in its spooled file (<= 1 MB in memory); the worker that takes it reads it
             loop = asyncio.get_running_loop()
             return await loop.run_in_executor(
-                executor, lambda: service.analyse(decode_image(file.file.read(limits.max_bytes + 1), limits)))
+                executor, lambda: service.analyse(decode_image(file.file.read(limits.max_bytes + 1), limits))
+            )
         finally:
             admission.leave()
 
+
+def install_page_routes(app: FastAPI) -> None:
+    """The phone page, its PWA files and Swagger UI, all served by the app itself (no CDN)."""
     docs_html, docs_csp = swagger_page(app.title, app.openapi_url or "/openapi.json")
 
     @app.get("/docs", include_in_schema=False)
@@ -224,4 +250,36 @@ def create_app(service: LesionService, limits: UploadLimits | None = None, worke
 
     app.mount("/docs/assets", StaticFiles(directory=SWAGGER_ASSETS), name="docs-assets")
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
+
+
+def create_app(
+    service: LesionService, limits: UploadLimits | None = None, workers: int = 1, max_pending: int = 256
+) -> FastAPI:
+    """The FastAPI app around a loaded ``service``."""
+    limits = limits or UploadLimits()
+    guard_pillow(limits)
+    executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="lesionnet-infer")
+    admission = Admission(max_pending)
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> Any:
+        yield
+        executor.shutdown(wait=False, cancel_futures=True)
+
+    ModelCard.model_validate(service.model_card())  # a malformed scores.json fails here, not at every request
+    app = FastAPI(
+        title="LesionNet",
+        version=service.predictor.version,
+        lifespan=lifespan,
+        docs_url=None,
+        redoc_url=None,
+        description=f"Classifies a photo of a skin lesion into 7 HAM10000 classes, with a referral flag, an "
+        f"'unsure' answer and a Grad-CAM heatmap. {DISCLAIMER}",
+    )
+    app.add_middleware(BodyLimit, max_bytes=limits.max_bytes + MULTIPART_OVERHEAD)
+    app.state.service, app.state.admission = service, admission
+    install_error_handlers(app)
+    install_security_headers(app)
+    install_api_routes(app, service, limits, executor, admission)
+    install_page_routes(app)
     return app

@@ -11,34 +11,42 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from lesionnet.app.api import create_app
-from lesionnet.app.policy import DEFAULT_MSP_THRESHOLD, ConfidenceGate, ReferralPolicy, fit_gate, read_scores
-from lesionnet.app.predictor import Predictor
+from lesionnet.app.policy import DEFAULT_MSP_THRESHOLD, ConfidenceGate, ReferralPolicy, fit_gate
 from lesionnet.app.service import LesionService
 from lesionnet.app.upload import UploadLimits
-from lesionnet.evaluation.checkpoints import CheckpointError
-from lesionnet.evaluation.datasets import run_split_table
+from lesionnet.contract.scores import read_scores, scores_for
+from lesionnet.inference import CheckpointError, Predictor, load_members
 
 log = logging.getLogger(__name__)
 
 
-def _scores_tta(path: str | None) -> str | None:
-    return json.loads(Path(path).read_text()).get("tta") if path and Path(path).is_file() else None
-
-
-def gate_fit_inputs(predictor: Predictor, method: str, quantile: float, max_images: int | None, data_root: str | Path,
-                    paths: Sequence[str | Path]) -> dict[str, Any]:
+def gate_fit_inputs(
+    predictor: Predictor,
+    method: str,
+    quantile: float,
+    max_images: int | None,
+    data_root: str | Path,
+    paths: Sequence[str | Path],
+) -> dict[str, Any]:
     """Everything a fitted threshold depends on: the weights (the version hashes the checkpoints), TTA, the score,
     the quantile and the images (resolved paths and sizes, so a moved or replaced data set refits)."""
     digest = hashlib.sha256()
     for p in paths:
         resolved = Path(p).resolve()
         digest.update(f"{resolved}\t{resolved.stat().st_size}\n".encode())
-    return {"model_version": predictor.version, "tta": predictor.tta, "method": method, "quantile": float(quantile),
-            "max_images": max_images, "data_root": str(Path(data_root).resolve()), "n_images": len(paths),
-            "images_sha256": digest.hexdigest()}
+    return {
+        "model_version": predictor.version,
+        "tta": predictor.tta,
+        "method": method,
+        "quantile": float(quantile),
+        "max_images": max_images,
+        "data_root": str(Path(data_root).resolve()),
+        "n_images": len(paths),
+        "images_sha256": digest.hexdigest(),
+    }
 
 
 def gate_cache_file(cache_dir: str | Path, fitted_on: dict[str, Any]) -> Path:
@@ -57,8 +65,13 @@ def _load_cached(path: Path, predictor: Predictor, fitted_on: dict[str, Any]) ->
     except (OSError, ValueError, TypeError, CheckpointError) as err:
         log.warning("Ignoring the cached confidence gate %s (%s): refitting it.", path, err)
         return None
-    log.info("Confidence gate loaded from cache %s: %s < %.4f (%s); delete the file to refit.", path, gate.method,
-             gate.threshold, gate.source)
+    log.info(
+        "Confidence gate loaded from cache %s: %s < %.4f (%s); delete the file to refit.",
+        path,
+        gate.method,
+        gate.threshold,
+        gate.source,
+    )
     return gate
 
 
@@ -70,13 +83,18 @@ def build_gate(cfg: DictConfig, predictor: Predictor) -> ConfidenceGate:
         return ConfidenceGate(u.method, float(u.threshold), "configured (unsure.threshold)", predictor.version)
     if u.gate_file:
         gate = ConfidenceGate.load(Path(u.gate_file), predictor.version)
-        log.info("Confidence gate loaded from unsure.gate_file %s: %s < %.4f (%s).", u.gate_file, gate.method,
-                 gate.threshold, gate.source)
+        log.info(
+            "Confidence gate loaded from unsure.gate_file %s: %s < %.4f (%s).",
+            u.gate_file,
+            gate.method,
+            gate.threshold,
+            gate.source,
+        )
         return gate
-    run = next((m.run_dir for m in predictor.members if m.run_dir is not None), None)
+    run = next((m.run for m in predictor.members if m.run is not None), None)
     if u.fit_on_val and run is not None:
-        root = u.data_root or json.loads((run / "metrics.json").read_text())["data_root"]
-        paths = run_split_table(run, root, "val")["path"].tolist()[: u.max_images]
+        root = run.data_root(u.data_root)
+        paths = run.split_table("val", root)["path"].tolist()[: u.max_images]
         fitted_on = gate_fit_inputs(predictor, u.method, u.quantile, u.max_images, root, paths)
         if u.cache_dir:
             gate_file = gate_cache_file(u.cache_dir, fitted_on)
@@ -87,29 +105,44 @@ def build_gate(cfg: DictConfig, predictor: Predictor) -> ConfidenceGate:
             gate_file = Path(cfg.paths.output_dir) / "confidence_gate.json"
         start = time.perf_counter()
         gate = replace(fit_gate(predictor, paths, method=u.method, quantile=u.quantile), fitted_on=fitted_on)
-        log.info("Confidence gate fitted in %.1f s and written to %s", time.perf_counter() - start,
-                 gate.save(gate_file))
+        log.info(
+            "Confidence gate fitted in %.1f s and written to %s", time.perf_counter() - start, gate.save(gate_file)
+        )
         return gate
-    log.warning("No validation split to fit the 'unsure' threshold on: using max softmax < %.2f (not validated).",
-                DEFAULT_MSP_THRESHOLD)
+    log.warning(
+        "No validation split to fit the 'unsure' threshold on: using max softmax < %.2f (not validated).",
+        DEFAULT_MSP_THRESHOLD,
+    )
     return ConfidenceGate("msp", DEFAULT_MSP_THRESHOLD, "default (not validated)", predictor.version)
 
 
 def build_service(cfg: DictConfig) -> LesionService:
-    ckpt = OmegaConf.to_container(cfg.ckpt) if not isinstance(cfg.ckpt, str) else cfg.ckpt
-    tta = cfg.tta or _scores_tta(cfg.scores) or "none"
-    predictor = Predictor.from_checkpoints(ckpt, device=cfg.device, tta=tta)
-    scores, evaluated = None, None
+    """Load the checkpoints; with a scores.json, serve exactly what it evaluated (same checkpoints, TTA, weights)."""
+    members = load_members(cfg.ckpt, device=cfg.device)
+    tta, weights, scores, evaluated = cfg.tta, None, None, None
     if cfg.scores:
-        _, scores, evaluated = read_scores(cfg.scores, [m.name for m in predictor.members])
+        document = read_scores(cfg.scores)
+        tta = tta or document.tta
+        _, scores, weights = scores_for(document, cfg.scores, [m.sha256 for m in members], tta)
+        evaluated = document.model_dump()
+    tta = tta or "none"
+    predictor = Predictor(members, tta=tta, weights=weights)
     referral = ReferralPolicy.from_scores(scores, cfg.referral.malignant_threshold)
     log.info("Serving %s (tta=%s); referral: %s", predictor.version, tta, referral.source)
-    return LesionService(predictor, referral=referral, gate=build_gate(cfg, predictor), gradcam=cfg.gradcam,
-                         scores=scores, evaluated=evaluated)
+    return LesionService(
+        predictor,
+        referral=referral,
+        gate=build_gate(cfg, predictor),
+        gradcam=cfg.gradcam,
+        scores=scores,
+        evaluated=evaluated,
+    )
 
 
 def build_app(cfg: DictConfig) -> object:
-    limits = UploadLimits(max_bytes=int(cfg.limits.max_upload_mb * 2**20), max_pixels=int(cfg.limits.max_pixels),
-                          min_side=int(cfg.limits.min_side))
+    limits = UploadLimits(
+        max_bytes=int(cfg.limits.max_upload_mb * 2**20),
+        max_pixels=int(cfg.limits.max_pixels),
+        min_side=int(cfg.limits.min_side),
+    )
     return create_app(build_service(cfg), limits, workers=cfg.limits.workers, max_pending=cfg.limits.max_pending)
-

@@ -14,13 +14,19 @@ DISCLAIMER = (
 
 # HAM10000 codes -> (plain name, one-sentence description). Malignant or pre-malignant classes are in MALIGNANT.
 PLAIN_CLASSES: dict[str, tuple[str, str]] = {
-    "akiec": ("Actinic keratosis or early skin cancer",
-              "Rough, scaly sun-damage patch that can turn into a skin cancer (includes Bowen's disease)."),
-    "bcc": ("Basal cell carcinoma",
-            "The most common skin cancer; grows slowly and rarely spreads, but needs treatment."),
-    "bkl": ("Benign keratosis",
-            "Harmless growths such as seborrhoeic keratoses, solar lentigines ('age spots') and lichen-planus-like "
-            "keratoses."),
+    "akiec": (
+        "Actinic keratosis or early skin cancer",
+        "Rough, scaly sun-damage patch that can turn into a skin cancer (includes Bowen's disease).",
+    ),
+    "bcc": (
+        "Basal cell carcinoma",
+        "The most common skin cancer; grows slowly and rarely spreads, but needs treatment.",
+    ),
+    "bkl": (
+        "Benign keratosis",
+        "Harmless growths such as seborrhoeic keratoses, solar lentigines ('age spots') and lichen-planus-like "
+        "keratoses.",
+    ),
     "df": ("Dermatofibroma", "A harmless firm bump in the skin, often on the legs."),
     "mel": ("Melanoma", "A serious skin cancer of the pigment cells; found early it can usually be cured."),
     "nv": ("Mole (melanocytic nevus)", "A common, harmless mole."),
@@ -40,13 +46,13 @@ def description(code: str) -> str:
 
 MESSAGES: dict[str, str] = {
     "refer": "Some features look like a skin cancer. Please see a dermatologist (skin doctor) soon - within a few "
-             "weeks - and show them this spot.",
+    "weeks - and show them this spot.",
     "routine": "Nothing here looks urgent to the model. Keep an eye on the spot and see a doctor if it changes, "
-               "bleeds, itches or worries you.",
+    "bleeds, itches or worries you.",
     "unsure": "The model is not sure about this image, so it gives no answer. If you are worried about the spot, "
-              "see a doctor.",
+    "see a doctor.",
     "rejected": "This does not look like a close-up photo of a skin lesion, so the model gives no answer. Take a "
-                "sharp, well-lit close-up of the spot (ideally through a dermatoscope) and try again.",
+    "sharp, well-lit close-up of the spot (ideally through a dermatoscope) and try again.",
 }
 
 INTENDED_USE = (

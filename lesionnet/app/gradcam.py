@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import base64
 import io
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -23,7 +22,7 @@ from pytorch_grad_cam.utils.image import show_cam_on_image
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 from torch import nn
 
-from lesionnet.data.transforms import to_hw
+from lesionnet.inference import eval_crop_box
 
 
 def find_target_layer(model: nn.Module, input_size: tuple[int, int, int] | list[int]) -> tuple[str, nn.Module]:
@@ -32,9 +31,14 @@ def find_target_layer(model: nn.Module, input_size: tuple[int, int, int] | list[
 
     def record(name: str) -> Any:
         def hook(module: nn.Module, _inp: Any, out: Any) -> None:
-            if isinstance(out, torch.Tensor) and out.ndim == 4 and min(out.shape[-2:]) > 1 \
-                    and "pool" not in type(module).__name__.lower():
+            if (
+                isinstance(out, torch.Tensor)
+                and out.ndim == 4
+                and min(out.shape[-2:]) > 1
+                and "pool" not in type(module).__name__.lower()
+            ):
                 seen.append((name, module))
+
         return hook
 
     handles = [m.register_forward_hook(record(n)) for n, m in model.named_modules() if n]
@@ -49,19 +53,6 @@ def find_target_layer(model: nn.Module, input_size: tuple[int, int, int] | list[
     return seen[-1]
 
 
-def crop_box(data_config: Mapping[str, Any], width: int, height: int) -> tuple[float, float, float, float]:
-    """The region (left, top, right, bottom, in original pixels) that the eval transform's centre crop keeps."""
-    h, w = to_hw(data_config["input_size"])
-    crop_pct = float(data_config.get("crop_pct", 1.0))
-    if h == w:
-        scale = math.floor(h / crop_pct) / min(width, height)
-        sx = sy = scale
-    else:
-        sy, sx = math.floor(h / crop_pct) / height, math.floor(w / crop_pct) / width
-    left, top = (width * sx - w) / 2 / sx, (height * sy - h) / 2 / sy
-    return max(0.0, left), max(0.0, top), min(width, left + w / sx), min(height, top + h / sy)
-
-
 def png_base64(array: np.ndarray) -> str:
     buf = io.BytesIO()
     Image.fromarray(array).save(buf, format="PNG")
@@ -70,8 +61,8 @@ def png_base64(array: np.ndarray) -> str:
 
 @dataclass(frozen=True)
 class CamResult:
-    heatmap_png: str       # RGBA: jet colours, transparent where the map is cold (to lay over the photo)
-    overlay_png: str       # RGB: the model's view of the photo with the heatmap blended in
+    heatmap_png: str  # RGBA: jet colours, transparent where the map is cold (to lay over the photo)
+    overlay_png: str  # RGB: the model's view of the photo with the heatmap blended in
     width: int
     height: int
     crop_box: list[float]  # the model's view inside the upload: left, top, right, bottom as fractions
@@ -93,8 +84,8 @@ class CamExplainer:
         with GradCAM(model=self.model, target_layers=[self.layer]) as cam:
             mask = cam(input_tensor=x, targets=[ClassifierOutputTarget(class_index)])[0]
         height, width = image.shape[:2]
-        left, top, right, bottom = crop_box(self.data_config, width, height)
-        view = image[round(top):round(bottom), round(left):round(right)]
+        left, top, right, bottom = eval_crop_box(self.data_config, width, height)
+        view = image[round(top) : round(bottom), round(left) : round(right)]
         scale = self.display_size / max(view.shape[:2])
         size = (max(1, round(view.shape[1] * scale)), max(1, round(view.shape[0] * scale)))
         view = cv2.resize(view, size, interpolation=cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR)
@@ -103,6 +94,10 @@ class CamExplainer:
         heat = np.dstack([colours, np.uint8(200 * mask)])
         overlay = show_cam_on_image(view.astype(np.float32) / 255.0, mask, use_rgb=True, image_weight=0.6)
         return CamResult(
-            heatmap_png=png_base64(heat), overlay_png=png_base64(overlay), width=size[0], height=size[1],
-            crop_box=[left / width, top / height, right / width, bottom / height], layer=self.layer_name,
+            heatmap_png=png_base64(heat),
+            overlay_png=png_base64(overlay),
+            width=size[0],
+            height=size[1],
+            crop_box=[left / width, top / height, right / width, bottom / height],
+            layer=self.layer_name,
         )

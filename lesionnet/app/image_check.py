@@ -20,13 +20,13 @@ import numpy as np
 class CheckThresholds:
     """Refusal thresholds; each names a property every real dermatoscopic image has."""
 
-    min_contrast: float = 3.0          # std of grey levels (0-255); HAM10000 min 4.7: (nearly) one flat colour
-    min_brightness: float = 30.0       # mean grey level (HAM10000 min 58): a black / lens-cap image
-    max_brightness: float = 240.0      # (HAM10000 max 230): a blown-out / blank white image
-    max_blank_fraction: float = 0.6    # share of near-black or near-white pixels (HAM10000 max 0.34)
-    min_smoothness: float = 0.4        # neighbour correlation (HAM10000 min 0.59): noise and fine stripes are lower
-    max_flat_edges: float = 15.0       # flat-area share x contrast (HAM10000 max 11.3): blocks, stripes, drawings
-    max_saturation: float = 0.9        # mean HSV saturation 0-1 (HAM10000 max 0.71): neon or pure synthetic colours
+    min_contrast: float = 3.0  # std of grey levels (0-255); HAM10000 min 4.7: (nearly) one flat colour
+    min_brightness: float = 30.0  # mean grey level (HAM10000 min 58): a black / lens-cap image
+    max_brightness: float = 240.0  # (HAM10000 max 230): a blown-out / blank white image
+    max_blank_fraction: float = 0.6  # share of near-black or near-white pixels (HAM10000 max 0.34)
+    min_smoothness: float = 0.4  # neighbour correlation (HAM10000 min 0.59): noise and fine stripes are lower
+    max_flat_edges: float = 15.0  # flat-area share x contrast (HAM10000 max 11.3): blocks, stripes, drawings
+    max_saturation: float = 0.9  # mean HSV saturation 0-1 (HAM10000 max 0.71): neon or pure synthetic colours
 
 
 @dataclass(frozen=True)

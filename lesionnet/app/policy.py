@@ -26,40 +26,10 @@ import numpy as np
 
 from lesionnet.app.content import MALIGNANT
 from lesionnet.app.image_check import CheckThresholds, check_image
-from lesionnet.app.predictor import Output, Predictor
-from lesionnet.data.dataset import read_rgb
-from lesionnet.evaluation.checkpoints import CheckpointError
+from lesionnet.inference import CheckpointError, ImageOutput, Predictor, read_rgb
 
 log = logging.getLogger(__name__)
-ENSEMBLE = "ensemble"
 DEFAULT_MSP_THRESHOLD = 0.4  # unvalidated fallback: below it no class has even 40%
-
-
-# ----------------------------------------------------------------------------- scores.json
-
-
-def read_scores(path: str | Path, member_names: Sequence[str]) -> tuple[str, dict[str, Any], dict[str, Any]]:
-    """(model key, its scores, the whole file) of evaluate.py's scores.json for exactly these members."""
-    path = Path(path)
-    try:
-        result = json.loads(path.read_text())
-    except (OSError, ValueError) as err:
-        raise CheckpointError(f"Cannot read scores file {path}: {err}. Give evaluate.py's scores.json.") from err
-    scores = result.get("scores")
-    if not isinstance(scores, dict):
-        raise CheckpointError(f"{path} has no 'scores' (was evaluate.py run on a labelled set?).")
-    if len(member_names) == 1:
-        key = member_names[0]
-    else:
-        key = ENSEMBLE
-        chosen = sorted(result.get("ensemble", {}).get("members", []))
-        if chosen != sorted(member_names):
-            raise CheckpointError(f"{path} scores an ensemble of {chosen}, but the server loads "
-                                  f"{sorted(member_names)}. Serve the same checkpoints that were evaluated.")
-    if key not in scores:
-        raise CheckpointError(f"{path} has no scores for '{key}' (it has {sorted(scores)}). Serve the checkpoint(s) "
-                              "that were evaluated.")
-    return key, scores[key], result
 
 
 # ----------------------------------------------------------------------------- referral
@@ -81,10 +51,12 @@ class ReferralPolicy:
         if val.get("threshold") is None:
             return cls(malignant_threshold=malignant_threshold, temperature=float(scores.get("temperature") or 1.0))
         return cls(
-            malignant_threshold=malignant_threshold, melanoma_threshold=float(val["threshold"]),
-            target_sensitivity=val.get("target_sensitivity"), temperature=float(scores.get("temperature") or 1.0),
+            malignant_threshold=malignant_threshold,
+            melanoma_threshold=float(val["threshold"]),
+            target_sensitivity=val.get("target_sensitivity"),
+            temperature=float(scores.get("temperature") or 1.0),
             source=f"melanoma threshold chosen on validation for {val.get('target_sensitivity')} sensitivity "
-                   "(evaluate.py scores.json), plus the malignant-probability rule",
+            "(evaluate.py scores.json), plus the malignant-probability rule",
         )
 
     def calibrate(self, probs: np.ndarray) -> np.ndarray:
@@ -100,20 +72,30 @@ class ReferralPolicy:
         p_malignant = sum(v for k, v in p.items() if k in MALIGNANT)
         reasons = []
         if self.melanoma_threshold is not None and p_mel >= self.melanoma_threshold:
-            reasons.append(f"Melanoma probability {p_mel:.2f} is at or above {self.melanoma_threshold:.2f}, the level "
-                           f"that caught {self.target_sensitivity:.0%} of melanomas in validation.")
+            reasons.append(
+                f"Melanoma probability {p_mel:.2f} is at or above {self.melanoma_threshold:.2f}, the level "
+                f"that caught {self.target_sensitivity:.0%} of melanomas in validation."
+            )
         if p_malignant >= self.malignant_threshold:
-            reasons.append(f"Probability of a skin cancer or pre-cancer (melanoma, basal cell carcinoma, actinic "
-                           f"keratosis) together is {p_malignant:.2f}, at or above {self.malignant_threshold:.2f}.")
-        return {"refer": bool(reasons), "reasons": reasons, "melanoma_probability": p_mel,
-                "malignant_probability": p_malignant, "melanoma_threshold": self.melanoma_threshold,
-                "malignant_threshold": self.malignant_threshold, "threshold_source": self.source}
+            reasons.append(
+                f"Probability of a skin cancer or pre-cancer (melanoma, basal cell carcinoma, actinic "
+                f"keratosis) together is {p_malignant:.2f}, at or above {self.malignant_threshold:.2f}."
+            )
+        return {
+            "refer": bool(reasons),
+            "reasons": reasons,
+            "melanoma_probability": p_mel,
+            "malignant_probability": p_malignant,
+            "melanoma_threshold": self.melanoma_threshold,
+            "malignant_threshold": self.malignant_threshold,
+            "threshold_source": self.source,
+        }
 
 
 # ----------------------------------------------------------------------------- unsure
 
 
-SCORES: dict[str, Callable[[Output], float]] = {"msp": lambda o: o.msp, "energy": lambda o: o.neg_energy}
+SCORES: dict[str, Callable[[ImageOutput], float]] = {"msp": lambda o: o.msp, "energy": lambda o: o.neg_energy}
 
 
 @dataclass(frozen=True)
@@ -131,10 +113,10 @@ class ConfidenceGate:
         if self.method not in SCORES:
             raise ValueError(f"Unknown confidence method '{self.method}'; use one of {sorted(SCORES)}.")
 
-    def score(self, out: Output) -> float:
+    def score(self, out: ImageOutput) -> float:
         return SCORES[self.method](out)
 
-    def unsure(self, out: Output) -> bool:
+    def unsure(self, out: ImageOutput) -> bool:
         return self.score(out) < self.threshold
 
     def save(self, path: Path) -> Path:
@@ -150,8 +132,10 @@ class ConfidenceGate:
         """The gate in ``path``; refused unless fitted for ``model_version`` (and on ``fitted_on``, when given)."""
         gate = cls(**json.loads(Path(path).read_text()))
         if gate.model_version != model_version:
-            raise CheckpointError(f"{path} was fitted for model {gate.model_version}, not {model_version}. Delete it "
-                                  "to refit, or give the matching checkpoints.")
+            raise CheckpointError(
+                f"{path} was fitted for model {gate.model_version}, not {model_version}. Delete it "
+                "to refit, or give the matching checkpoints."
+            )
         if fitted_on is not None and gate.fitted_on != fitted_on:
             stored = gate.fitted_on or {}
             changed = sorted(k for k in {*stored, *fitted_on} if stored.get(k) != fitted_on.get(k))
@@ -159,8 +143,14 @@ class ConfidenceGate:
         return gate
 
 
-def fit_gate(predictor: Predictor, paths: Sequence[str | Path], method: str = "msp", quantile: float = 0.05,
-             check: CheckThresholds | None = None, batch_size: int = 32) -> ConfidenceGate:
+def fit_gate(
+    predictor: Predictor,
+    paths: Sequence[str | Path],
+    method: str = "msp",
+    quantile: float = 0.05,
+    check: CheckThresholds | None = None,
+    batch_size: int = 32,
+) -> ConfidenceGate:
     """Threshold = ``quantile`` of the scores of in-distribution images; also counts image-check refusals there."""
     if not 0 < quantile < 1:
         raise ValueError(f"quantile must be in (0, 1), got {quantile}.")
@@ -168,13 +158,29 @@ def fit_gate(predictor: Predictor, paths: Sequence[str | Path], method: str = "m
         raise ValueError("No validation images to fit the confidence threshold on.")
     scores, refused = [], 0
     for start in range(0, len(paths), batch_size):
-        images = [read_rgb(p) for p in paths[start:start + batch_size]]
+        images = [read_rgb(p) for p in paths[start : start + batch_size]]
         refused += sum(not check_image(img, check).passed for img in images)
-        scores += [SCORES[method](o) for o in predictor.predict_batch(images)]
+        prediction = predictor.predict_arrays(images)
+        scores += [SCORES[method](prediction.image(k)) for k in range(len(prediction))]
     threshold = float(np.quantile(scores, quantile))
-    fit = {"n_images": len(scores), "quantile": quantile, "score_median": float(np.median(scores)),
-           "image_check_refusals": refused}
-    log.info("Confidence gate (%s): threshold %.4f = %.0f%% quantile of %d validation images; image check refused %d",
-             method, threshold, 100 * quantile, len(scores), refused)
-    return ConfidenceGate(method=method, threshold=threshold, model_version=predictor.version, fit=fit,
-                          source=f"{quantile:.0%} quantile of {len(scores)} validation images")
+    fit = {
+        "n_images": len(scores),
+        "quantile": quantile,
+        "score_median": float(np.median(scores)),
+        "image_check_refusals": refused,
+    }
+    log.info(
+        "Confidence gate (%s): threshold %.4f = %.0f%% quantile of %d validation images; image check refused %d",
+        method,
+        threshold,
+        100 * quantile,
+        len(scores),
+        refused,
+    )
+    return ConfidenceGate(
+        method=method,
+        threshold=threshold,
+        model_version=predictor.version,
+        fit=fit,
+        source=f"{quantile:.0%} quantile of {len(scores)} validation images",
+    )

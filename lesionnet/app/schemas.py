@@ -119,6 +119,7 @@ class CheckpointInfo(Schema):
 class ModelInfo(Schema):
     version: str
     checkpoints: list[CheckpointInfo]
+    weights: list[float] = Field(description="Ensemble weight of each checkpoint (fitted on validation, or equal).")
     class_names: list[str]
     tta: str
     device: str
@@ -143,8 +144,9 @@ class Metrics(Schema):
     balanced_accuracy_ci95: list[float | None] | None
     macro_auroc: float | None
     macro_f1: float | None
-    melanoma: dict[str, Any] | None = Field(description="Sensitivity/specificity at argmax and at the validation "
-                                                        "threshold, as evaluate.py writes them.")
+    melanoma: dict[str, Any] | None = Field(
+        description="Sensitivity/specificity at argmax and at the validation threshold, as evaluate.py writes them."
+    )
     temperature: float | None
     ece_after_temperature: float | None
     per_class: dict[str, PerClassMetrics]

@@ -1,8 +1,8 @@
 """Turn untrusted upload bytes into an RGB array, or a clear 4xx error: never a crash, never a decompression bomb.
 
-Decoding goes through Pillow (it raises on truncated files, where OpenCV would return a partly grey image) and only
-for the formats a browser or phone camera produces. EXIF orientation is applied, since phones store portrait photos
-sideways with a rotation tag.
+Only the formats a browser or phone camera produces are opened; the pixels then go through the project's one decoder
+(``lesionnet.data.decode``: EXIF orientation applied, 16-bit greyscale scaled), the same as for the files evaluate.py
+scores, so the app serves what was evaluated.
 """
 
 from __future__ import annotations
@@ -12,7 +12,9 @@ import warnings
 from dataclasses import dataclass
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
+
+from lesionnet.data.decode import pil_to_rgb
 
 ALLOWED_TYPES: dict[str, str] = {"image/jpeg": "JPEG", "image/png": "PNG", "image/webp": "WEBP"}
 
@@ -46,8 +48,9 @@ def guard_pillow(limits: UploadLimits) -> None:
 def check_content_type(content_type: str | None) -> None:
     media = (content_type or "").split(";")[0].strip().lower()
     if media not in ALLOWED_TYPES:
-        raise UploadError(415, "unsupported_media_type",
-                          f"Upload a JPEG, PNG or WebP image (got content type '{media or 'none'}').")
+        raise UploadError(
+            415, "unsupported_media_type", f"Upload a JPEG, PNG or WebP image (got content type '{media or 'none'}')."
+        )
 
 
 def decode_image(data: bytes, limits: UploadLimits) -> np.ndarray:
@@ -56,22 +59,26 @@ def decode_image(data: bytes, limits: UploadLimits) -> np.ndarray:
         raise UploadError(400, "empty_file", "The uploaded file is empty.")
     if len(data) > limits.max_bytes:
         raise UploadError(413, "file_too_large", f"The file is larger than {limits.max_bytes // (1024 * 1024)} MB.")
-    too_many = UploadError(413, "too_many_pixels",
-                           f"The image has more than {limits.max_pixels:,} pixels; resize it and try again.")
+    too_many = UploadError(
+        413, "too_many_pixels", f"The image has more than {limits.max_pixels:,} pixels; resize it and try again."
+    )
     try:
         with Image.open(io.BytesIO(data), formats=list(ALLOWED_TYPES.values())) as img:
             if img.width * img.height > limits.max_pixels:
                 raise too_many
             img.load()
-            rgb = ImageOps.exif_transpose(img).convert("RGB")
+            rgb = pil_to_rgb(img)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
         raise too_many from err
     except UnidentifiedImageError as err:
         raise UploadError(422, "not_an_image", "The file is not a JPEG, PNG or WebP image.") from err
     except (OSError, SyntaxError, ValueError, EOFError) as err:  # truncated or corrupt data
         raise UploadError(422, "corrupt_image", "The image file is damaged or incomplete; upload it again.") from err
-    if min(rgb.size) < limits.min_side:
-        raise UploadError(422, "image_too_small",
-                          f"The image is too small ({rgb.width}x{rgb.height}); it needs at least {limits.min_side} "
-                          "pixels on each side.")
-    return np.asarray(rgb)
+    height, width = rgb.shape[:2]
+    if min(height, width) < limits.min_side:
+        raise UploadError(
+            422,
+            "image_too_small",
+            f"The image is too small ({width}x{height}); it needs at least {limits.min_side} pixels on each side.",
+        )
+    return rgb

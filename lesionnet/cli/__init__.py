@@ -9,26 +9,25 @@ from __future__ import annotations
 import runpy
 import sys
 from collections.abc import Sequence
-from pathlib import Path
 
-CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")  # Hydra's config root (an editable install keeps it)
+CONF_DIR = "pkg://lesionnet.conf"  # Hydra's config root: package data, so an installed wheel finds it too
 
 COMMANDS: dict[str, tuple[str, str]] = {
-    "train": ("lesionnet.cli.train", "train a model                   (conf/train.yaml; same as python train.py)"),
-    "evaluate": ("lesionnet.cli.evaluate",
-                 "score checkpoints and ensembles (conf/eval.yaml; same as python evaluate.py)"),
-    "serve": ("lesionnet.app", "start the web app and REST API  (conf/serve.yaml)"),
-    "export": ("lesionnet.export", "export ONNX / TorchScript       (conf/export.yaml)"),
-    "eda": ("lesionnet.eda", "exploratory data analysis       (conf/eda.yaml)"),
-    "report": ("lesionnet.report", "results table of training runs"),
-    "download": ("lesionnet.data.download", "download HAM10000 (Dataverse or ISIC) with checksums"),
+    "train": ("lesionnet.cli.train", "train a model                   (train.yaml; same as python train.py)"),
+    "evaluate": ("lesionnet.cli.evaluate", "score checkpoints and ensembles (eval.yaml; same as python evaluate.py)"),
+    "serve": ("lesionnet.cli.serve", "start the web app and REST API  (serve.yaml)"),
+    "export": ("lesionnet.cli.export", "export ONNX / TorchScript       (export.yaml)"),
+    "eda": ("lesionnet.cli.eda", "exploratory data analysis       (eda.yaml)"),
+    "report": ("lesionnet.cli.report", "results table of training runs  (report.yaml)"),
+    "download": ("lesionnet.cli.download", "download HAM10000, verified    (download.yaml)"),
 }
 
 
 def usage() -> str:
     lines = ["usage: lesionnet <command> [hydra overrides | --help]", "", "commands:"]
     lines += [f"  {name:<9} {text}" for name, (_, text) in COMMANDS.items()]
-    lines += ["", "Example: lesionnet train model=densenet201 finetune=all; lesionnet serve ckpt=logs/train/runs/<run>"]
+    lines += ["", "Configs: lesionnet/conf/<name>.yaml in the package (pkg://lesionnet.conf); --help shows the groups."]
+    lines += ["Example: lesionnet train model=densenet201 finetune=all; lesionnet serve ckpt=logs/train/runs/<run>"]
     return "\n".join(lines)
 
 

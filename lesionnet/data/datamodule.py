@@ -118,8 +118,8 @@ class HAM10000DataModule(L.LightningDataModule):
                 "train, so test figures are optimistic. Use it only to compare with the seed's table.",
                 lesion_overlap(table, "train", "test"),
             )
-        required = SPLITS if self.split_file or legacy else tuple(
-            s for s in SPLITS if self.split_fractions.get(s, 0) > 0
+        required = (
+            SPLITS if self.split_file or legacy else tuple(s for s in SPLITS if self.split_fractions.get(s, 0) > 0)
         )
         check_splits_nonempty(table, required)
         table["label"] = table["dx"].map({c: i for i, c in enumerate(self.class_names)})
@@ -139,6 +139,12 @@ class HAM10000DataModule(L.LightningDataModule):
         if self.imbalance != "loss":
             return None
         return class_weights(self._train_labels(), len(self.class_names), self.imbalance_power)
+
+    @property
+    def class_prior(self) -> list[float]:
+        """Training-split class frequencies (what logit adjustment offsets by, and what the checkpoint stores)."""
+        counts = np.bincount(self._train_labels(), minlength=len(self.class_names)).astype(float)
+        return (counts / counts.sum()).tolist()
 
     def _train_labels(self) -> list[int]:
         if "train" not in self.datasets:

@@ -3,30 +3,11 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from pathlib import Path
 
-import numpy as np
 import torch
-from PIL import Image
 from torch.utils.data import Dataset
 
-from lesionnet.data.metadata import DatasetError
-
-
-def read_rgb(path: str | Path) -> np.ndarray:
-    """Decode an image fully to an RGB uint8 array.
-
-    Pillow raises on truncated JPEGs (OpenCV would silently return a partly grey image), which is
-    why decoding goes through Pillow: a damaged file must never become a training sample.
-    """
-    try:
-        with Image.open(path) as img:
-            return np.asarray(img.convert("RGB"))
-    except (OSError, SyntaxError, ValueError) as err:
-        raise DatasetError(
-            f"Cannot decode image {path}: {err}. Replace it with the original file (re-download the "
-            "dataset) or delete its row from the metadata CSV."
-        ) from err
+from lesionnet.data.decode import read_rgb
 
 
 class LesionImageDataset(Dataset):

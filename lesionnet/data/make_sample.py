@@ -51,10 +51,15 @@ def make_sample(src: Path, dest: Path, per_class: int = 40, seed: int = 0) -> pd
         shutil.copyfile(path, dest / "images" / Path(path).name)
     columns = [c for c in full.columns if c not in ("path", "csv_line")]
     sample[columns].to_csv(dest / METADATA_FILE, index=False)
-    (dest / "SOURCE.md").write_text(ATTRIBUTION.format(
-        n_images=len(sample), n_lesions=sample["lesion_id"].nunique(), per_class=per_class,
-        src_name=src.name, seed=seed,
-    ))
+    (dest / "SOURCE.md").write_text(
+        ATTRIBUTION.format(
+            n_images=len(sample),
+            n_lesions=sample["lesion_id"].nunique(),
+            per_class=per_class,
+            src_name=src.name,
+            seed=seed,
+        )
+    )
     return sample
 
 

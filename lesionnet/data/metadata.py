@@ -24,7 +24,7 @@ IMAGE_DIRS: tuple[str, ...] = ("images", "HAM10000_images_part_1", "HAM10000_ima
 IMAGE_SUFFIX = ".jpg"
 GET_DATA_HINT = (
     "Point data.root at a folder holding HAM10000_metadata.csv and the images "
-    "(python -m lesionnet.data.download --dest DIR fetches the full set), "
+    "(lesionnet download dest=DIR fetches the full set), "
     "or leave data.root unset to use the embedded sample."
 )
 
@@ -152,7 +152,10 @@ def load_ham10000(
     if unlisted:
         log.warning(
             "%d image file(s) under %s are not listed in %s and are not used: %s",
-            len(unlisted), root, csv_path.name, preview_items(unlisted),
+            len(unlisted),
+            root,
+            csv_path.name,
+            preview_items(unlisted),
         )
     if check_headers:
         for path in df["path"]:

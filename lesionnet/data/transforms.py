@@ -36,8 +36,9 @@ def to_hw(image_size: int | Sequence[int]) -> tuple[int, int]:
     return size[0], size[1]
 
 
-def resolve_data_config(backbone: str, image_size: int | Sequence[int] | None = None,
-                        crop_pct: float | None = None) -> dict[str, Any]:
+def resolve_data_config(
+    backbone: str, image_size: int | Sequence[int] | None = None, crop_pct: float | None = None
+) -> dict[str, Any]:
     """The backbone's timm pretrained data config (size, mean/std, interpolation, crop_pct), with overrides.
 
     Read from timm's registry without building the model, so data and model agree by construction.
@@ -68,6 +69,19 @@ def _interp(data_config: Mapping[str, Any]) -> int:
 
 def _normalize(data_config: Mapping[str, Any]) -> list[A.BasicTransform]:
     return [A.Normalize(mean=data_config["mean"], std=data_config["std"], max_pixel_value=255.0), ToTensorV2()]
+
+
+def eval_crop_box(data_config: Mapping[str, Any], width: int, height: int) -> tuple[float, float, float, float]:
+    """The region (left, top, right, bottom, in original pixels) of a ``width`` x ``height`` image that
+    :func:`build_eval_transform` keeps: what the model sees, for drawing heatmaps back onto the photo."""
+    h, w = to_hw(data_config["input_size"])
+    crop_pct = float(data_config.get("crop_pct", 1.0))
+    if h == w:
+        scale_y = scale_x = math.floor(h / crop_pct) / min(width, height)
+    else:
+        scale_y, scale_x = math.floor(h / crop_pct) / height, math.floor(w / crop_pct) / width
+    left, top = (width * scale_x - w) / 2 / scale_x, (height * scale_y - h) / 2 / scale_y
+    return max(0.0, left), max(0.0, top), min(width, left + w / scale_x), min(height, top + h / scale_y)
 
 
 def build_eval_transform(data_config: Mapping[str, Any]) -> A.Compose:
@@ -102,18 +116,32 @@ def build_train_transform(
     if rot90 > 0:
         ops.append(A.RandomRotate90(p=rot90))
     if rotate_degrees > 0:
-        ops.append(A.Affine(rotate=(-rotate_degrees, rotate_degrees), border_mode=cv2.BORDER_REFLECT_101,
-                            interpolation=interp, p=0.5))
-    ops.append(A.RandomResizedCrop(size=(h, w), scale=tuple(scale), ratio=(aspect * 3 / 4, aspect * 4 / 3),
-                                   interpolation=interp))
+        ops.append(
+            A.Affine(
+                rotate=(-rotate_degrees, rotate_degrees),
+                border_mode=cv2.BORDER_REFLECT_101,
+                interpolation=interp,
+                p=0.5,
+            )
+        )
+    ops.append(
+        A.RandomResizedCrop(
+            size=(h, w), scale=tuple(scale), ratio=(aspect * 3 / 4, aspect * 4 / 3), interpolation=interp
+        )
+    )
     if hflip > 0:
         ops.append(A.HorizontalFlip(p=hflip))
     if vflip > 0:
         ops.append(A.VerticalFlip(p=vflip))
     if color_jitter:
         jitter = dict(color_jitter)
-        ops.append(A.ColorJitter(
-            brightness=jitter.get("brightness", 0.0), contrast=jitter.get("contrast", 0.0),
-            saturation=jitter.get("saturation", 0.0), hue=jitter.get("hue", 0.0), p=jitter.get("p", 0.8),
-        ))
+        ops.append(
+            A.ColorJitter(
+                brightness=jitter.get("brightness", 0.0),
+                contrast=jitter.get("contrast", 0.0),
+                saturation=jitter.get("saturation", 0.0),
+                hue=jitter.get("hue", 0.0),
+                p=jitter.get("p", 0.8),
+            )
+        )
     return A.Compose([*ops, *_normalize(data_config)])

@@ -15,20 +15,9 @@ import pandas as pd
 
 from lesionnet.classes import CLASS_NAMES
 from lesionnet.data.isic import ISIC_COLUMNS, is_isic_ground_truth, isic_onehot_to_dx
-from lesionnet.data.metadata import DatasetError, load_ham10000, preview_items
-from lesionnet.data.split import load_split
+from lesionnet.data.metadata import DatasetError, preview_items
 
 IMAGE_SUFFIXES: tuple[str, ...] = (".jpg", ".jpeg", ".png")
-
-
-def run_split_table(run_dir: Path, data_root: str | Path, split: str) -> pd.DataFrame:
-    """Images of one split (train/val/test) of a train.py run, as saved in its split.csv."""
-    table = load_ham10000(data_root)
-    table["split"] = load_split(table, run_dir / "split.csv", allow_leak=True)
-    part = table[table["split"] == split].reset_index(drop=True)
-    if part.empty:
-        raise DatasetError(f"Split '{split}' of {run_dir / 'split.csv'} is empty; use data.split=test or val.")
-    return part
 
 
 def read_labels(path: str | Path, class_names: Sequence[str] = CLASS_NAMES) -> pd.DataFrame:
@@ -50,8 +39,10 @@ def read_labels(path: str | Path, class_names: Sequence[str] = CLASS_NAMES) -> p
     if unknown:
         raise DatasetError(f"{path}: labels {unknown} are not among the model's classes {list(class_names)}.")
     if labels["image_id"].duplicated().any():
-        raise DatasetError(f"{path}: some images are labelled twice: "
-                           f"{preview_items(labels.loc[labels['image_id'].duplicated(), 'image_id'])}.")
+        raise DatasetError(
+            f"{path}: some images are labelled twice: "
+            f"{preview_items(labels.loc[labels['image_id'].duplicated(), 'image_id'])}."
+        )
     return labels.reset_index(drop=True)
 
 
@@ -82,8 +73,7 @@ def external_table(images: str | Path, labels: str | Path | None, class_names: S
     return table
 
 
-def write_isic_predictions(image_ids: Sequence[str], probs: np.ndarray, class_names: Sequence[str],
-                           path: Path) -> Path:
+def write_isic_predictions(image_ids: Sequence[str], probs: np.ndarray, class_names: Sequence[str], path: Path) -> Path:
     """Probabilities as an ISIC 2018 Task 3 submission CSV (``image,MEL,NV,BCC,AKIEC,BKL,DF,VASC``)."""
     lower = [c.lower() for c in ISIC_COLUMNS]
     if sorted(class_names) != sorted(lower):
@@ -91,7 +81,7 @@ def write_isic_predictions(image_ids: Sequence[str], probs: np.ndarray, class_na
     order = [list(class_names).index(c) for c in lower]
     frame = pd.DataFrame(probs[:, order], columns=list(ISIC_COLUMNS))
     frame.insert(0, "image", list(image_ids))
-    frame.to_csv(path, index=False, float_format="%.6f")
+    frame.to_csv(path, index=False, float_format="%.9f")
     return path
 
 

@@ -3,6 +3,9 @@
 Everything torchmetrics provides (accuracy, per-class/macro precision, recall, F1, AUROC, ROC, calibration error,
 confusion matrix) comes from torchmetrics; numpy/scipy cover the rest (log loss, temperature scaling, bootstrap,
 ensembling). Functions take softmax *probabilities*, not logits, so single models and ensembles are treated alike.
+Every array reaches torchmetrics through :func:`_tensor`, which clips scores to [0, 1]: torchmetrics applies a
+sigmoid or softmax to *all* scores as soon as one lies outside [0, 1], and a weighted ensemble mean can reach
+1.0000000000000002.
 
 Macro averages run over the classes present in ``targets``, which is what the official ISIC 2018 Task 3 scorer
 (``isic-challenge-scoring``) does: its balanced accuracy and per-class AUC are NaN for an absent class and pandas'
@@ -18,7 +21,7 @@ from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 import torch
-from scipy.optimize import minimize_scalar
+from scipy.optimize import minimize, minimize_scalar
 from scipy.special import log_softmax, softmax
 from torchmetrics.functional.classification import (
     binary_recall,
@@ -43,6 +46,7 @@ __all__ = [
     "check_inputs",
     "classification_scores",
     "expected_calibration_error",
+    "fit_ensemble_weights",
     "fit_temperature",
     "greedy_selection",
     "log_loss",
@@ -80,9 +84,21 @@ def check_inputs(probs: np.ndarray, targets: np.ndarray) -> tuple[np.ndarray, np
     return probs, targets
 
 
+def _tensor(values: np.ndarray) -> torch.Tensor:
+    """The one way arrays reach torchmetrics: labels and decisions as int64, scores as float64 clipped to [0, 1].
+
+    torchmetrics re-applies a sigmoid/softmax to every score once any lies outside [0, 1]; round-off of a (weighted)
+    mean or of float32 (1.0000000000000002, 1.0000001) must not trigger that, so scores are clipped here.
+    """
+    values = np.asarray(values)
+    if np.issubdtype(values.dtype, np.integer) or values.dtype == np.bool_:
+        return torch.from_numpy(values.astype(np.int64))
+    return torch.from_numpy(np.clip(values, 0.0, 1.0).astype(np.float64))
+
+
 def _tensors(probs: np.ndarray, targets: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-    """float64/int64 tensors; clipping to [0, 1] keeps float32 round-off (1.0000001) from triggering a softmax."""
-    return torch.from_numpy(np.clip(probs, 0.0, 1.0).astype(np.float64)), torch.from_numpy(targets.astype(np.int64))
+    """Scores and labels for one torchmetrics call (see :func:`_tensor`)."""
+    return _tensor(probs), _tensor(targets)
 
 
 def _plain(value: float | torch.Tensor) -> float:
@@ -234,8 +250,7 @@ def sensitivity_specificity(
     """
     probs, targets = check_inputs(probs, targets)
     flagged = probs.argmax(axis=1) == positive if threshold is None else probs[:, positive] >= threshold
-    decided = torch.from_numpy(flagged.astype(np.int64))
-    truth = torch.from_numpy((targets == positive).astype(np.int64))
+    decided, truth = _tensors(flagged, targets == positive)
     n_pos = int(truth.sum())
     return {
         "sensitivity": _plain(binary_recall(decided, truth)) if n_pos > 0 else None,
@@ -257,9 +272,7 @@ def threshold_for_sensitivity(
     if not 0.0 < target_sensitivity <= 1.0:
         raise ValueError(f"target_sensitivity must be in (0, 1], got {target_sensitivity}")
     is_pos = _positives(targets, positive)
-    _, tpr, thresholds = binary_roc(
-        torch.from_numpy(probs[:, positive].astype(np.float64)), torch.from_numpy(is_pos.astype(np.int64))
-    )
+    _, tpr, thresholds = binary_roc(*_tensors(probs[:, positive], is_pos))
     reached = tpr.numpy() >= target_sensitivity - 1e-12  # tpr = k / n_pos: forgive round-off at exact fractions
     return float(thresholds.numpy()[reached].max())
 
@@ -303,6 +316,20 @@ def apply_temperature(probs: np.ndarray, temperature: float) -> np.ndarray:
 # ----------------------------------------------------------------------------- uncertainty
 
 
+def _cluster_layout(groups: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(image indices sorted by cluster, each cluster's first position in that order, its size).
+
+    Clusters are numbered in order of first appearance: when every image is its own cluster, cluster k is image k,
+    so the cluster bootstrap draws exactly the resamples the image bootstrap drew for the same seed.
+    """
+    _, first_seen, codes = np.unique(groups, return_index=True, return_inverse=True)
+    rank = np.empty(len(first_seen), dtype=np.int64)
+    rank[np.argsort(first_seen, kind="stable")] = np.arange(len(first_seen))
+    cluster_of_image = rank[codes.reshape(-1)]
+    sizes = np.bincount(cluster_of_image)
+    return np.argsort(cluster_of_image, kind="stable"), np.cumsum(sizes) - sizes, sizes
+
+
 def bootstrap_ci(
     probs: np.ndarray,
     targets: np.ndarray,
@@ -310,19 +337,33 @@ def bootstrap_ci(
     n_boot: int = 1000,
     seed: int = 0,
     alpha: float = 0.05,
+    groups: np.ndarray | Sequence[str] | None = None,
 ) -> tuple[float, float]:
-    """Percentile bootstrap (1 - alpha) interval of ``metric`` over images resampled with replacement.
+    """Percentile bootstrap (1 - alpha) interval of ``metric``, resampling clusters (e.g. lesions) with replacement.
 
-    All resample indices are drawn in one call, so the loop only runs ``metric``; use the numpy helpers
-    (:func:`accuracy`, :func:`balanced_accuracy`, :func:`log_loss`) to keep 1000 resamples well under a second.
-    Resamples where the metric is NaN (e.g. a class drawn zero times) are ignored.
+    Images of one lesion are correlated, so resampling images treats them as independent evidence and gives too
+    narrow an interval; with ``groups`` (one cluster id per image) whole clusters are drawn, all their images
+    together. ``groups=None`` makes every image its own cluster: the plain image bootstrap, for sets whose lesion
+    ids are unknown. All cluster draws are made in one call, so the loop only gathers indices and runs ``metric``;
+    use the numpy helpers (:func:`accuracy`, :func:`balanced_accuracy`, :func:`log_loss`) to keep 1000 resamples
+    well under a second. Resamples where the metric is NaN (e.g. a class drawn zero times) are ignored.
     """
     probs, targets = check_inputs(probs, targets)
     if not 0.0 < alpha < 1.0:
         raise ValueError(f"alpha must be in (0, 1), got {alpha}")
+    clusters = np.arange(len(targets)) if groups is None else np.asarray(groups)
+    if clusters.shape != targets.shape:
+        raise ValueError(f"groups must hold one cluster id per image: {clusters.shape} for {targets.shape} targets")
+    order, starts, sizes = _cluster_layout(clusters)
     rng = np.random.default_rng(seed)
-    indices = rng.integers(0, len(targets), size=(n_boot, len(targets)))
-    stats = np.array([metric(probs[idx], targets[idx]) for idx in indices], dtype=np.float64)
+    draws = rng.integers(0, len(sizes), size=(n_boot, len(sizes)))
+    stats = np.empty(n_boot, dtype=np.float64)
+    for resample, drawn in enumerate(draws):
+        drawn_sizes = sizes[drawn]
+        # positions starts[c], starts[c] + 1, ..., starts[c] + sizes[c] - 1 of every drawn cluster c, in draw order
+        offsets = np.arange(drawn_sizes.sum()) - np.repeat(np.cumsum(drawn_sizes) - drawn_sizes, drawn_sizes)
+        idx = order[np.repeat(starts[drawn], drawn_sizes) + offsets]
+        stats[resample] = metric(probs[idx], targets[idx])
     low, high = np.nanquantile(stats, [alpha / 2, 1 - alpha / 2])
     return float(low), float(high)
 
@@ -342,6 +383,48 @@ def average_probs(members: Sequence[np.ndarray], weights: Sequence[float] | None
         raise ValueError(f"Need {len(members)} non-negative weights with a positive sum, got {weights}")
     stack = np.stack([np.asarray(m, dtype=np.float64) for m in members])
     return np.tensordot(w / w.sum(), stack, axes=1)
+
+
+def _true_class_probs(members: Sequence[np.ndarray], targets: np.ndarray) -> np.ndarray:
+    """(N, members) probability each member gives each image's true class: all that the log loss of a mix sees."""
+    rows = np.arange(len(targets))
+    return np.stack([check_inputs(member, targets)[0][rows, targets] for member in members], axis=1)
+
+
+def fit_ensemble_weights(members: Sequence[np.ndarray], targets: np.ndarray, prune_below: float = 1e-4) -> np.ndarray:
+    """Non-negative weights summing to 1 that minimise the log loss of the weighted mean of ``members``.
+
+    Fit on validation data instead of typing weights by hand: the log loss of a mixture is convex in its weights,
+    so SLSQP on the simplex finds the global optimum, and a member that adds nothing gets weight 0. Weights under
+    ``prune_below`` are set to 0 (and the rest renormalised): they move no probability by more than that, yet
+    would cost a forward pass at serving time.
+    """
+    if len(members) == 0:
+        raise ValueError("No ensemble members to weight")
+    targets = np.asarray(targets)
+    true_probs = _true_class_probs(members, targets)
+    n_members = true_probs.shape[1]
+    if n_members == 1:
+        return np.ones(1)
+
+    def loss_and_gradient(weights: np.ndarray) -> tuple[float, np.ndarray]:
+        mixed = np.clip(true_probs @ weights, LOG_LOSS_EPS, None)  # as log_loss clips, so the optimum is its optimum
+        return float(-np.mean(np.log(mixed))), -(true_probs / mixed[:, None]).mean(axis=0)
+
+    result = minimize(
+        loss_and_gradient,
+        x0=np.full(n_members, 1.0 / n_members),
+        jac=True,
+        method="SLSQP",
+        bounds=[(0.0, 1.0)] * n_members,
+        constraints=[{"type": "eq", "fun": lambda weights: weights.sum() - 1.0, "jac": lambda _: np.ones(n_members)}],
+        options={"ftol": 1e-12, "maxiter": 500},
+    )
+    if not result.success:
+        raise RuntimeError(f"Fitting ensemble weights did not converge ({result.message}); use ensemble=mean.")
+    weights = np.clip(result.x, 0.0, None)
+    weights[weights < prune_below] = 0.0
+    return weights / weights.sum()
 
 
 # Selection metrics: (function, higher is better).

@@ -101,8 +101,15 @@ def plot_reliability_diagram(
     edges = np.linspace(0.0, 1.0, n_bins + 1)
     _, acc, _ = reliability_bins(probs, targets, n_bins)
     ece = expected_calibration_error(probs, targets, n_bins)
-    ax.bar(edges[:-1], np.nan_to_num(acc), width=1.0 / n_bins, align="edge", edgecolor="black", alpha=0.7,
-           label=f"model (ECE {ece:.3f})")
+    ax.bar(
+        edges[:-1],
+        np.nan_to_num(acc),
+        width=1.0 / n_bins,
+        align="edge",
+        edgecolor="black",
+        alpha=0.7,
+        label=f"model (ECE {ece:.3f})",
+    )
     title_ece = f"ECE {ece:.3f}"
     if calibrated is not None:
         calibrated, _ = check_inputs(calibrated, targets)
@@ -115,4 +122,3 @@ def plot_reliability_diagram(
     ax.set_title(f"{title} ({title_ece})")
     ax.legend(loc="upper left", fontsize=8)
     return _save(fig, path)
-

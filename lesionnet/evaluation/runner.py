@@ -1,12 +1,12 @@
 """The pipeline behind evaluate.py: checkpoints -> probabilities -> ensemble -> scores, plots and report.
 
-Everything chosen from data (ensemble members, the melanoma referral threshold, the temperature) is
-chosen on the training run's validation split and only then applied to the evaluated set.
+Everything chosen from data (ensemble members and weights, the melanoma referral threshold, the temperature) is
+chosen on the training run's validation split and only then applied to the evaluated set. Scoring that validation
+split itself is refused unless asked for explicitly (``in_sample=true``), and is then titled as optimistic.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -15,166 +15,191 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from lesionnet.evaluation import metrics as M
-from lesionnet.evaluation import plots
-from lesionnet.evaluation.checkpoints import CheckpointError, Member, load_member, resolve_checkpoints
-from lesionnet.evaluation.datasets import (
-    external_table,
-    run_split_table,
-    write_isic_ground_truth,
-    write_isic_predictions,
-)
-from lesionnet.evaluation.predict import predict_probs
+from lesionnet.contract.scores import EnsembleRecord, ScoredModel, ScoresFile, write_scores
+from lesionnet.evaluation import metrics, plots
+from lesionnet.evaluation.datasets import external_table, write_isic_ground_truth, write_isic_predictions
+from lesionnet.evaluation.guard import check_provenance
 from lesionnet.evaluation.report import write_report
+from lesionnet.inference import CheckpointError, Member, Predictor, load_members
 
 log = logging.getLogger(__name__)
 ENSEMBLE = "ensemble"
+ENSEMBLE_MODES: tuple[str, ...] = ("none", "mean", "greedy", "fit")
+# What report.md and scores.json call each scorable split of a training run.
+SPLIT_TITLES: dict[str, str] = {"test": "test", "val": "validation (in-sample, optimistic)"}
 
 
 @dataclass
 class EvalSet:
-    """Images to score (``table`` with image_id, path and, when labelled, dx) and what they are."""
+    """Images to score (``table`` with image_id, path and, when labelled, dx and lesion_id) and what they are.
+
+    ``title`` is the short name reports use for the set ("test", "validation (in-sample, optimistic)", "external");
+    ``description`` adds where it comes from.
+    """
 
     table: pd.DataFrame
     description: str
+    title: str
 
     @property
     def labelled(self) -> bool:
         return "dx" in self.table.columns
 
+    @property
+    def lesion_ids(self) -> np.ndarray | None:
+        """One lesion id per image where every image has one (run splits), else None (e.g. external folders)."""
+        if "lesion_id" not in self.table.columns or self.table["lesion_id"].isna().any():
+            return None
+        return self.table["lesion_id"].astype(str).to_numpy()
+
     def targets(self, class_names: Sequence[str]) -> np.ndarray:
         return self.table["dx"].map({c: i for i, c in enumerate(class_names)}).to_numpy()
 
 
-def _same_classes(members: Sequence[Member]) -> list[str]:
-    names = {tuple(m.class_names) for m in members}
-    if len(names) > 1:
-        raise CheckpointError(f"Class set mismatch between checkpoints: {sorted(names)}. Ensemble like with like.")
-    return list(names.pop())
-
-
-def _data_root(cfg: DictConfig, run: Path) -> str:
-    if cfg.data.root:
-        return str(cfg.data.root)
-    metrics = run / "metrics.json"
-    if metrics.is_file():
-        return json.loads(metrics.read_text())["data_root"]
-    raise CheckpointError(f"No data.root given and {run} has no metrics.json recording one: pass data.root=...")
+def check_config(cfg: DictConfig) -> None:
+    """Refuse, before any model is loaded, settings that would score optimistically or that are no longer read."""
+    if "ensemble_weights" in cfg:
+        raise ValueError(
+            "ensemble_weights is no longer read: ensemble weights are now fitted on validation (non-negative, summing "
+            "to 1, minimising validation log loss). Remove ensemble_weights and pass ensemble=fit."
+        )
+    if cfg.ensemble not in ENSEMBLE_MODES:
+        raise ValueError(f"Unknown ensemble '{cfg.ensemble}'; use one of {', '.join(ENSEMBLE_MODES)}.")
+    if cfg.data.images:
+        return  # an external set: data.split is not used
+    if cfg.data.split not in SPLIT_TITLES:
+        raise ValueError(f"data.split={cfg.data.split} cannot be scored; use data.split=test (or val, see in_sample).")
+    if cfg.data.split == "val" and not cfg.get("in_sample", False):
+        raise ValueError(
+            "data.split=val scores the very images that chose the ensemble, its weights, the melanoma threshold and "
+            "the temperature, so its figures are optimistic. Score data.split=test, or set in_sample=true to score "
+            "the validation split anyway (it is then titled 'validation (in-sample, optimistic)')."
+        )
 
 
 def build_sets(cfg: DictConfig, members: Sequence[Member], class_names: list[str]) -> tuple[EvalSet, EvalSet | None]:
     """The set to score and the validation set used for selection and calibration (None if unavailable)."""
-    run = next((m.run_dir for m in members if m.run_dir is not None), None)
+    run = next((m.run for m in members if m.run is not None), None)
     val = None
     if run is not None:
-        root = _data_root(cfg, run)
-        val = EvalSet(run_split_table(run, root, "val"), f"validation split of {run}")
+        val = EvalSet(run.split_table("val", cfg.data.root), f"validation split of {run.path}", "validation")
     if cfg.data.images:
         table = external_table(cfg.data.images, cfg.data.labels, class_names)
-        target = EvalSet(table, f"external set {cfg.data.images}" + ("" if cfg.data.labels else " (unlabelled)"))
+        title = "external" + ("" if cfg.data.labels else " (unlabelled)")
+        target = EvalSet(table, f"{title} set {cfg.data.images}", title)
     elif run is not None:
-        target = EvalSet(run_split_table(run, root, cfg.data.split), f"{cfg.data.split} split of {run}")
+        title = SPLIT_TITLES[cfg.data.split]
+        target = EvalSet(run.split_table(cfg.data.split, cfg.data.root), f"{title} split of {run.path}", title)
     else:
         raise CheckpointError(
-            "The checkpoint is not inside a train.py run folder (no split.csv beside checkpoints/): give an "
-            "external set with data.images=FOLDER [data.labels=CSV]."
+            "The checkpoint is not inside a train.py run folder (no split.csv beside checkpoints/), so it has no "
+            "split to score: give an external set with data.images=FOLDER [data.labels=CSV]."
         )
     if target.table.empty:
         raise CheckpointError(f"Nothing to evaluate: the {target.description} is empty.")
     return target, val
 
 
-def training_overlap(member: Member, table: pd.DataFrame) -> dict[str, int]:
-    """Images and lesions of ``table`` that ``member`` was trained on (images: must be 0)."""
-    if member.run_dir is None:
-        return {}
-    split = pd.read_csv(member.run_dir / "split.csv", dtype=str)
-    train = split[split["split"] == "train"]
-    out = {"images": int(table["image_id"].isin(train["image_id"]).sum())}
-    if "lesion_id" in table.columns:
-        out["lesions"] = len(set(table["lesion_id"]) & set(train["lesion_id"]))
-    return out
+def bootstrap_unit(eval_set: EvalSet, n_boot: int) -> dict[str, Any]:
+    """What the confidence intervals resample: lesions where their ids are known (images of one lesion are
+    correlated, so resampling them singly gives too narrow intervals), images otherwise; said in scores.json."""
+    lesions = eval_set.lesion_ids
+    if lesions is None:
+        n_images = len(eval_set.table)
+        return {
+            "unit": "images",
+            "n_units": n_images,
+            "resamples": n_boot,
+            "description": f"bootstrap over images: lesion ids unknown ({n_images:,} images)",
+        }
+    n_lesions = len(set(lesions))
+    return {
+        "unit": "lesions",
+        "n_units": n_lesions,
+        "resamples": n_boot,
+        "description": f"bootstrap over {n_lesions:,} lesions",
+    }
 
 
-def guard_overlap(members: Sequence[Member], sets: Sequence[EvalSet | None]) -> dict[str, dict[str, int]]:
-    """Refuse to score a model on images it trained on; report lesion overlap (legacy splits) instead."""
-    report: dict[str, dict[str, int]] = {}
-    for member in members:
-        for eval_set in filter(None, sets):
-            overlap = training_overlap(member, eval_set.table)
-            if overlap.get("images"):
-                raise CheckpointError(
-                    f"{member.name} was trained on {overlap['images']} image(s) of the {eval_set.description}. "
-                    "Checkpoints from runs with different splits cannot be scored on one split; use runs that share "
-                    "a split (train.py data.split_file=...)."
-                )
-            report.setdefault(member.name, {}).update({f"{k}_{eval_set.description}": v for k, v in overlap.items()})
-    return report
-
-
-def score(probs: np.ndarray, targets: np.ndarray, class_names: list[str], cfg: DictConfig,
-          val_probs: np.ndarray | None = None, val_targets: np.ndarray | None = None) -> dict[str, Any]:
-    """All metrics of one model (or ensemble), with CIs and the validation-chosen operating points."""
-    scores = M.classification_scores(probs, targets, class_names)
+def score(
+    probs: np.ndarray,
+    targets: np.ndarray,
+    class_names: list[str],
+    cfg: DictConfig,
+    val_probs: np.ndarray | None = None,
+    val_targets: np.ndarray | None = None,
+    lesion_ids: np.ndarray | None = None,
+) -> dict[str, Any]:
+    """All metrics of one model (or ensemble), with CIs (resampling lesions when ``lesion_ids`` are given) and the
+    validation-chosen operating points."""
+    scores = metrics.classification_scores(probs, targets, class_names)
     scores["ci95"] = {
-        "accuracy": list(M.bootstrap_ci(probs, targets, M.accuracy, n_boot=cfg.bootstrap, seed=cfg.seed)),
-        "balanced_accuracy": list(M.bootstrap_ci(probs, targets, M.balanced_accuracy, n_boot=cfg.bootstrap,
-                                                 seed=cfg.seed)),
+        key: list(metrics.bootstrap_ci(probs, targets, metric, n_boot=cfg.bootstrap, seed=cfg.seed, groups=lesion_ids))
+        for key, metric in (("accuracy", metrics.accuracy), ("balanced_accuracy", metrics.balanced_accuracy))
     }
     if "mel" in class_names:
         mel = class_names.index("mel")
-        scores["melanoma"] = {"argmax": M.sensitivity_specificity(probs, targets, mel)}
+        scores["melanoma"] = {"argmax": metrics.sensitivity_specificity(probs, targets, mel)}
         if val_probs is not None and (val_targets == mel).any():
-            threshold = M.threshold_for_sensitivity(val_probs, val_targets, mel, cfg.mel_target_sensitivity)
+            threshold = metrics.threshold_for_sensitivity(val_probs, val_targets, mel, cfg.mel_target_sensitivity)
             scores["melanoma"]["val_threshold"] = {
                 "target_sensitivity": cfg.mel_target_sensitivity,
-                **M.sensitivity_specificity(probs, targets, mel, threshold),
+                **metrics.sensitivity_specificity(probs, targets, mel, threshold),
             }
     if val_probs is not None:
-        temperature = M.fit_temperature(val_probs, val_targets)
-        calibrated = M.classification_scores(M.apply_temperature(probs, temperature), targets, class_names)
+        temperature = metrics.fit_temperature(val_probs, val_targets)
+        calibrated = metrics.classification_scores(metrics.apply_temperature(probs, temperature), targets, class_names)
         scores["temperature"] = temperature
         scores["ece_after_temperature"] = calibrated["ece"]
         scores["log_loss_after_temperature"] = calibrated["log_loss"]
     return scores
 
 
-def ensemble_members(cfg: DictConfig, val_probs: dict[str, np.ndarray], val_targets: np.ndarray | None,
-                     names: list[str]) -> list[str]:
-    """Which members form the ensemble: all (``mean``) or greedy forward selection on validation."""
+def ensemble_weights(
+    cfg: DictConfig, val_probs: dict[str, np.ndarray], val_targets: np.ndarray | None, names: list[str]
+) -> tuple[list[str], list[float]]:
+    """The ensemble's members and their weights (aligned, summing to 1), chosen on validation.
+
+    ``mean``: every member, equal weights. ``greedy``: forward selection on validation, equal weights (what the
+    selection scored). ``fit``: every member, weights minimising validation log loss; members fitted to weight 0
+    are left out. Greedy members are not re-weighted: over all members ``fit`` already finds the best log loss, and
+    re-weighting a subset chosen for another metric would no longer be the ensemble that was selected.
+    """
     if cfg.ensemble == "mean":
-        return names
+        return names, [1.0 / len(names)] * len(names)
+    if val_targets is None:
+        raise CheckpointError(
+            f"ensemble={cfg.ensemble} is chosen on the validation split, which needs checkpoints "
+            "from a train.py run folder; use ensemble=mean."
+        )
     if cfg.ensemble == "greedy":
-        if val_targets is None:
-            raise CheckpointError("ensemble=greedy selects on the validation split, which needs checkpoints from "
-                                  "a train.py run folder.")
-        return M.greedy_selection({n: val_probs[n] for n in names}, val_targets, metric=cfg.greedy_metric)
-    raise ValueError(f"Unknown ensemble '{cfg.ensemble}'; use none, mean or greedy.")
+        candidates = {name: val_probs[name] for name in names}
+        chosen = metrics.greedy_selection(candidates, val_targets, metric=cfg.greedy_metric)
+        return chosen, [1.0 / len(chosen)] * len(chosen)
+    if cfg.ensemble == "fit":
+        fitted = metrics.fit_ensemble_weights([val_probs[name] for name in names], val_targets)
+        kept = [(name, float(weight)) for name, weight in zip(names, fitted, strict=True) if weight > 0]
+        return [name for name, _ in kept], [weight for _, weight in kept]
+    raise ValueError(f"Unknown ensemble '{cfg.ensemble}'; use one of {', '.join(ENSEMBLE_MODES)}.")
 
 
-def _weights(cfg: DictConfig, chosen: list[str], names: list[str]) -> list[float] | None:
-    if cfg.ensemble_weights is None:
-        return None
-    weights = list(cfg.ensemble_weights)
-    if len(weights) != len(names):
-        raise ValueError(f"ensemble_weights has {len(weights)} values for {len(names)} checkpoints.")
-    return [weights[names.index(n)] for n in chosen]
-
-
-def write_plots(out: Path, probs: np.ndarray, targets: np.ndarray, class_names: list[str],
-                temperature: float | None) -> dict[str, str]:
-    cm = np.asarray(M.classification_scores(probs, targets, class_names)["confusion_matrix"])
+def write_plots(
+    out: Path, probs: np.ndarray, targets: np.ndarray, class_names: list[str], temperature: float | None
+) -> dict[str, str]:
+    cm = np.asarray(metrics.classification_scores(probs, targets, class_names)["confusion_matrix"])
     files = {
         "confusion_counts": plots.plot_confusion_matrix(cm, class_names, out / "confusion_counts.png", normalize=False),
-        "confusion_normalised": plots.plot_confusion_matrix(cm, class_names, out / "confusion_normalised.png",
-                                                            normalize=True),
+        "confusion_normalised": plots.plot_confusion_matrix(
+            cm, class_names, out / "confusion_normalised.png", normalize=True
+        ),
         "roc": plots.plot_roc_curves(probs, targets, class_names, out / "roc.png"),
         "reliability": plots.plot_reliability_diagram(
-            probs, targets, out / "reliability.png",
-            calibrated=M.apply_temperature(probs, temperature) if temperature is not None else None,
+            probs,
+            targets,
+            out / "reliability.png",
+            calibrated=metrics.apply_temperature(probs, temperature) if temperature is not None else None,
         ),
     }
     return {k: Path(v).name for k, v in files.items()}
@@ -182,53 +207,70 @@ def write_plots(out: Path, probs: np.ndarray, targets: np.ndarray, class_names: 
 
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
     """Score checkpoints (and their ensemble) and write predictions, scores.json, plots and report.md."""
+    check_config(cfg)
     out = Path(cfg.paths.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    device = "cuda" if cfg.device == "auto" and torch.cuda.is_available() else ("cpu" if cfg.device == "auto"
-                                                                                else cfg.device)
-    paths = resolve_checkpoints(OmegaConf.to_container(cfg.ckpt) if not isinstance(cfg.ckpt, str) else cfg.ckpt)
-    members = [load_member(p, device=device) for p in paths]
-    class_names = _same_classes(members)
+    members = load_members(cfg.ckpt, device=cfg.device)
+    predictor = Predictor(members, tta=cfg.tta)
+    class_names = predictor.class_names
     target, val = build_sets(cfg, members, class_names)
-    overlap = guard_overlap(members, [target, val])
+    provenance, overlap = check_provenance(
+        members,
+        target.table,
+        target.description,
+        val.table if val is not None else None,
+        val.description if val is not None else None,
+        allow_unknown=cfg.allow_unknown_provenance,
+        in_sample=target.title == SPLIT_TITLES["val"],
+    )
     names = [m.name for m in members]
     log.info("Evaluating %s on the %s (%d images)", names, target.description, len(target.table))
 
     def predict(table: pd.DataFrame, what: str) -> dict[str, np.ndarray]:
-        return {m.name: predict_probs(m.model, table["path"].tolist(), tta=cfg.tta, batch_size=cfg.data.batch_size,
-                                      num_workers=cfg.data.num_workers, desc=f"{m.name} {what}") for m in members}
+        prediction = predictor.predict_paths(
+            table["path"].tolist(), batch_size=cfg.data.batch_size, num_workers=cfg.data.num_workers, desc=what
+        )
+        return dict(zip(names, prediction.member_probs, strict=True))
 
     probs = predict(target.table, "eval")
     val_probs = predict(val.table, "val") if val is not None else {}
     val_targets = val.targets(class_names) if val is not None else None
-    chosen: list[str] = []
+    ensemble = None
     if len(members) > 1 and cfg.ensemble != "none":
-        chosen = ensemble_members(cfg, val_probs, val_targets, names)
-        weights = _weights(cfg, chosen, names)
-        probs[ENSEMBLE] = M.average_probs([probs[n] for n in chosen], weights)
+        chosen, weights = ensemble_weights(cfg, val_probs, val_targets, names)
+        ensemble = EnsembleRecord(mode=cfg.ensemble, members=chosen, weights=weights)
+        probs[ENSEMBLE] = metrics.average_probs([probs[name] for name in chosen], weights)
         if val is not None:
-            val_probs[ENSEMBLE] = M.average_probs([val_probs[n] for n in chosen], weights)
+            val_probs[ENSEMBLE] = metrics.average_probs([val_probs[name] for name in chosen], weights)
 
-    for name, p in probs.items():
-        write_isic_predictions(target.table["image_id"], p, class_names, out / f"predictions_{name}.csv")
-    result: dict[str, Any] = {
-        "evaluated": target.description, "n_images": len(target.table), "checkpoints": {m.name: str(m.path)
-                                                                                        for m in members},
-        "tta": cfg.tta, "ensemble": {"mode": cfg.ensemble, "members": chosen}, "training_overlap": overlap,
-        "validation": val.description if val is not None else None,
-    }
+    for name, model_probs in probs.items():
+        write_isic_predictions(target.table["image_id"], model_probs, class_names, out / f"predictions_{name}.csv")
+    result = ScoresFile(
+        evaluated=target.description,
+        set=target.title,
+        in_sample=target.title == SPLIT_TITLES["val"],
+        n_images=len(target.table),
+        tta=cfg.tta,
+        ensemble=ensemble,
+        training_overlap=overlap,
+        models=[ScoredModel(**m.describe(), provenance=provenance[m.name]) for m in members],
+        validation=val.description if val is not None else None,
+    )
     if target.labelled:
         write_isic_ground_truth(target.table["image_id"], target.table["dx"], out / "ground_truth_isic.csv")
         targets = target.targets(class_names)
-        result["scores"] = {
-            name: score(p, targets, class_names, cfg, val_probs.get(name), val_targets) for name, p in probs.items()
+        result.bootstrap = bootstrap_unit(target, cfg.bootstrap)
+        result.scores = {
+            name: score(model_probs, targets, class_names, cfg, val_probs.get(name), val_targets, target.lesion_ids)
+            for name, model_probs in probs.items()
         }
-        final = ENSEMBLE if ENSEMBLE in probs else names[0]
-        result["final"] = final
-        result["plots"] = write_plots(out, probs[final], targets, class_names,
-                                      result["scores"][final].get("temperature"))
-    (out / "scores.json").write_text(json.dumps(result, indent=2))
+        result.final = ENSEMBLE if ENSEMBLE in probs else names[0]
+        result.plots = write_plots(
+            out, probs[result.final], targets, class_names, result.scores[result.final].get("temperature")
+        )
+    write_scores(result, out / "scores.json")
+    summary = result.model_dump()
     if target.labelled:
-        write_report(result, class_names, out / "report.md")
+        write_report(summary, class_names, out / "report.md")
     log.info("Written to %s", out)
-    return result
+    return summary

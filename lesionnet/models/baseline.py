@@ -78,16 +78,26 @@ class KerasBaselineCNN(nn.Module):
 
 def _cfg(**kwargs: object) -> dict[str, object]:
     return {
-        "url": "", "num_classes": 7, "input_size": (3, 64, 64), "pool_size": (8, 8), "crop_pct": 1.0,
-        "interpolation": "bilinear", "mean": HAM10000_MEAN, "std": HAM10000_STD,
-        "first_conv": "features.0.0", "classifier": "classifier", **kwargs,
+        "url": "",
+        "num_classes": 7,
+        "input_size": (3, 64, 64),
+        "pool_size": (8, 8),
+        "crop_pct": 1.0,
+        "interpolation": "bilinear",
+        "mean": HAM10000_MEAN,
+        "std": HAM10000_STD,
+        "first_conv": "features.0.0",
+        "classifier": "classifier",
+        **kwargs,
     }
 
 
-default_cfgs = generate_default_cfgs({
-    "lesionnet_baseline.untrained": _cfg(),
-    "lesionnet_baseline_bn.untrained": _cfg(),
-})
+default_cfgs = generate_default_cfgs(
+    {
+        "lesionnet_baseline.untrained": _cfg(),
+        "lesionnet_baseline_bn.untrained": _cfg(),
+    }
+)
 
 
 def _create(variant: str, pretrained: bool = False, **kwargs: object) -> KerasBaselineCNN:

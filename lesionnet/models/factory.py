@@ -101,5 +101,6 @@ def create_backbone(
     weights = resolve_weights_file(backbone, pretrained_file)
     overlay = {"file": str(weights)} if weights else None
     log.info("Pretrained weights for %s from %s", backbone, weights or "the Hugging Face Hub")
-    return timm.create_model(backbone, pretrained=True, num_classes=num_classes, pretrained_cfg_overlay=overlay,
-                             **kwargs)
+    return timm.create_model(
+        backbone, pretrained=True, num_classes=num_classes, pretrained_cfg_overlay=overlay, **kwargs
+    )

@@ -1,0 +1,1 @@
+"""Hydra configs of LesionNet (package data, so an installed wheel carries them; ``pkg://lesionnet.conf``)."""

@@ -1,0 +1,1 @@
+"""Typed, versioned files that runs write and read: provenance, run folders, scores."""

@@ -1,0 +1,104 @@
+"""A train.py run folder: ``split.csv``, ``metrics.json`` and ``checkpoints/``, written and read only here.
+
+``split.csv`` keeps its format (``lesionnet.data.split`` writes and reads it); ``metrics.json`` is the typed
+:class:`RunMetrics`. Everything that needs a run's data root, split or best checkpoint asks :class:`RunFolder`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+from pydantic import BaseModel, ConfigDict
+
+from lesionnet.contract.files import ContractError, read_json, write_json
+from lesionnet.data.metadata import load_ham10000
+from lesionnet.data.split import load_split
+
+RUN_METRICS_VERSION = 1
+RETRAIN = "Re-run train.py with this LesionNet version (or pass the checkpoint file itself where that is enough)."
+
+
+class RunMetrics(BaseModel):
+    """``metrics.json``: what train.py measured for the best checkpoint, and how the run was configured."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    schema_version: int = RUN_METRICS_VERSION
+    backbone: str
+    monitor: str
+    model: dict[str, Any]
+    best_checkpoint: str
+    epochs_trained: int
+    fit_seconds: float
+    wall_seconds: float
+    data_root: str
+    data_config: dict[str, Any]
+    split_images: dict[str, int]
+    fold: int | None = None
+    val: dict[str, float]
+    test: dict[str, float]
+    config: dict[str, Any]
+
+
+class RunFolder:
+    """A train.py run folder; construction checks it is one (``checkpoints/`` or ``split.csv`` inside)."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        if not (self.path / "checkpoints").is_dir() and not self.split_file.is_file():
+            raise ContractError(f"{self.path} is not a train.py run folder (no checkpoints/ and no split.csv).")
+
+    @staticmethod
+    def of_checkpoint(checkpoint: Path) -> RunFolder | None:
+        """The run a checkpoint sits in (``<run>/checkpoints/x.ckpt`` with a split.csv), else None (a copied file)."""
+        run = checkpoint.parent.parent
+        if checkpoint.parent.name == "checkpoints" and (run / "split.csv").is_file():
+            return RunFolder(run)
+        return None
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+    @property
+    def split_file(self) -> Path:
+        return self.path / "split.csv"
+
+    @property
+    def metrics_file(self) -> Path:
+        return self.path / "metrics.json"
+
+    def write_metrics(self, metrics: RunMetrics) -> Path:
+        return write_json(metrics, self.metrics_file)
+
+    def metrics(self) -> RunMetrics:
+        return read_json(RunMetrics, self.metrics_file, RUN_METRICS_VERSION, "run metrics file", RETRAIN)
+
+    def data_root(self, override: str | Path | None = None) -> Path:
+        """The data the run was trained on (``override`` wins: the same data moved elsewhere)."""
+        return Path(override) if override else Path(self.metrics().data_root)
+
+    def split_table(self, split: str, data_root: str | Path | None = None) -> pd.DataFrame:
+        """Images of one split (train/val/test) as saved in split.csv, with their paths under the data root."""
+        table = load_ham10000(self.data_root(data_root))
+        table["split"] = load_split(table, self.split_file, allow_leak=True)
+        part = table[table["split"] == split].reset_index(drop=True)
+        if part.empty:
+            raise ContractError(f"Split '{split}' of {self.split_file} is empty; use data.split=test or val.")
+        return part
+
+    def best_checkpoint(self) -> Path:
+        """The checkpoint validation chose (metrics.json), else the only non-last checkpoint."""
+        if self.metrics_file.is_file():
+            best = Path(self.metrics().best_checkpoint).name
+            if best and (self.path / "checkpoints" / best).is_file():
+                return self.path / "checkpoints" / best
+        candidates = [p for p in sorted((self.path / "checkpoints").glob("*.ckpt")) if p.name != "last.ckpt"]
+        if len(candidates) != 1:
+            raise ContractError(
+                f"Cannot tell the best checkpoint of {self.path}: {len(candidates)} candidates "
+                f"({[p.name for p in candidates]}). Give the checkpoint path itself (ckpt=...)."
+            )
+        return candidates[0]

@@ -1,0 +1,104 @@
+"""evaluate.py's ``scores.json``: what was scored, by which checkpoints (by sha256), with which TTA and weights.
+
+Written once by evaluate.py (:func:`write_scores`), read by the app (:func:`read_scores`), which serves a scores file
+only for exactly the checkpoints, TTA and ensemble weights it was computed with (:func:`scores_for`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict
+
+from lesionnet.contract.files import ContractError, read_json, write_json
+
+SCORES_VERSION = 1
+ENSEMBLE = "ensemble"
+RE_EVALUATE = "Run evaluate.py on the checkpoints you serve (same TTA) and pass its scores.json."
+WEIGHT_TOLERANCE = 1e-6
+
+
+class ScoredModel(BaseModel):
+    """One checkpoint that was scored; ``sha256`` is its identity, ``name`` only labels rows and files."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str
+    file: str
+    sha256: str
+    provenance: str  # "checked" (no overlap with the scored set) | "unknown (...)" (checkpoint predates provenance)
+
+
+class EnsembleRecord(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    mode: str
+    members: list[str]  # names of ``models`` in the ensemble
+    weights: list[float]  # aligned with ``members``, summing to 1
+
+
+class ScoresFile(BaseModel):
+    """The whole ``scores.json``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    schema_version: int = SCORES_VERSION
+    evaluated: str  # where the scored images come from
+    set: str  # what they are: "test", "validation (in-sample, optimistic)", "external", "external (unlabelled)"
+    in_sample: bool = False
+    n_images: int
+    models: list[ScoredModel]
+    tta: str
+    ensemble: EnsembleRecord | None = None
+    validation: str | None = None
+    bootstrap: dict[str, Any] | None = None
+    training_overlap: dict[str, dict[str, int]] = {}
+    scores: dict[str, dict[str, Any]] | None = None
+    final: str | None = None
+    plots: dict[str, str] | None = None
+
+
+def write_scores(scores: ScoresFile, path: str | Path) -> Path:
+    return write_json(scores, path)
+
+
+def read_scores(path: str | Path) -> ScoresFile:
+    return read_json(ScoresFile, path, SCORES_VERSION, "scores file", RE_EVALUATE)
+
+
+def scores_for(
+    scores: ScoresFile, path: str | Path, sha256: Sequence[str], tta: str
+) -> tuple[str, dict[str, Any], list[float]]:
+    """(row name, its scores, the ensemble weights aligned with ``sha256``) for exactly these served checkpoints.
+
+    Refused with the file and the fix when the checkpoints, the TTA or (for an ensemble) the members differ from
+    what was scored: a threshold fitted for one model means nothing for another.
+    """
+    if scores.scores is None:
+        raise ContractError(f"{path} has no scores (evaluate.py ran on an unlabelled set). {RE_EVALUATE}")
+    if scores.tta != tta:
+        raise ContractError(f"{path} was computed with tta={scores.tta}, the server runs tta={tta}. {RE_EVALUATE}")
+    by_sha = {model.sha256: model for model in scores.models}
+    unknown = [digest[:12] for digest in sha256 if digest not in by_sha]
+    if unknown:
+        raise ContractError(
+            f"{path} does not score the served checkpoint(s) with sha256 {unknown} (it scores "
+            f"{[m.file + '@' + m.sha256[:12] for m in scores.models]}). {RE_EVALUATE}"
+        )
+    if len(sha256) == 1:
+        name = by_sha[sha256[0]].name
+        return name, scores.scores[name], [1.0]
+    names = [by_sha[digest].name for digest in sha256]
+    if scores.ensemble is None or sorted(scores.ensemble.members) != sorted(names):
+        evaluated = scores.ensemble.members if scores.ensemble else []
+        raise ContractError(
+            f"{path} scores an ensemble of {sorted(evaluated)}, the server loads {sorted(names)}. Serve the members "
+            f"the evaluation chose, or {RE_EVALUATE[0].lower()}{RE_EVALUATE[1:]}"
+        )
+    weights = [scores.ensemble.weights[scores.ensemble.members.index(name)] for name in names]
+    if not np.isclose(sum(weights), 1.0, atol=WEIGHT_TOLERANCE):
+        raise ContractError(f"{path}: ensemble weights {weights} do not sum to 1. {RE_EVALUATE}")
+    return ENSEMBLE, scores.scores[ENSEMBLE], weights

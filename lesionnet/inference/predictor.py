@@ -1,0 +1,193 @@
+"""The one prediction path: images -> each member's eval transform -> forward (TTA) -> weighted ensemble.
+
+evaluate.py (image files), the app (uploads), export (parity) and the benchmarks all predict through
+:class:`Predictor`, so a threshold chosen by evaluate.py on validation means the same thing in the app. The forward
+pass is split the timm way (``forward_features`` -> pooled features -> classifier), so the pooled features and the
+last feature map come out of the same pass as the logits, for out-of-distribution scores and class activation maps.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from lesionnet.data.dataset import LesionImageDataset
+from lesionnet.data.transforms import build_eval_transform
+from lesionnet.evaluation.metrics import average_probs
+from lesionnet.inference.checkpoints import CheckpointError, Member, same_classes
+
+# Dermoscopy has no canonical orientation, so flips and 90-degree turns keep the label.
+TTA_MODES: dict[str, tuple[Callable[[torch.Tensor], torch.Tensor], ...]] = {
+    "none": (lambda x: x,),
+    "flips": (lambda x: x, lambda x: x.flip(3), lambda x: x.flip(2), lambda x: x.flip(2, 3)),
+    "d4": (
+        lambda x: x,
+        lambda x: x.flip(3),
+        lambda x: x.flip(2),
+        lambda x: x.flip(2, 3),
+        lambda x: x.transpose(2, 3),
+        lambda x: x.transpose(2, 3).flip(3),
+        lambda x: x.transpose(2, 3).flip(2),
+        lambda x: x.transpose(2, 3).flip(2, 3),
+    ),
+}
+
+
+def tta_views(images: torch.Tensor, mode: str) -> list[torch.Tensor]:
+    """The test-time views of a batch (NCHW): ``none``, ``flips`` (4) or ``d4`` (8: flips and transposes)."""
+    if mode not in TTA_MODES:
+        raise ValueError(f"Unknown tta '{mode}'; use one of {list(TTA_MODES)}.")
+    return [view(images) for view in TTA_MODES[mode]]
+
+
+@dataclass(frozen=True)
+class ForwardOutput:
+    """One forward pass of one member on one view: logits, pooled features and the last spatial feature map."""
+
+    logits: torch.Tensor  # (N, K)
+    features: torch.Tensor  # (N, D) what the classifier sees (pre-logits)
+    feature_map: torch.Tensor  # (N, C, H, W) the backbone's last feature map
+
+
+def forward(member: Member, images: torch.Tensor) -> ForwardOutput:
+    """The member's network on a preprocessed batch; ``logits`` equal ``member.model(images)`` in eval mode."""
+    classifier = member.model
+    if classifier.hparams.channels_last:
+        images = images.contiguous(memory_format=torch.channels_last)
+    network = classifier.model
+    feature_map = network.forward_features(images)
+    features = network.forward_head(feature_map, pre_logits=True)
+    return ForwardOutput(logits=network.get_classifier()(features), features=features, feature_map=feature_map)
+
+
+@dataclass(frozen=True)
+class ImageOutput:
+    """One image's share of a :class:`Prediction`."""
+
+    probs: np.ndarray  # (K,)
+    msp: float
+    neg_energy: float
+    features: np.ndarray  # (D,)
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """Outputs for a batch of N images (numpy, float64): the ensemble and each member."""
+
+    probs: np.ndarray  # (N, K) weighted mean over members of the mean softmax over TTA views
+    member_probs: np.ndarray  # (M, N, K)
+    neg_energy: np.ndarray  # (N,) logsumexp of the logits, averaged over members and views (higher = familiar)
+    features: np.ndarray  # (N, D) the first member's pooled features, mean over TTA views
+
+    @property
+    def msp(self) -> np.ndarray:
+        """Max softmax probability per image (Hendrycks & Gimpel 2017)."""
+        return self.probs.max(axis=1)
+
+    def __len__(self) -> int:
+        return len(self.probs)
+
+    def image(self, index: int) -> ImageOutput:
+        return ImageOutput(
+            probs=self.probs[index],
+            msp=float(self.probs[index].max()),
+            neg_energy=float(self.neg_energy[index]),
+            features=self.features[index],
+        )
+
+
+def normalise_weights(weights: Sequence[float] | None, n_members: int) -> np.ndarray:
+    """Ensemble weights as a probability vector (None = equal weights); negative or all-zero weights are refused."""
+    if weights is None:
+        return np.full(n_members, 1.0 / n_members)
+    array = np.asarray(weights, dtype=np.float64)
+    if array.shape != (n_members,) or (array < 0).any() or array.sum() <= 0:
+        raise CheckpointError(
+            f"Ensemble weights {list(weights)} do not fit {n_members} model(s): one non-negative weight per model."
+        )
+    return array / array.sum()
+
+
+class Predictor:
+    """Members loaded once, each with its own preprocessing; ``lock`` serialises passes that hook into modules."""
+
+    def __init__(self, members: Sequence[Member], tta: str = "none", weights: Sequence[float] | None = None) -> None:
+        if not members:
+            raise CheckpointError("No model to predict with.")
+        tta_views(torch.zeros(1, 3, 2, 2), tta)  # validates the mode now, not at the first image
+        self.members = list(members)
+        self.class_names = same_classes(self.members)
+        self.tta = tta
+        self.weights = normalise_weights(weights, len(self.members))
+        self.transforms = [build_eval_transform(m.data_config) for m in self.members]
+        self.device = next(self.members[0].model.parameters()).device
+        self.lock = threading.Lock()
+
+    def preprocess(self, index: int, images: Sequence[np.ndarray]) -> torch.Tensor:
+        """RGB uint8 arrays -> member ``index``'s normalised (N, 3, h, w) batch on the device."""
+        batch = torch.stack([self.transforms[index](image=image)["image"] for image in images])
+        return batch.to(self.device)
+
+    @torch.inference_mode()
+    def _member_pass(self, index: int, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(mean softmax over views, mean logsumexp over views, mean pooled features over views) of one member."""
+        outputs = [forward(self.members[index], view) for view in tta_views(batch, self.tta)]
+        probs = torch.stack([o.logits.float().softmax(dim=-1) for o in outputs]).mean(0)
+        energy = torch.stack([torch.logsumexp(o.logits.float(), dim=-1) for o in outputs]).mean(0)
+        features = torch.stack([o.features.float() for o in outputs]).mean(0)
+        return probs.double().cpu(), energy.double().cpu(), features.double().cpu()
+
+    def _combine(self, passes: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]) -> Prediction:
+        member_probs = torch.stack([p for p, _, _ in passes]).numpy()
+        probs = average_probs(list(member_probs), self.weights)
+        energy = torch.stack([e for _, e, _ in passes]).mean(0).numpy()
+        return Prediction(probs=probs, member_probs=member_probs, neg_energy=energy, features=passes[0][2].numpy())
+
+    def predict_arrays(self, images: Sequence[np.ndarray]) -> Prediction:
+        """Predictions for decoded RGB uint8 arrays (H, W, 3) of any size, as one batch."""
+        return self._combine([self._member_pass(i, self.preprocess(i, images)) for i in range(len(self.members))])
+
+    def predict_paths(
+        self, paths: Sequence[str | Path], batch_size: int = 64, num_workers: int = 0, desc: str = "predict"
+    ) -> Prediction:
+        """Predictions for image files, decoded by the training reader and batched ``batch_size`` at a time."""
+        passes = []
+        for index, member in enumerate(self.members):
+            dataset = LesionImageDataset([str(p) for p in paths], [0] * len(paths), self.transforms[index])
+            loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers)
+            batches = [
+                self._member_pass(index, images.to(self.device))
+                for images, _ in tqdm(loader, desc=f"{member.name} {desc}", unit="batch", leave=False)
+            ]
+            passes.append(tuple(torch.cat(parts) for parts in zip(*batches, strict=True)))
+        return self._combine(passes)
+
+    @property
+    def version(self) -> str:
+        """The served model's identity: member names, then a hash of their checkpoints' sha256 and weights."""
+        identity = "".join(m.sha256 for m in self.members) + ",".join(f"{w:.6f}" for w in self.weights)
+        return f"{'+'.join(m.name for m in self.members)}@{hashlib.sha256(identity.encode()).hexdigest()[:12]}"
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "version": self.version,
+            "checkpoints": [m.describe() for m in self.members],
+            "weights": [round(float(w), 6) for w in self.weights],
+            "class_names": self.class_names,
+            "tta": self.tta,
+            "device": str(self.device),
+            "input_sizes": [list(m.data_config["input_size"]) for m in self.members],
+        }
+
+    def with_weights(self, weights: Sequence[float] | None) -> Predictor:
+        """The same loaded members with other ensemble weights (no reload)."""
+        return Predictor(self.members, tta=self.tta, weights=weights)
