@@ -532,3 +532,20 @@ def test_plots_cope_with_an_absent_class_and_leave_no_open_figures(tmp_path: Pat
     _assert_png(plots.plot_confusion_matrix(cm, NAMES, tmp_path / "cm.png", normalize=True))
     _assert_png(plots.plot_roc_curves(probs, targets, NAMES, tmp_path / "roc.png"))
     assert plt.get_fignums() == []
+
+
+def test_posthoc_logit_adjustment_recovers_rare_classes_and_tau_zero_changes_nothing() -> None:
+    rng = np.random.default_rng(0)
+    prior = np.array([0.8, 0.2])
+    targets = np.array([0] * 50 + [1] * 50)
+    # a classifier biased towards the frequent class by log(prior): p ~ softmax(signal + log prior)
+    signal = np.where(targets[:, None] == np.arange(2), 1.0, 0.0) + rng.normal(0, 0.6, (100, 2))
+    logits = signal + np.log(prior)
+    probs = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
+    np.testing.assert_allclose(metrics.adjust_logits(probs, prior, 0.0), probs, atol=1e-9)
+    tau = metrics.fit_logit_adjustment(probs, targets, prior)
+    assert tau > 0.5
+    adjusted = metrics.adjust_logits(probs, prior, tau)
+    assert metrics.balanced_accuracy(adjusted, targets) > metrics.balanced_accuracy(probs, targets)
+    with pytest.raises(ValueError, match="positive class frequencies"):
+        metrics.adjust_logits(probs, [1.0, 0.0], 1.0)

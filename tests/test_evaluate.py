@@ -448,3 +448,13 @@ def test_scores_name_models_by_checkpoint_hash(runs: dict[str, Path], tmp_path: 
     assert model["sha256"] == file_sha256(next((runs["baseline"] / "checkpoints").glob("epoch_*.ckpt")))
     assert model["provenance"] == "checked"
     assert read_scores(tmp_path / "scores.json").models[0].sha256 == model["sha256"]
+
+
+def test_posthoc_logit_adjustment_adds_rows_fitted_on_validation(runs: dict[str, Path], tmp_path: Path) -> None:
+    result = evaluate(
+        compose_eval([f"ckpt={runs['baseline']}", "posthoc_logit_adjustment=true", f"paths.output_dir={tmp_path}"])
+    )
+    (row,) = [name for name in result["scores"] if name.endswith("+posthoc-la")]
+    fitted = result["scores"][row]["logit_adjustment"]
+    assert 0.0 <= fitted["tau"] <= 2.0 and sum(fitted["prior"]) == pytest.approx(1.0)
+    assert (tmp_path / f"predictions_{row}.csv").is_file()

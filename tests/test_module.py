@@ -94,3 +94,24 @@ def test_training_metrics_do_not_keep_the_autograd_graph() -> None:
     tensors = [t for s in stored for t in (s if isinstance(s, list) else [s])]
     assert any(t.dim() == 2 for t in tensors)  # the probabilities AUROC keeps are among them
     assert not any(t.requires_grad or t.grad_fn is not None for t in tensors)
+
+
+def test_logit_adjusted_loss_trains_on_shifted_logits_and_predicts_with_plain_ones() -> None:
+    torch.manual_seed(0)
+    prior = [0.03, 0.05, 0.11, 0.01, 0.11, 0.67, 0.02]
+    images, targets = torch.randn(8, 3, 64, 64), torch.tensor([0, 1, 2, 3, 4, 5, 6, 5])
+    model = LesionClassifier(logit_adjust_tau=1.0, class_prior=prior).eval()
+    with torch.no_grad():
+        logits = model(images)
+        loss = model._shared_step((images, targets), "val")
+    shifted = torch.nn.functional.cross_entropy(logits + torch.tensor(prior).log(), targets)
+    assert loss.item() == pytest.approx(shifted.item(), rel=1e-6)
+    assert loss.item() != pytest.approx(torch.nn.functional.cross_entropy(logits, targets).item(), rel=1e-3)
+    assert model.hparams.class_prior == prior and model.hparams.logit_adjust_tau == 1.0  # stored in checkpoints
+
+
+def test_logit_adjustment_refuses_a_missing_prior_and_double_balancing() -> None:
+    with pytest.raises(ValueError, match="needs class_prior"):
+        LesionClassifier(logit_adjust_tau=1.0)
+    with pytest.raises(ValueError, match="correct the imbalance twice"):
+        LesionClassifier(logit_adjust_tau=1.0, class_prior=[1 / 7] * 7, class_weights=[1.0] * 7)

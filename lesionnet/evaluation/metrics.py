@@ -39,6 +39,7 @@ from torchmetrics.functional.classification import (
 
 __all__ = [
     "accuracy",
+    "adjust_logits",
     "apply_temperature",
     "average_probs",
     "balanced_accuracy",
@@ -47,6 +48,7 @@ __all__ = [
     "classification_scores",
     "expected_calibration_error",
     "fit_ensemble_weights",
+    "fit_logit_adjustment",
     "fit_temperature",
     "greedy_selection",
     "log_loss",
@@ -304,6 +306,28 @@ def fit_temperature(probs: np.ndarray, targets: np.ndarray, bounds: tuple[float,
         options={"xatol": 1e-5},
     )
     return float(math.exp(result.x))
+
+
+LOGIT_ADJUSTMENT_GRID: tuple[float, ...] = tuple(np.round(np.arange(0.0, 2.01, 0.1), 2))
+
+
+def adjust_logits(probs: np.ndarray, prior: Sequence[float], tau: float) -> np.ndarray:
+    """Post-hoc logit adjustment (Menon et al., ICLR 2021): softmax(log p - tau * log prior). tau = 1 turns a
+    classifier of the training distribution into one of balanced classes; tau = 0 changes nothing."""
+    prior_array = np.asarray(prior, dtype=np.float64)
+    if prior_array.shape != (probs.shape[1],) or (prior_array <= 0).any():
+        raise ValueError(f"prior needs {probs.shape[1]} positive class frequencies, got {list(prior)}")
+    return softmax(_logits(probs) - tau * np.log(prior_array), axis=1)
+
+
+def fit_logit_adjustment(
+    probs: np.ndarray, targets: np.ndarray, prior: Sequence[float], grid: Sequence[float] = LOGIT_ADJUSTMENT_GRID
+) -> float:
+    """The tau of :func:`adjust_logits` with the best balanced accuracy on (validation) data; ties go to the
+    smaller tau, the smaller change."""
+    probs, targets = check_inputs(probs, targets)
+    scores = [balanced_accuracy(adjust_logits(probs, prior, tau), targets) for tau in grid]
+    return float(grid[int(np.argmax(scores))])
 
 
 def apply_temperature(probs: np.ndarray, temperature: float) -> np.ndarray:

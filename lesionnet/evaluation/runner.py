@@ -185,6 +185,48 @@ def ensemble_weights(
     raise ValueError(f"Unknown ensemble '{cfg.ensemble}'; use one of {', '.join(ENSEMBLE_MODES)}.")
 
 
+def training_prior(member: Member, class_names: list[str], data_root: str | None) -> list[float]:
+    """The class frequencies the member was trained on: stored in the checkpoint, else counted in its run's split."""
+    stored = member.model.hparams.get("class_prior")
+    if stored:
+        return list(stored)
+    if member.run is None:
+        raise CheckpointError(
+            f"{member.path} stores no class prior and is not in a train.py run folder: post-hoc logit adjustment "
+            "needs the training class frequencies. Retrain it, or leave posthoc_logit_adjustment=false."
+        )
+    counts = member.run.split_table("train", data_root)["dx"].value_counts()
+    total = sum(int(counts.get(c, 0)) for c in class_names)
+    return [int(counts.get(c, 0)) / total for c in class_names]
+
+
+def add_posthoc_adjusted(
+    cfg: DictConfig,
+    members: Sequence[Member],
+    class_names: list[str],
+    probs: dict[str, np.ndarray],
+    val_probs: dict[str, np.ndarray],
+    val_targets: np.ndarray | None,
+) -> dict[str, dict[str, Any]]:
+    """Rows ``<member>+posthoc-la``: each member's probabilities logit-adjusted with tau chosen on validation
+    balanced accuracy. Returns what was fitted, per row."""
+    if val_targets is None:
+        raise CheckpointError(
+            "posthoc_logit_adjustment=true fits tau on the validation split, which needs "
+            "checkpoints from a train.py run folder."
+        )
+    fitted = {}
+    for member in members:
+        prior = training_prior(member, class_names, cfg.data.root)
+        tau = metrics.fit_logit_adjustment(val_probs[member.name], val_targets, prior)
+        row = f"{member.name}+posthoc-la"
+        probs[row] = metrics.adjust_logits(probs[member.name], prior, tau)
+        val_probs[row] = metrics.adjust_logits(val_probs[member.name], prior, tau)
+        fitted[row] = {"tau": tau, "prior": prior, "of": member.name}
+        log.info("Post-hoc logit adjustment of %s: tau=%.1f (validation balanced accuracy)", member.name, tau)
+    return fitted
+
+
 def write_plots(
     out: Path, probs: np.ndarray, targets: np.ndarray, class_names: list[str], temperature: float | None
 ) -> dict[str, str]:
@@ -243,6 +285,10 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         if val is not None:
             val_probs[ENSEMBLE] = metrics.average_probs([val_probs[name] for name in chosen], weights)
 
+    adjusted = {}
+    if cfg.posthoc_logit_adjustment:
+        adjusted = add_posthoc_adjusted(cfg, members, class_names, probs, val_probs, val_targets)
+
     for name, model_probs in probs.items():
         write_isic_predictions(target.table["image_id"], model_probs, class_names, out / f"predictions_{name}.csv")
     result = ScoresFile(
@@ -264,6 +310,8 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
             name: score(model_probs, targets, class_names, cfg, val_probs.get(name), val_targets, target.lesion_ids)
             for name, model_probs in probs.items()
         }
+        for row, fitted in adjusted.items():
+            result.scores[row]["logit_adjustment"] = fitted
         result.final = ENSEMBLE if ENSEMBLE in probs else names[0]
         result.plots = write_plots(
             out, probs[result.final], targets, class_names, result.scores[result.final].get("temperature")

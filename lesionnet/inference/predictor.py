@@ -69,6 +69,28 @@ def forward(member: Member, images: torch.Tensor) -> ForwardOutput:
     return ForwardOutput(logits=network.get_classifier()(features), features=features, feature_map=feature_map)
 
 
+def has_linear_gap_head(member: Member) -> bool:
+    """Whether the head is global average pooling + one linear layer: then the class activation map (CAM) of the last
+    feature map equals Grad-CAM up to ReLU and scaling, and needs no backward pass. Checked on a probe input rather
+    than by model name (the baseline CNN and VGG pool to a grid and add dense layers: they are not)."""
+    network = member.model.model
+    if not isinstance(network.get_classifier(), torch.nn.Linear):
+        return False
+    probe = torch.randn(1, *member.data_config["input_size"], generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        out = forward(member, probe.to(next(network.parameters()).device))
+    if out.feature_map.ndim != 4 or out.feature_map.shape[1] != out.features.shape[1]:
+        return False
+    pooled = out.feature_map.float().mean(dim=(2, 3))
+    return torch.allclose(pooled, out.features.float(), atol=1e-5, rtol=1e-4)
+
+
+def class_activation_maps(member: Member, feature_map: torch.Tensor) -> torch.Tensor:
+    """(N, K, h, w) maps whose spatial mean plus the bias is each class's logit (Zhou et al. 2016)."""
+    weight = member.model.model.get_classifier().weight.float()
+    return torch.einsum("kc,nchw->nkhw", weight, feature_map.float())
+
+
 @dataclass(frozen=True)
 class ImageOutput:
     """One image's share of a :class:`Prediction`."""
@@ -77,6 +99,7 @@ class ImageOutput:
     msp: float
     neg_energy: float
     features: np.ndarray  # (D,)
+    cams: np.ndarray | None = None  # (K, h, w) the first member's class activation maps, when asked for
 
 
 @dataclass(frozen=True)
@@ -87,6 +110,7 @@ class Prediction:
     member_probs: np.ndarray  # (M, N, K)
     neg_energy: np.ndarray  # (N,) logsumexp of the logits, averaged over members and views (higher = familiar)
     features: np.ndarray  # (N, D) the first member's pooled features, mean over TTA views
+    cams: np.ndarray | None = None  # (N, K, h, w) the first member's class activation maps (identity view)
 
     @property
     def msp(self) -> np.ndarray:
@@ -102,6 +126,7 @@ class Prediction:
             msp=float(self.probs[index].max()),
             neg_energy=float(self.neg_energy[index]),
             features=self.features[index],
+            cams=None if self.cams is None else self.cams[index],
         )
 
 
@@ -131,30 +156,50 @@ class Predictor:
         self.transforms = [build_eval_transform(m.data_config) for m in self.members]
         self.device = next(self.members[0].model.parameters()).device
         self.lock = threading.Lock()
+        self._cam_available: bool | None = None
 
     def preprocess(self, index: int, images: Sequence[np.ndarray]) -> torch.Tensor:
         """RGB uint8 arrays -> member ``index``'s normalised (N, 3, h, w) batch on the device."""
         batch = torch.stack([self.transforms[index](image=image)["image"] for image in images])
         return batch.to(self.device)
 
+    @property
+    def cam_available(self) -> bool:
+        """Whether the first member's head lets class activation maps come out of the forward pass (else Grad-CAM)."""
+        if self._cam_available is None:
+            self._cam_available = has_linear_gap_head(self.members[0])
+        return self._cam_available
+
     @torch.inference_mode()
-    def _member_pass(self, index: int, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(mean softmax over views, mean logsumexp over views, mean pooled features over views) of one member."""
+    def _member_pass(self, index: int, batch: torch.Tensor, cams: bool = False) -> tuple[torch.Tensor, ...]:
+        """(mean softmax, mean logsumexp, mean pooled features over the TTA views[, CAMs of the identity view])."""
         outputs = [forward(self.members[index], view) for view in tta_views(batch, self.tta)]
         probs = torch.stack([o.logits.float().softmax(dim=-1) for o in outputs]).mean(0)
         energy = torch.stack([torch.logsumexp(o.logits.float(), dim=-1) for o in outputs]).mean(0)
         features = torch.stack([o.features.float() for o in outputs]).mean(0)
-        return probs.double().cpu(), energy.double().cpu(), features.double().cpu()
+        result = (probs.double().cpu(), energy.double().cpu(), features.double().cpu())
+        if cams:  # the first view is the identity: its maps line up with the image
+            result += (class_activation_maps(self.members[index], outputs[0].feature_map).double().cpu(),)
+        return result
 
-    def _combine(self, passes: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]) -> Prediction:
-        member_probs = torch.stack([p for p, _, _ in passes]).numpy()
+    def _combine(self, passes: list[tuple[torch.Tensor, ...]]) -> Prediction:
+        member_probs = torch.stack([p[0] for p in passes]).numpy()
         probs = average_probs(list(member_probs), self.weights)
-        energy = torch.stack([e for _, e, _ in passes]).mean(0).numpy()
-        return Prediction(probs=probs, member_probs=member_probs, neg_energy=energy, features=passes[0][2].numpy())
+        energy = torch.stack([p[1] for p in passes]).mean(0).numpy()
+        cams = passes[0][3].numpy() if len(passes[0]) > 3 else None
+        return Prediction(
+            probs=probs, member_probs=member_probs, neg_energy=energy, features=passes[0][2].numpy(), cams=cams
+        )
 
-    def predict_arrays(self, images: Sequence[np.ndarray]) -> Prediction:
-        """Predictions for decoded RGB uint8 arrays (H, W, 3) of any size, as one batch."""
-        return self._combine([self._member_pass(i, self.preprocess(i, images)) for i in range(len(self.members))])
+    def predict_arrays(self, images: Sequence[np.ndarray], cams: bool = False) -> Prediction:
+        """Predictions for decoded RGB uint8 arrays (H, W, 3) of any size, as one batch; ``cams`` adds the first
+        member's class activation maps from the same pass (only for heads where :attr:`cam_available`)."""
+        if cams and not self.cam_available:
+            raise ValueError(
+                f"{self.members[0].name} has no global-average-pool + linear head: its heatmaps need Grad-CAM."
+            )
+        passes = [self._member_pass(i, self.preprocess(i, images), cams and i == 0) for i in range(len(self.members))]
+        return self._combine(passes)
 
     def predict_paths(
         self, paths: Sequence[str | Path], batch_size: int = 64, num_workers: int = 0, desc: str = "predict"
