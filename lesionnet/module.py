@@ -18,6 +18,7 @@ import torchmetrics as tm
 from hydra.utils import instantiate
 from lightning.pytorch.trainer.states import TrainerFn
 from omegaconf import DictConfig, ListConfig, OmegaConf
+from timm.data import Mixup
 from timm.scheduler.scheduler import Scheduler as TimmScheduler
 from torchmetrics.classification import MulticlassAccuracy, MulticlassAUROC, MulticlassRecall
 from torchmetrics.wrappers import ClasswiseWrapper
@@ -80,6 +81,59 @@ def check_logit_adjustment(
         )
 
 
+def check_distill(distill: Mapping[str, Any]) -> None:
+    """``model.distill={teachers: [ckpt, ...], weight: 0.5, temperature: 1.0}``: what distillation needs."""
+    if not distill.get("teachers"):
+        raise ValueError("model.distill needs teachers: a list of checkpoints (files or train.py run folders).")
+    if not 0.0 < float(distill.get("weight", 0.5)) <= 1.0:
+        raise ValueError(f"model.distill.weight must be in (0, 1], got {distill.get('weight')}.")
+    if float(distill.get("temperature", 1.0)) <= 0:
+        raise ValueError(f"model.distill.temperature must be positive, got {distill.get('temperature')}.")
+
+
+def resize_views(images: torch.Tensor, data_config: Mapping[str, Any]) -> torch.Tensor:
+    """The student's batch at a teacher's input size (same views, same normalisation: checked when loading)."""
+    size = tuple(data_config["input_size"][1:])
+    if tuple(images.shape[-2:]) == size:
+        return images
+    return F.interpolate(images, size=size, mode="bilinear", align_corners=False, antialias=True)
+
+
+def load_teachers(distill: Mapping[str, Any], student: L.LightningModule) -> list[Any]:
+    """The teacher checkpoints (through the inference core), on the student's device, checked for leaks: a teacher
+    that trained on the student's validation or test images would carry them into the student."""
+    from lesionnet.inference import load_members
+
+    teachers = load_members(list(distill["teachers"]), device=str(student.device))
+    mean, std = student.hparams.data_config["mean"], student.hparams.data_config["std"]
+    datamodule = getattr(student.trainer, "datamodule", None)
+    held_out = set()
+    if datamodule is not None and getattr(datamodule, "table", None) is not None:
+        table = datamodule.table
+        held_out = set(table.loc[table["split"].isin(["val", "test"]), "image_id"])
+    for teacher in teachers:
+        if list(teacher.data_config["mean"]) != list(mean) or list(teacher.data_config["std"]) != list(std):
+            raise ValueError(
+                f"Teacher {teacher.path} normalises with mean/std {teacher.data_config['mean']}/"
+                f"{teacher.data_config['std']}, the student with {mean}/{std}: distil between models that share "
+                "them (e.g. the EfficientNet-Lite family)."
+            )
+        if teacher.provenance is None:
+            raise ValueError(f"Teacher {teacher.path} has no provenance record: cannot check what it trained on.")
+        trained = {
+            i
+            for i, split in zip(teacher.provenance.image_id, teacher.provenance.split, strict=True)
+            if split == "train"
+        }
+        if trained & held_out:
+            raise ValueError(
+                f"Teacher {teacher.path} trained on {len(trained & held_out)} of the student's validation/test "
+                "images: train teachers on the same split (data.split_seed / data.split_file) as the student."
+            )
+        teacher.model.requires_grad_(False).eval()
+    return teachers
+
+
 def init_new_classifier(classifier: torch.nn.Module) -> None:
     """Small init for the new 7-class head on a pretrained backbone.
 
@@ -113,6 +167,8 @@ class LesionClassifier(L.LightningModule):
         compile: bool = False,
         logit_adjust_tau: float = 0.0,
         class_prior: Sequence[float] | None = None,
+        mixup: Mapping[str, Any] | None = None,
+        distill: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__()
         if not 0.0 <= label_smoothing < 1.0:
@@ -140,6 +196,8 @@ class LesionClassifier(L.LightningModule):
                 "compile": bool(compile),
                 "logit_adjust_tau": float(logit_adjust_tau),
                 "class_prior": plain(class_prior),
+                "mixup": plain(mixup),
+                "distill": plain(distill),
             }
         )
         self.model = create_backbone(
@@ -157,6 +215,13 @@ class LesionClassifier(L.LightningModule):
         offsets = logit_adjust_tau * torch.tensor(class_prior, dtype=torch.float32).log() if logit_adjust_tau else None
         self.register_buffer("logit_offsets", offsets, persistent=False)
         self.provenance: Provenance | None = None  # set by training; written into every checkpoint
+        # Mixup/CutMix (timm) mixes images and turns targets into soft labels, label smoothing included.
+        self.mixup_fn = (
+            Mixup(**{**mixup, "label_smoothing": label_smoothing, "num_classes": len(class_names)}) if mixup else None
+        )
+        if distill:
+            check_distill(distill)
+        self.teachers: list[Any] = []  # loaded at fit time (plain list: never trained, never in the checkpoint)
         # Separate attributes (not a ModuleDict keyed "train": that name is nn.Module.train).
         self.train_metrics = build_metrics(class_names, "train")
         self.val_metrics = build_metrics(class_names, "val")
@@ -184,11 +249,20 @@ class LesionClassifier(L.LightningModule):
 
     def _shared_step(self, batch: tuple[torch.Tensor, torch.Tensor], stage: str) -> torch.Tensor:
         images, targets = batch
+        soft_targets = None
+        if stage == "train" and self.mixup_fn is not None:
+            images, soft_targets = self.mixup_fn(images, targets)
         logits = self(images)
         trained = logits + self.logit_offsets if self.logit_offsets is not None else logits
         loss = F.cross_entropy(
-            trained, targets, weight=self.class_weights, label_smoothing=self.hparams.label_smoothing
+            trained,
+            targets if soft_targets is None else soft_targets,
+            weight=self.class_weights,
+            label_smoothing=self.hparams.label_smoothing if soft_targets is None else 0.0,  # soft targets have it
         )
+        if stage == "train" and self.teachers:
+            weight = float(self.hparams.distill.get("weight", 0.5))
+            loss = (1 - weight) * loss + weight * self._distillation_loss(images, logits)
         self._metrics(stage).update(logits.detach().softmax(dim=-1), targets)  # AUROC keeps its inputs: no graph
         self.log(
             f"{stage}/loss",
@@ -200,6 +274,28 @@ class LesionClassifier(L.LightningModule):
             sync_dist=stage != "train",
         )
         return loss
+
+    def _distillation_loss(self, images: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        """KL(teachers' mean softmax || student softmax) at temperature T, on the very views the student sees
+        (consistent teaching, Beyer et al. 2022), scaled by T^2 so its gradients keep their size."""
+        from lesionnet.inference import forward  # the inference core imports this module
+
+        temperature = float(self.hparams.distill.get("temperature", 1.0))
+        with torch.no_grad():
+            teacher_probs = torch.stack(
+                [
+                    (forward(teacher, resize_views(images, teacher.data_config)).logits.float() / temperature).softmax(
+                        -1
+                    )
+                    for teacher in self.teachers
+                ]
+            ).mean(0)
+        student = F.log_softmax(logits.float() / temperature, dim=-1)
+        return F.kl_div(student, teacher_probs, reduction="batchmean") * temperature**2
+
+    def on_fit_start(self) -> None:
+        if self.hparams.distill and not self.teachers:
+            self.teachers = load_teachers(self.hparams.distill, self)
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         return self._shared_step(batch, "train")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from timm.scheduler.scheduler import Scheduler
@@ -115,3 +116,25 @@ def test_logit_adjustment_refuses_a_missing_prior_and_double_balancing() -> None
         LesionClassifier(logit_adjust_tau=1.0)
     with pytest.raises(ValueError, match="correct the imbalance twice"):
         LesionClassifier(logit_adjust_tau=1.0, class_prior=[1 / 7] * 7, class_weights=[1.0] * 7)
+
+
+def test_mixup_trains_on_soft_targets() -> None:
+    torch.manual_seed(0)
+    batch = (torch.randn(8, 3, 64, 64), torch.tensor([0, 1, 2, 3, 4, 5, 6, 5]))
+    model = LesionClassifier(mixup={"mixup_alpha": 0.4, "cutmix_alpha": 0.0, "prob": 1.0}, label_smoothing=0.1)
+    model.eval()  # no dropout: the two passes must see the same network
+    np.random.seed(1)  # timm's Mixup draws lambda from numpy's global RNG (seed_everything seeds it in training)
+    images, soft = model.mixup_fn(batch[0].clone(), batch[1])  # it mixes in place
+    expected = torch.nn.functional.cross_entropy(model(images), soft)
+    assert soft.shape == (8, 7) and (soft.max(dim=1).values < 0.96).all()  # mixed and smoothed, not one-hot
+    np.random.seed(1)
+    assert model._shared_step((batch[0].clone(), batch[1]), "train").item() == pytest.approx(expected.item(), rel=1e-5)
+    plain = torch.nn.functional.cross_entropy(model(batch[0]), batch[1], label_smoothing=0.1)
+    assert model._shared_step(batch, "val").item() == pytest.approx(plain.item(), rel=1e-5)  # no mixing outside train
+
+
+def test_distillation_settings_are_checked() -> None:
+    with pytest.raises(ValueError, match="needs teachers"):
+        LesionClassifier(distill={"weight": 0.5})
+    with pytest.raises(ValueError, match=r"weight must be in \(0, 1\]"):
+        LesionClassifier(distill={"teachers": ["a.ckpt"], "weight": 2})
