@@ -458,3 +458,25 @@ def test_posthoc_logit_adjustment_adds_rows_fitted_on_validation(runs: dict[str,
     fitted = result["scores"][row]["logit_adjustment"]
     assert 0.0 <= fitted["tau"] <= 2.0 and sum(fitted["prior"]) == pytest.approx(1.0)
     assert (tmp_path / f"predictions_{row}.csv").is_file()
+
+
+def test_legacy_split_scores_split_by_whether_the_lesion_was_seen(runs: dict[str, Path], tmp_path: Path) -> None:
+    run = tmp_path / "legacy"
+    train(
+        compose_train(
+            [
+                f"data.root={runs['data']}",
+                f"paths.output_dir={run}",
+                "trainer.max_epochs=1",
+                *FAST,
+                "data.split=legacy",
+                "test=false",
+            ]
+        )
+    )
+    result = evaluate(compose_eval([f"ckpt={run}", f"paths.output_dir={tmp_path / 'eval'}"]))
+    (breakdown,) = [s["seen_lesions"] for s in result["scores"].values() if "seen_lesions" in s]
+    seen, unseen = breakdown["lesion_seen_in_training"], breakdown.get("lesion_not_seen", {"n_images": 0})
+    assert seen["n_images"] > 0 and seen["n_images"] + unseen["n_images"] == result["n_images"]
+    plain = evaluate(compose_eval([f"ckpt={runs['baseline']}", f"paths.output_dir={tmp_path / 'plain'}"]))
+    assert all("seen_lesions" not in s for s in plain["scores"].values())  # lesion split: no lesion is shared

@@ -227,6 +227,39 @@ def add_posthoc_adjusted(
     return fitted
 
 
+def seen_lesion_breakdown(
+    members: Sequence[Member], eval_set: EvalSet, probs: dict[str, np.ndarray], targets: np.ndarray
+) -> dict[str, dict[str, Any]]:
+    """Accuracy on scored images whose lesion has training images in the model (possible only on the seed's
+    image-level legacy split) vs on the rest: how much seeing a lesion's sibling images inflates the figures."""
+    lesions = eval_set.lesion_ids
+    if lesions is None:
+        return {}
+    out = {}
+    for member in members:
+        if member.provenance is None:
+            continue
+        trained = {
+            lesion
+            for lesion, split in zip(member.provenance.lesion_id, member.provenance.split, strict=True)
+            if split == "train"
+        }
+        seen = np.isin(lesions, list(trained))
+        if not seen.any():
+            continue
+        model_probs = probs[member.name]
+        out[member.name] = {
+            group: {
+                "n_images": int(mask.sum()),
+                "accuracy": metrics.accuracy(model_probs[mask], targets[mask]),
+                "balanced_accuracy": metrics.balanced_accuracy(model_probs[mask], targets[mask]),
+            }
+            for group, mask in (("lesion_seen_in_training", seen), ("lesion_not_seen", ~seen))
+            if mask.any()
+        }
+    return out
+
+
 def write_plots(
     out: Path, probs: np.ndarray, targets: np.ndarray, class_names: list[str], temperature: float | None
 ) -> dict[str, str]:
@@ -312,6 +345,8 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         }
         for row, fitted in adjusted.items():
             result.scores[row]["logit_adjustment"] = fitted
+        for name, breakdown in seen_lesion_breakdown(members, target, probs, targets).items():
+            result.scores[name]["seen_lesions"] = breakdown
         result.final = ENSEMBLE if ENSEMBLE in probs else names[0]
         result.plots = write_plots(
             out, probs[result.final], targets, class_names, result.scores[result.final].get("temperature")
