@@ -10,11 +10,12 @@ ranking by a test metric would be model selection on the test set. Depth is the 
 from __future__ import annotations
 
 import argparse
-import json
 from collections.abc import Sequence
 from pathlib import Path
 
 import pandas as pd
+
+from lesionnet.contract.run import RunFolder
 
 DEFAULT_MONITOR = "val/balanced_acc"  # train.yaml's default; metrics.json files older than `monitor` used it
 MODES = ("max", "min")
@@ -45,25 +46,25 @@ def _run_label(run: Path, root: Path) -> str:
 
 
 def _row(path: Path, root: Path, sort_by: str | None, sort_mode: str) -> dict[str, object]:
-    m = json.loads(path.read_text())
-    model = m.get("model", {})
-    monitor = sort_by or m.get("monitor") or DEFAULT_MONITOR
-    mode = sort_mode if sort_by else m.get("config", {}).get("monitor_mode", "max")
+    metrics = RunFolder(path.parent).metrics()
+    model = metrics.model
+    monitor = sort_by or metrics.monitor or DEFAULT_MONITOR
+    mode = sort_mode if sort_by else metrics.config.get("monitor_mode", "max")
     return {
         "run": _run_label(path.parent, root),
-        "backbone": m["backbone"],
+        "backbone": metrics.backbone,
         "finetune": model.get("finetune"),
-        "val_acc": m["val"].get("val/acc"),
-        "test_acc": m["test"].get("test/acc"),
-        "test_balanced_acc": m["test"].get("test/balanced_acc"),
-        "test_auroc": m["test"].get("test/auroc"),
+        "val_acc": metrics.val.get("val/acc"),
+        "test_acc": metrics.test.get("test/acc"),
+        "test_balanced_acc": metrics.test.get("test/balanced_acc"),
+        "test_auroc": metrics.test.get("test/auroc"),
         "depth": model.get("depth"),
         "params_total": model.get("params_total"),
         "params_trainable": model.get("params_trainable"),
-        "epochs": m.get("epochs_trained"),
-        "wall_min": round(m["wall_seconds"] / 60, 1) if "wall_seconds" in m else None,
+        "epochs": metrics.epochs_trained,
+        "wall_min": round(metrics.wall_seconds / 60, 1),
         "monitor": monitor,
-        "val_monitor": m["val"].get(monitor),
+        "val_monitor": metrics.val.get(monitor),
         "_mode": mode,
     }
 

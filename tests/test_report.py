@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 from pathlib import Path
@@ -11,6 +10,8 @@ import pandas as pd
 import pytest
 
 from lesionnet.cli.report import positional_runs
+from lesionnet.contract.files import write_json
+from lesionnet.contract.run import RunMetrics
 from lesionnet.report import collect, write_report
 
 LESIONNET = Path(sys.executable).parent / "lesionnet"
@@ -19,19 +20,24 @@ LESIONNET = Path(sys.executable).parent / "lesionnet"
 def write_run(
     folder: Path, val: dict[str, float], test: dict[str, float], monitor: str = "val/balanced_acc", mode: str = "max"
 ) -> Path:
-    """A metrics.json with the fields train.py writes that the report reads."""
+    """A metrics.json as train.py writes it (through the contract's writer)."""
     folder.mkdir(parents=True)
-    metrics = {
-        "backbone": f"net_{folder.name}",
-        "monitor": monitor,
-        "model": {"finetune": "all", "depth": 5},
-        "epochs_trained": 3,
-        "wall_seconds": 60.0,
-        "val": val,
-        "test": test,
-        "config": {"monitor": monitor, "monitor_mode": mode},
-    }
-    (folder / "metrics.json").write_text(json.dumps(metrics))
+    metrics = RunMetrics(
+        backbone=f"net_{folder.name}",
+        monitor=monitor,
+        model={"finetune": "all", "depth": 5},
+        best_checkpoint="",
+        epochs_trained=3,
+        fit_seconds=50.0,
+        wall_seconds=60.0,
+        data_root="data",
+        data_config={},
+        split_images={},
+        val=val,
+        test=test,
+        config={"monitor": monitor, "monitor_mode": mode},
+    )
+    write_json(metrics, folder / "metrics.json")
     return folder
 
 

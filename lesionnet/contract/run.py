@@ -47,8 +47,10 @@ class RunFolder:
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
-        if not (self.path / "checkpoints").is_dir() and not self.split_file.is_file():
-            raise ContractError(f"{self.path} is not a train.py run folder (no checkpoints/ and no split.csv).")
+        if not any(p.exists() for p in (self.path / "checkpoints", self.split_file, self.metrics_file)):
+            raise ContractError(
+                f"{self.path} is not a train.py run folder (no checkpoints/, split.csv or metrics.json in it)."
+            )
 
     @staticmethod
     def of_checkpoint(checkpoint: Path) -> RunFolder | None:
