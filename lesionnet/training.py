@@ -160,6 +160,7 @@ def train(cfg: DictConfig) -> float | None:
         data_root=str(datamodule.root),
         data_config=model.hparams.data_config,
         split_images={k: int(v) for k, v in datamodule.table["split"].value_counts().items()},
+        fold=cfg.data.get("fold"),
         val=val,
         test=test,
         config=OmegaConf.to_container(cfg, resolve=True),

@@ -26,6 +26,7 @@ CONFIGS = {
     "eda": "eda",
     "report": "report",
     "download": "download",
+    "oof": "oof",
 }  # command -> its entry config in lesionnet/conf
 
 LESIONNET = Path(sys.executable).parent / "lesionnet"  # the console script of `pip install -e .`

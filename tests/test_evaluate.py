@@ -160,7 +160,7 @@ def test_ensemble_weights_per_mode_leave_out_members_fitted_to_zero() -> None:
     assert ensemble_weights(cfg("greedy"), val_probs, targets, names) == (["good"], [1.0])
     members, weights = ensemble_weights(cfg("fit"), val_probs, targets, names)
     assert members == ["good"] and weights == pytest.approx([1.0])
-    with pytest.raises(CheckpointError, match="ensemble=fit is chosen on the validation split"):
+    with pytest.raises(CheckpointError, match="ensemble=fit is chosen on a validation split that every member shares"):
         ensemble_weights(cfg("fit"), {}, None, names)
 
 

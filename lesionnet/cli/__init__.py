@@ -19,6 +19,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "export": ("lesionnet.cli.export", "export ONNX / TorchScript       (export.yaml)"),
     "eda": ("lesionnet.cli.eda", "exploratory data analysis       (eda.yaml)"),
     "report": ("lesionnet.cli.report", "results table of training runs  (report.yaml)"),
+    "oof": ("lesionnet.cli.oof", "out-of-fold CV figures and fits  (oof.yaml)"),
     "download": ("lesionnet.cli.download", "download HAM10000, verified    (download.yaml)"),
 }
 

@@ -91,6 +91,11 @@ class RunFolder:
             raise ContractError(f"Split '{split}' of {self.split_file} is empty; use data.split=test or val.")
         return part
 
+    def split_ids(self, split: str) -> frozenset[str]:
+        """Image ids of one split in split.csv (no data needed): to tell whether runs share their splits."""
+        table = pd.read_csv(self.split_file, dtype=str)
+        return frozenset(table.loc[table["split"] == split, "image_id"])
+
     def best_checkpoint(self) -> Path:
         """The checkpoint validation chose (metrics.json), else the only non-last checkpoint."""
         if self.metrics_file.is_file():

@@ -19,7 +19,10 @@ from lesionnet.data.dataset import LesionImageDataset
 from lesionnet.data.metadata import load_ham10000
 from lesionnet.data.split import (
     SPLITS,
+    assign_folds,
+    check_fold_settings,
     check_splits_nonempty,
+    fold_split,
     lesion_overlap,
     load_split,
     save_split,
@@ -52,7 +55,9 @@ class HAM10000DataModule(L.LightningDataModule):
     """Reads a HAM10000-layout folder, splits it by lesion and serves train/val/test loaders.
 
     ``backbone`` names the timm model whose pretrained data config fixes input size, mean/std and
-    interpolation; ``image_size``/``crop_pct`` override it (e.g. 96 px crops for CPU runs).
+    interpolation; ``image_size``/``crop_pct`` override it (e.g. 96 px crops for CPU runs). ``folds``/``fold``
+    make the run one fold of a cross-validation: the test split stays as without them, the train+val lesions are
+    dealt into ``folds`` class-stratified folds and fold ``fold`` is this run's validation split.
     """
 
     def __init__(
@@ -65,6 +70,8 @@ class HAM10000DataModule(L.LightningDataModule):
         split_fractions: Mapping[str, float] | None = None,
         split_seed: int = 42,
         split_file: str | None = None,
+        folds: int | None = None,
+        fold: int | None = None,
         batch_size: int = 32,
         eval_batch_size: int | None = None,
         num_workers: int = 2,
@@ -81,11 +88,19 @@ class HAM10000DataModule(L.LightningDataModule):
             raise ValueError(f"data.split must be one of {list(SPLIT_MODES)}, got '{split}'.")
         if batch_size < 1:
             raise ValueError(f"data.batch_size must be >= 1, got {batch_size}.")
+        check_fold_settings(folds, fold)
+        if folds is not None and split == "legacy":
+            raise ValueError(
+                "data.folds needs lesion-level folds, but data.split=legacy splits by image (one lesion on both "
+                "sides). Use data.split=lesion for cross-validation."
+            )
         self.root = Path(root).expanduser() if root else embedded_sample_root()
         self.split = split
         self.split_fractions = dict(split_fractions or {"train": 0.7, "val": 0.15, "test": 0.15})
         self.split_seed = split_seed
         self.split_file = split_file
+        self.folds = folds
+        self.fold = fold
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size or batch_size
         self.num_workers = num_workers
@@ -117,6 +132,14 @@ class HAM10000DataModule(L.LightningDataModule):
                 "data.split=legacy: image-level split as in the seed project; %d test lesions also have images in "
                 "train, so test figures are optimistic. Use it only to compare with the seed's table.",
                 lesion_overlap(table, "train", "test"),
+            )
+        if self.folds is not None:
+            table["fold"] = assign_folds(table, table["split"], self.folds, seed=self.split_seed)
+            table["split"] = fold_split(table["split"], table["fold"], self.fold)
+            log.info(
+                "Cross-validation: fold %d of %d is the validation split; the test split is the one without folds.",
+                self.fold,
+                self.folds,
             )
         required = (
             SPLITS if self.split_file or legacy else tuple(s for s in SPLITS if self.split_fractions.get(s, 0) > 0)

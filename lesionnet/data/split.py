@@ -3,6 +3,9 @@
 HAM10000 has up to six images of one lesion; an image-level split puts near-duplicates on both sides
 and inflates test accuracy. Here whole lesions are assigned to splits, per class, so class
 proportions are kept (at lesion level) and no lesion_id can appear in two splits.
+
+Cross-validation (``data.folds=K data.fold=i``) keeps that test split and deals the remaining (train+val) lesions
+into K folds, stratified by class at lesion level: fold i is run i's "val", the other folds its "train".
 """
 
 from __future__ import annotations
@@ -124,12 +127,80 @@ def check_splits_nonempty(df: pd.DataFrame, required: tuple[str, ...] = SPLITS) 
         )
 
 
+def check_fold_settings(folds: int | None, fold: int | None) -> None:
+    """``data.folds`` and ``data.fold`` come together, with K >= 2 and 0 <= fold < K."""
+    if folds is None and fold is None:
+        return
+    if folds is None:
+        raise ValueError(
+            f"data.fold={fold} needs data.folds=K (the number of cross-validation folds), e.g. data.folds=5."
+        )
+    if fold is None:
+        raise ValueError(
+            f"data.folds={folds} needs data.fold=i, the fold this run holds out: one run per fold, "
+            f"python train.py -m ... data.folds={folds} 'data.fold=range({folds})'."
+        )
+    if folds < 2:
+        raise ValueError(
+            f"data.folds must be >= 2 for cross-validation, got {folds}; or drop data.folds and data.fold."
+        )
+    if not 0 <= fold < folds:
+        raise ValueError(f"data.fold must lie in [0, {folds}) for data.folds={folds}, got {fold}.")
+
+
+def assign_folds(df: pd.DataFrame, split: pd.Series, folds: int, seed: int) -> pd.Series:
+    """Fold number (0..K-1) of every train+val image, by its lesion; <NA> for test images, which no fold touches.
+
+    Per class (at lesion level, with a fixed seed) the lesions are shuffled and dealt round-robin, so each fold gets
+    ``n // K`` or ``n // K + 1`` lesions of every class; each class starts dealing where the previous one stopped,
+    which also keeps the folds' total lesion counts within one of each other.
+    """
+    check_fold_settings(folds, 0)
+    pool = df.assign(split=split)
+    pool = pool[pool["split"] != "test"]
+    lesions = pool.drop_duplicates("lesion_id")[["lesion_id", "dx"]].sort_values("lesion_id")
+    rng = np.random.default_rng([seed, folds])  # its own stream: the test split's draws stay as they were
+    assignment: dict[str, int] = {}
+    next_fold = 0
+    for dx, group in lesions.groupby("dx", sort=True):
+        ids = group["lesion_id"].to_numpy()
+        if len(ids) < folds:
+            fewer = f"use data.folds={len(ids)} or fewer, or " if len(ids) >= 2 else ""
+            raise DatasetError(
+                f"Class '{dx}' has {len(ids)} lesion(s) outside the test split, fewer than data.folds={folds}: some "
+                f"fold would hold out no '{dx}' lesion to predict. Fix: {fewer}add data for '{dx}'."
+            )
+        for position, lesion in enumerate(rng.permutation(ids)):
+            assignment[lesion] = (next_fold + position) % folds
+        next_fold = (next_fold + len(ids)) % folds
+    return df["lesion_id"].map(assignment).where(split != "test").astype("Int64").rename("fold")
+
+
+def fold_split(split: pd.Series, fold_of_image: pd.Series, fold: int) -> pd.Series:
+    """Run ``fold``'s split: its fold is "val", the other folds "train", test stays test."""
+    held_out = (fold_of_image == fold).fillna(False).astype(bool)
+    return split.where(split == "test", held_out.map({True: "val", False: "train"})).rename("split")
+
+
 def save_split(df: pd.DataFrame, path: str | Path) -> Path:
-    """Write image_id, lesion_id, dx, split as CSV (the run's record of exactly which images were where)."""
+    """Write image_id, lesion_id, dx, split (and fold, in cross-validation) as CSV: exactly which images were where."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    df[["image_id", "lesion_id", "dx", "split"]].to_csv(path, index=False)
+    columns = ["image_id", "lesion_id", "dx", "split", *(["fold"] if "fold" in df.columns else [])]
+    df[columns].to_csv(path, index=False)
     return path
+
+
+def load_folds(path: str | Path) -> pd.Series:
+    """The ``fold`` column of a cross-validation run's split.csv, indexed by image_id (<NA> for test images)."""
+    path = Path(path)
+    saved = pd.read_csv(path, dtype={"image_id": str})
+    if "fold" not in saved.columns:
+        raise DatasetError(
+            f"{path} has no fold column: it was not written by a cross-validation run. Train the folds with "
+            "data.folds=K 'data.fold=range(K)'."
+        )
+    return saved.set_index("image_id")["fold"].astype("Int64")
 
 
 def load_split(df: pd.DataFrame, path: str | Path, allow_leak: bool = False) -> pd.Series:

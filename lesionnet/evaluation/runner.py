@@ -81,9 +81,16 @@ def check_config(cfg: DictConfig) -> None:
 
 def build_sets(cfg: DictConfig, members: Sequence[Member], class_names: list[str]) -> tuple[EvalSet, EvalSet | None]:
     """The set to score and the validation set used for selection and calibration (None if unavailable)."""
-    run = next((m.run for m in members if m.run is not None), None)
+    runs = [m.run for m in members if m.run is not None]
+    run = runs[0] if runs else None
     val = None
-    if run is not None:
+    if run is not None and len({r.split_ids("val") for r in runs}) > 1:
+        log.warning(
+            "The checkpoints were validated on different images (e.g. cross-validation folds): there is no validation "
+            "set none of them trained on, so no threshold, temperature or ensemble weights are fitted here. For fold "
+            "models use the out-of-fold fits of `lesionnet oof`."
+        )
+    elif run is not None:
         val = EvalSet(run.split_table("val", cfg.data.root), f"validation split of {run.path}", "validation")
     if cfg.data.images:
         table = external_table(cfg.data.images, cfg.data.labels, class_names)
@@ -171,8 +178,8 @@ def ensemble_weights(
         return names, [1.0 / len(names)] * len(names)
     if val_targets is None:
         raise CheckpointError(
-            f"ensemble={cfg.ensemble} is chosen on the validation split, which needs checkpoints "
-            "from a train.py run folder; use ensemble=mean."
+            f"ensemble={cfg.ensemble} is chosen on a validation split that every member shares and none trained "
+            "on, which needs checkpoints from train.py runs of one split; use ensemble=mean."
         )
     if cfg.ensemble == "greedy":
         candidates = {name: val_probs[name] for name in names}
