@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import base64
 import io
 import json
 import logging
@@ -138,12 +137,6 @@ def post(client: TestClient, data: bytes, content_type: str = "image/jpeg", name
     return {"http": r.status_code, **r.json()}
 
 
-def png_image(b64: str) -> Image.Image:
-    img = Image.open(io.BytesIO(base64.b64decode(b64)))
-    img.load()
-    return img
-
-
 # ----------------------------------------------------------------------------- endpoints
 
 
@@ -176,7 +169,7 @@ def test_docs_are_served_from_this_origin_without_a_cdn(client: TestClient) -> N
     assert client.get("/redoc").status_code == 404
 
 
-def test_predict_answers_with_classes_urgency_version_and_gradcam(client: TestClient) -> None:
+def test_predict_answers_with_classes_urgency_version_and_heatmap(client: TestClient) -> None:
     r = client.post("/api/v1/predict", files={"file": ("l.jpg", jpeg(lesion_like()), "image/jpeg")})
     assert r.status_code == 200 and r.headers["cache-control"] == "no-store"
     body = r.json()
@@ -187,11 +180,11 @@ def test_predict_answers_with_classes_urgency_version_and_gradcam(client: TestCl
     assert body["top_class"] == probs[0] and probs[0]["probability"] == max(p["probability"] for p in probs)
     assert body["model_version"] == client.get("/healthz").json()["model_version"]
     assert body["urgency"]["level"] in {"see_dermatologist", "routine"} and "not a diagnosis" in body["disclaimer"]
-    cam = body["gradcam"]
-    heat, overlay = png_image(cam["heatmap_png"]), png_image(cam["overlay_png"])
-    assert heat.mode == "RGBA" and overlay.mode == "RGB" and heat.size == overlay.size == (cam["width"], cam["height"])
-    assert max(heat.size) == 256 and cam["layer"] == "model.features"
-    assert all(0 <= v <= 1 for v in cam["crop_box"])
+    heatmap = body["heatmap"]  # the baseline CNN's dense head: Grad-CAM, sent as a small grid
+    assert heatmap["method"] == "gradcam" and heatmap["layer"] == "model.features"
+    grid = np.asarray(heatmap["grid"])
+    assert grid.ndim == 2 and max(grid.shape) <= 16 and grid.min() >= 0 and grid.max() == pytest.approx(1.0)
+    assert heatmap["class_code"] == body["top_class"]["code"] and all(0 <= v <= 1 for v in heatmap["crop_box"])
 
 
 def test_openapi_documents_the_answer_and_the_error_body(client: TestClient) -> None:
@@ -205,15 +198,17 @@ def test_openapi_documents_the_answer_and_the_error_body(client: TestClient) -> 
         "urgency",
         "confidence",
         "image_check",
-        "gradcam",
+        "heatmap",
         "model_version",
+        "demo_model",
         "disclaimer",
+        "referral_check",
     }
     assert set(schemas["PredictResponse"]["properties"]) == set(schemas["PredictResponse"]["required"]) == answer
     assert schemas["PredictResponse"]["properties"]["status"]["enum"] == ["ok", "unsure", "rejected"]
     assert {"code", "name", "description", "malignant", "probability"} <= set(schemas["ClassProbability"]["required"])
     assert {"refer", "level", "message", "reasons"} == set(schemas["Urgency"]["required"])
-    assert {"heatmap_png", "overlay_png", "width", "height", "crop_box", "layer"} <= set(schemas["GradCam"]["required"])
+    assert {"method", "grid", "crop_box", "class_code", "layer"} <= set(schemas["Heatmap"]["required"])
     assert schemas["ErrorResponse"]["properties"]["error"]["$ref"] == "#/components/schemas/ErrorDetail"
     assert (
         set(schemas["ErrorDetail"]["properties"])
@@ -422,7 +417,7 @@ def stub_service(
     service.gate = gate or service.gate
     service.referral = referral or service.referral
     probs = np.asarray(probs, dtype=np.float64)
-    service.predictor.predict_arrays = lambda images: Prediction(
+    service.predictor.predict_arrays = lambda images, cams=False: Prediction(
         probs=probs[None], member_probs=probs[None, None], neg_energy=np.zeros(1), features=np.zeros((1, 1))
     )
     return service

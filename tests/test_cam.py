@@ -68,3 +68,16 @@ def test_heads_that_are_not_gap_linear_keep_gradcam() -> None:
     assert not predictor.cam_available
     with pytest.raises(ValueError, match="need Grad-CAM"):
         predictor.predict_arrays([lesion_like(size=(64, 64))], cams=True)
+
+
+def test_the_app_sends_the_forward_pass_cam_for_a_gap_linear_head() -> None:
+    from lesionnet.app.policy import ConfidenceGate
+    from lesionnet.app.service import LesionService
+
+    member = member_of("tf_efficientnet_lite0", 96)
+    service = LesionService(Predictor([member]), gate=ConfidenceGate("msp", 0.0))
+    assert service.use_cam and service.explainer is None  # no Grad-CAM hooks, no backward pass
+    answer = service.analyse(lesion_like(seed=3, size=(128, 96)))
+    heatmap = answer["heatmap"]
+    assert heatmap["method"] == "cam" and np.asarray(heatmap["grid"]).shape == (3, 3)
+    assert heatmap["class_code"] == answer["probabilities"][0]["code"] and max(map(max, heatmap["grid"])) == 1.0

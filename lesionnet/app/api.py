@@ -3,8 +3,10 @@
 Inference runs in a fixed thread pool (``workers``) and at most ``max_pending`` requests are admitted at once
 (running or waiting); more get 503 with Retry-After. Memory stays bounded under load: a waiting request holds only
 Starlette's spooled copy of its upload (at most 1 MB in memory, the rest in a temporary file) and is read and
-decoded by the worker that takes it, so at most ``workers`` images are decoded at once. Responses are typed
-(``schemas``) so /openapi.json documents them; /docs is Swagger UI on assets served by the app (no CDN).
+decoded by the worker that takes it, so at most ``workers`` images are decoded at once. An upload that stalls (no
+data for ``UploadLimits.body_timeout_s``) is answered 408 and its connection closed: uvicorn has only a keep-alive
+timeout (the header timeout is in ``lesionnet.cli.serve``). Responses are typed (``schemas``) so /openapi.json
+documents them; /docs is Swagger UI on assets served by the app (no CDN).
 """
 
 from __future__ import annotations
@@ -32,22 +34,37 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from lesionnet.app.content import DISCLAIMER
 from lesionnet.app.schemas import ErrorResponse, HealthResponse, ModelCard, PredictResponse
 from lesionnet.app.service import LesionService
-from lesionnet.app.upload import UploadError, UploadLimits, check_content_type, decode_image, guard_pillow
+from lesionnet.app.upload import (
+    UploadError,
+    UploadLimits,
+    check_content_type,
+    check_single_file,
+    decode_image,
+    guard_pillow,
+)
 
 log = logging.getLogger(__name__)
 STATIC = Path(__file__).parent / "static"
 MULTIPART_OVERHEAD = 64 * 1024  # form boundaries and headers around the file
+# The page posts with fetch(), never with a form submission: form-action 'none'
 PAGE_CSP = (
     "default-src 'self'; img-src 'self' data: blob:; media-src 'self' blob:; style-src 'self'; "
-    "script-src 'self'; connect-src 'self'; manifest-src 'self'; worker-src 'self'; frame-ancestors 'none'"
+    "script-src 'self'; connect-src 'self'; manifest-src 'self'; worker-src 'self'; object-src 'none'; "
+    "frame-ancestors 'none'; base-uri 'none'; form-action 'none'"
+)
+# The camera for this origin only (the page may capture in place later); every other powerful feature off
+PERMISSIONS_POLICY = (
+    "camera=(self), microphone=(), geolocation=(), payment=(), usb=(), serial=(), hid=(), midi=(), "
+    "display-capture=(), accelerometer=(), gyroscope=(), magnetometer=()"
 )
 # Swagger UI's JS and CSS from the fastapi-offline wheel (the app extra), served from /docs/assets instead of a CDN
 SWAGGER_ASSETS = Path(str(files("fastapi_offline") / "static"))
 ERRORS = {
     400: "Bad request (e.g. an empty file)",
+    408: "The upload stalled (no data for limits.body_timeout_s); the connection is closed",
     413: "File or image too large",
     415: "Not a JPEG, PNG or WebP upload",
-    422: "Missing field, or an undecodable, corrupt or too small image",
+    422: "Missing field, more than one 'file' part, or an undecodable, corrupt or too small image",
     500: "Unexpected server error (no details are given)",
     503: "Server busy; retry after the Retry-After seconds",
 }
@@ -87,10 +104,15 @@ def error_response(status: int, code: str, message: str, headers: dict[str, str]
 
 
 class BodyLimit:
-    """Refuse request bodies over ``max_bytes``: by Content-Length up front, else while the body streams in."""
+    """Refuse request bodies over ``max_bytes`` (by Content-Length up front, else while the body streams in) and
+    uploads that stall: waiting more than ``timeout_s`` for the next piece of the body answers 408 and closes the
+    connection, so a client that sends half a body cannot hold it open (uvicorn has no body timeout).
 
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
-        self.app, self.max_bytes = app, max_bytes
+    The timeout applies only until the body is complete: later ``receive()`` calls wait for a disconnect on purpose.
+    """
+
+    def __init__(self, app: ASGIApp, max_bytes: int, timeout_s: float | None = None) -> None:
+        self.app, self.max_bytes, self.timeout_s = app, max_bytes, timeout_s
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -101,17 +123,35 @@ class BodyLimit:
         length = dict(scope["headers"]).get(b"content-length")
         if length is not None and (not length.isdigit() or int(length) > self.max_bytes):
             return await error_response(too_large.status, too_large.code, too_large.message)(scope, receive, send)
-        received = 0
+        received, body_done, stalled = 0, False, False
 
         async def limited() -> Message:
-            nonlocal received
-            message = await receive()
+            nonlocal received, body_done, stalled
+            if body_done:
+                return await receive()
+            try:
+                message = await asyncio.wait_for(receive(), self.timeout_s)  # timeout_s None: no timeout
+            except TimeoutError:
+                stalled = True
+                raise UploadError(
+                    408,
+                    "upload_timeout",
+                    f"The upload stalled: nothing arrived for {self.timeout_s:g} seconds. Check the connection and "
+                    "send the photo again.",
+                ) from None
+            body_done = message["type"] != "http.request" or not message.get("more_body", False)
             received += len(message.get("body", b""))
             if received > self.max_bytes:
                 raise too_large
             return message
 
-        await self.app(scope, limited, send)
+        async def closing(message: Message) -> None:
+            """After a stalled upload the rest of its body never comes: close instead of keeping the connection."""
+            if stalled and message["type"] == "http.response.start":
+                message = {**message, "headers": [*message.get("headers", []), (b"connection", b"close")]}
+            await send(message)
+
+        await self.app(scope, limited, closing)
 
 
 class Admission:
@@ -163,12 +203,15 @@ def install_error_handlers(app: FastAPI) -> None:
 
 
 def install_security_headers(app: FastAPI) -> None:
-    """nosniff everywhere, no caching of answers, the page's CSP (/docs sets its own, with its script's hash)."""
+    """nosniff, no referrer and the permissions policy everywhere, no caching of answers, the page's CSP (/docs sets
+    its own, with its script's hash)."""
 
     @app.middleware("http")
     async def headers(request: Request, call_next: Any) -> Any:
         response = await call_next(request)
         response.headers.setdefault("X-Content-Type-Options", "nosniff")
+        response.headers.setdefault("Referrer-Policy", "no-referrer")  # the page's URL never leaves with a request
+        response.headers.setdefault("Permissions-Policy", PERMISSIONS_POLICY)
         if request.url.path.startswith("/api/"):
             response.headers["Cache-Control"] = "no-store"  # answers about someone's skin are not cached
         elif not request.url.path.startswith("/openapi"):
@@ -189,7 +232,12 @@ def install_api_routes(
         responses=error_responses(500),
     )
     async def healthz() -> dict[str, Any]:
-        return {"status": "ok", "model_version": service.predictor.version, "in_flight": admission.count}
+        return {
+            "status": "ok",
+            "model_version": service.predictor.version,
+            "demo_model": service.demo_model,
+            "in_flight": admission.count,
+        }
 
     @app.get(
         "/api/v1/model",
@@ -211,9 +259,10 @@ def install_api_routes(
         "'rejected' (not a lesion photo). Errors are JSON: {error: {status, code, message}}.",
         response_model=PredictResponse,
         response_model_exclude_unset=True,  # keys the service left out stay out
-        responses=error_responses(400, 413, 415, 422, 500, 503),
+        responses=error_responses(400, 408, 413, 415, 422, 500, 503),
     )
-    async def predict(file: Annotated[UploadFile, File(description="The photo")]) -> dict[str, Any]:
+    async def predict(request: Request, file: Annotated[UploadFile, File(description="The photo")]) -> dict[str, Any]:
+        check_single_file((await request.form()).getlist("file"))  # the form FastAPI parsed (cached): no re-read
         check_content_type(file.content_type)
         if not admission.enter():
             return error_response(
@@ -276,7 +325,7 @@ def create_app(
         description=f"Classifies a photo of a skin lesion into 7 HAM10000 classes, with a referral flag, an "
         f"'unsure' answer and a Grad-CAM heatmap. {DISCLAIMER}",
     )
-    app.add_middleware(BodyLimit, max_bytes=limits.max_bytes + MULTIPART_OVERHEAD)
+    app.add_middleware(BodyLimit, max_bytes=limits.max_bytes + MULTIPART_OVERHEAD, timeout_s=limits.body_timeout_s)
     app.state.service, app.state.admission = service, admission
     install_error_handlers(app)
     install_security_headers(app)

@@ -144,5 +144,6 @@ def build_app(cfg: DictConfig) -> object:
         max_bytes=int(cfg.limits.max_upload_mb * 2**20),
         max_pixels=int(cfg.limits.max_pixels),
         min_side=int(cfg.limits.min_side),
+        body_timeout_s=cfg.limits.body_timeout_s,
     )
     return create_app(build_service(cfg), limits, workers=cfg.limits.workers, max_pending=cfg.limits.max_pending)

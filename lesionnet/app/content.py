@@ -1,4 +1,4 @@
-"""Plain-language text shown to users: class names, descriptions, disclaimers and the model card's fixed parts.
+"""Plain-language text shown to users: class names, descriptions, disclaimers and the model card's sentences.
 
 Kept apart from the logic so wording can be reviewed (clinically and for readability) without reading code.
 """
@@ -59,11 +59,145 @@ INTENDED_USE = (
     "Research and education: to show what a classifier trained on dermatoscopic images does with an image. Not for "
     "diagnosis, screening or treatment decisions, and not a substitute for a doctor."
 )
-TRAINING_DATA = (
-    "HAM10000 (Tschandl et al. 2018, CC BY-NC 4.0): 10,015 dermatoscopic images of 7,470 pigmented lesions from "
-    "two centres (Vienna, Austria and Queensland, Australia), 7 diagnoses; about two thirds are moles (nv). Splits "
-    "are by lesion, so no lesion is in both training and test data."
+DATASET = (
+    "HAM10000 (Tschandl et al. 2018, CC BY-NC 4.0) is a set of 10,015 dermatoscopic images of 7,470 pigmented "
+    "lesions from two centres (Vienna, Austria and Queensland, Australia), 7 diagnoses; about two thirds are moles."
 )
+SAMPLE_FOLDER = "the 286-image HAM10000 sample shipped with LesionNet"
+TRAINING_UNKNOWN = (
+    "Unknown: the checkpoint records no training images (it predates provenance records) and is not inside the "
+    "train.py run folder that made it."
+)
+SPLIT_UNKNOWN = "How the images were split is unknown (no metrics.json of the training run)."
+
+
+def images_phrase(images: dict[str, int]) -> str:
+    """'200 images (43 more for validation, 43 held out for testing)' from per-split image counts."""
+    extra = {"val": "more for validation", "test": "held out for testing"}
+    others = [f"{n:,} {extra.get(split, f'in the split {split!r}')}" for split, n in images.items() if split != "train"]
+    main = f"{images['train']:,} images" if "train" in images else "an unknown number of images"
+    return main + (f" ({', '.join(others)})" if others else "")
+
+
+def split_description(method: str, seed: int | None, fractions: dict[str, float] | None, split_file: str | None) -> str:
+    """How a run split its images into training, validation and test, in plain words."""
+    if split_file:
+        return f"Split as saved in the file '{split_file}' of an earlier run."
+    if method == "legacy":
+        return (
+            f"Split by image (the seed project's legacy split, seed {seed}): images of one lesion can be in both "
+            "training and test, so test figures are optimistic."
+        )
+    names = {"train": "training", "val": "validation"}
+    shares = " / ".join(f"{fractions[s]:.0%} {names.get(s, s)}" for s in fractions) if fractions else ""
+    return (
+        f"Split by lesion (seed {seed}{'; ' + shares if shares else ''}): no lesion has images in more than one of "
+        "training, validation and test."
+    )
+
+
+def training_sentence(images: dict[str, int], folder: str | None, is_sample: bool, split: str | None) -> str:
+    """One model's training data: counts, where they came from and how they were split."""
+    if not images:
+        return TRAINING_UNKNOWN
+    source = f" from {SAMPLE_FOLDER}" if is_sample else (f" from the data folder '{folder}'" if folder else "")
+    return f"Trained on {images_phrase(images)}{source}. {split or SPLIT_UNKNOWN}"
+
+
+def demo_notice(train_images: int | None) -> str:
+    """The banner shown on every screen when the served model was trained on the embedded sample."""
+    learnt = f" It learnt from only {train_images:,} images, so its" if train_images else " Its"
+    return (
+        f"Demo model - not trained on the full data.{learnt} answers are only for trying the app, not for judging a "
+        "real spot."
+    )
+
+
+DEMO_SAMPLE_ROOT = f"Its training run's data root is {SAMPLE_FOLDER}."
+
+
+def demo_few_images(train_images: int) -> str:
+    return (
+        f"Its checkpoint records only {train_images:,} training images; the full HAM10000 split trains on about 7,000."
+    )
+
+
+# ----------------------------------------------------------------------------- is the referral rule checked?
+
+REFERRAL_NOT_CHECKED = "This rule has not been checked on held-out images for this model."
+
+
+def referral_checked(n_images: int, melanomas: int | None, sensitivity: float, in_sample: bool) -> str:
+    """Under the urgency message: on how many images the 'see a dermatologist' rule was checked, and what it caught.
+
+    "At least": the melanoma threshold alone caught ``sensitivity`` of them; the malignant-sum rule can only add.
+    """
+    of = f" of the {melanomas:,} melanomas" if melanomas else " of the melanomas"
+    if in_sample:
+        return (
+            f"The 'see a dermatologist' rule was only checked on the {n_images:,} validation images it was tuned on: "
+            f"it caught at least {sensitivity:.0%}{of} there, and may catch fewer on new images."
+        )
+    return (
+        f"The 'see a dermatologist' rule was checked on {n_images:,} held-out images: it caught at least "
+        f"{sensitivity:.0%}{of} there."
+    )
+
+
+# ----------------------------------------------------------------------------- test figures
+
+NOT_EVALUATED = "Not evaluated: the server was started without an evaluate.py scores.json, so performance is unknown."
+
+
+def percent_with_interval(value: float | None, interval: list[float | None] | None) -> str:
+    """'71.0% (95% CI 68.0-74.0%)', or 'unknown'."""
+    if value is None:
+        return "unknown"
+    text = f"{value:.1%}"
+    if interval and None not in interval:
+        text += f" (95% CI {interval[0]:.1%}-{interval[1]:.1%})"
+    return text
+
+
+def performance_summary(metrics: dict, bootstrap: str | None, provenance: list[str]) -> str:
+    """The model card's test figures in a few sentences: accuracy and balanced accuracy with their intervals, what
+    the intervals resample, melanoma sensitivity, calibration and whether the scored images were checked unseen."""
+    count = f"{metrics['n_images']:,} " if metrics.get("n_images") else ""
+    accuracy = percent_with_interval(metrics["accuracy"], metrics["accuracy_ci95"])
+    balanced = percent_with_interval(metrics["balanced_accuracy"], metrics["balanced_accuracy_ci95"])
+    sentences = [
+        f"On the {count}images of the {metrics.get('evaluated_on') or 'evaluation set'}: accuracy {accuracy}, "
+        f"balanced accuracy (mean over the 7 diagnoses) {balanced}."
+    ]
+    if bootstrap:
+        sentences.append(f"Intervals: {bootstrap}.")
+    if metrics.get("in_sample"):
+        sentences.append("These are the validation images the model was chosen on, so the figures are optimistic.")
+    val = (metrics.get("melanoma") or {}).get("val_threshold") or {}
+    if val.get("sensitivity") is not None:
+        cleared = val.get("specificity")
+        sentences.append(
+            f"The melanoma threshold of the referral rule caught {val['sensitivity']:.0%} of the melanomas there"
+            + (f" and did not flag {cleared:.0%} of the other lesions." if cleared is not None else ".")
+        )
+    if metrics.get("temperature") is not None:
+        after = metrics.get("ece_after_temperature")
+        sentences.append(
+            f"Calibration: the shown probabilities are rescaled with a temperature of {metrics['temperature']:.2f} "
+            "fitted on validation images"
+            + (f"; the expected calibration error after it is {after:.1%}." if after is not None else ".")
+        )
+    if provenance:
+        checked = all(p == "checked" for p in provenance)
+        sentences.append(
+            "None of the scored images was used in training or validation (checked by content)."
+            if checked
+            else "Whether the scored images were unseen in training is unknown (the checkpoint predates provenance "
+            "records)."
+        )
+    return " ".join(sentences)
+
+
 LIMITATIONS: tuple[str, ...] = (
     "Trained on dermatoscope images: ordinary phone photos (without a dermatoscope) look different and the model is "
     "less reliable on them.",

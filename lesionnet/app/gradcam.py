@@ -7,8 +7,6 @@ a feature map larger than 1x1 (pooling layers excluded, since they only resample
 
 from __future__ import annotations
 
-import base64
-import io
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -16,9 +14,7 @@ from typing import Any
 import cv2
 import numpy as np
 import torch
-from PIL import Image
 from pytorch_grad_cam import GradCAM
-from pytorch_grad_cam.utils.image import show_cam_on_image
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 from torch import nn
 
@@ -53,51 +49,58 @@ def find_target_layer(model: nn.Module, input_size: tuple[int, int, int] | list[
     return seen[-1]
 
 
-def png_base64(array: np.ndarray) -> str:
-    buf = io.BytesIO()
-    Image.fromarray(array).save(buf, format="PNG")
-    return base64.b64encode(buf.getvalue()).decode("ascii")
+MAX_GRID = 16  # Grad-CAM masks (input-sized) are sent at most this many cells a side; the page smooths them
 
 
 @dataclass(frozen=True)
-class CamResult:
-    heatmap_png: str  # RGBA: jet colours, transparent where the map is cold (to lay over the photo)
-    overlay_png: str  # RGB: the model's view of the photo with the heatmap blended in
-    width: int
-    height: int
+class Heatmap:
+    """What the page needs to draw the explanation: a small grid in [0, 1] and where the model looked."""
+
+    method: str  # "cam" (from the forward pass) | "gradcam" (an extra backward pass)
+    grid: list[list[float]]  # rows x columns, 1 = the strongest evidence for the explained class
     crop_box: list[float]  # the model's view inside the upload: left, top, right, bottom as fractions
+    class_code: str
     layer: str
 
 
-class CamExplainer:
-    """Grad-CAM for one member of a predictor, the target layer found once at start-up."""
+def unit_grid(values: np.ndarray) -> list[list[float]]:
+    """ReLU and scale to [0, 1] (as Grad-CAM does), 3 decimals: a few hundred bytes of JSON."""
+    positive = np.maximum(np.nan_to_num(values.astype(np.float64)), 0.0)
+    peak = positive.max()
+    return np.round(positive / peak if peak > 0 else positive, 3).tolist()
 
-    def __init__(self, model: nn.Module, data_config: Mapping[str, Any], display_size: int = 256) -> None:
+
+def view_box(data_config: Mapping[str, Any], image: np.ndarray) -> list[float]:
+    height, width = image.shape[:2]
+    left, top, right, bottom = eval_crop_box(data_config, width, height)
+    return [left / width, top / height, right / width, bottom / height]
+
+
+class GradCamExplainer:
+    """Grad-CAM for members whose head is not average-pool + linear (there the forward pass's CAM is used)."""
+
+    def __init__(self, model: nn.Module, data_config: Mapping[str, Any]) -> None:
         self.model = model
         self.data_config = dict(data_config)
         self.layer_name, self.layer = find_target_layer(model, tuple(data_config["input_size"]))
-        self.display_size = display_size
 
-    def explain(self, image: np.ndarray, x: torch.Tensor, class_index: int) -> CamResult:
-        """Heatmap of ``class_index`` for input ``x`` (preprocessed ``image``), mapped back onto ``image``."""
+    def explain(self, image: np.ndarray, x: torch.Tensor, class_index: int, class_code: str) -> Heatmap:
+        """Heatmap of ``class_index`` for input ``x`` (preprocessed ``image``)."""
         x = x.detach().clone().requires_grad_(True)  # gradients reach the map even through frozen layers
         with GradCAM(model=self.model, target_layers=[self.layer]) as cam:
             mask = cam(input_tensor=x, targets=[ClassifierOutputTarget(class_index)])[0]
-        height, width = image.shape[:2]
-        left, top, right, bottom = eval_crop_box(self.data_config, width, height)
-        view = image[round(top) : round(bottom), round(left) : round(right)]
-        scale = self.display_size / max(view.shape[:2])
-        size = (max(1, round(view.shape[1] * scale)), max(1, round(view.shape[0] * scale)))
-        view = cv2.resize(view, size, interpolation=cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR)
-        mask = np.clip(cv2.resize(np.nan_to_num(mask.astype(np.float32)), size, interpolation=cv2.INTER_LINEAR), 0, 1)
-        colours = cv2.cvtColor(cv2.applyColorMap(np.uint8(255 * mask), cv2.COLORMAP_JET), cv2.COLOR_BGR2RGB)
-        heat = np.dstack([colours, np.uint8(200 * mask)])
-        overlay = show_cam_on_image(view.astype(np.float32) / 255.0, mask, use_rgb=True, image_weight=0.6)
-        return CamResult(
-            heatmap_png=png_base64(heat),
-            overlay_png=png_base64(overlay),
-            width=size[0],
-            height=size[1],
-            crop_box=[left / width, top / height, right / width, bottom / height],
-            layer=self.layer_name,
+        rows, columns = mask.shape
+        scale = min(1.0, MAX_GRID / max(rows, columns))
+        small = cv2.resize(
+            mask.astype(np.float32),
+            (max(1, round(columns * scale)), max(1, round(rows * scale))),
+            interpolation=cv2.INTER_AREA,
         )
+        return Heatmap("gradcam", unit_grid(small), view_box(self.data_config, image), class_code, self.layer_name)
+
+
+def cam_heatmap(
+    cams: np.ndarray, class_index: int, class_code: str, data_config: Mapping[str, Any], image: np.ndarray
+) -> Heatmap:
+    """The class activation map of the forward pass (``Prediction.cams``) as a heatmap: no backward pass."""
+    return Heatmap("cam", unit_grid(cams[class_index]), view_box(data_config, image), class_code, "forward_features")

@@ -39,6 +39,7 @@ class ErrorResponse(Schema):
 class HealthResponse(Schema):
     status: Literal["ok"]
     model_version: str = Field(description="<member names>@<first 12 hex of the checkpoints' combined SHA-256>.")
+    demo_model: bool = Field(description="True: the served model was trained on the small embedded sample only.")
     in_flight: int = Field(description="Prediction requests admitted now (running or queued).")
 
 
@@ -83,19 +84,31 @@ class Confidence(Schema):
     threshold_source: str
 
 
-class GradCam(Schema):
-    heatmap_png: str = Field(description="Base64 RGBA PNG: the heatmap alone, transparent where cold.")
-    overlay_png: str = Field(description="Base64 RGB PNG: the model's view of the photo with the heatmap blended in.")
-    width: int
-    height: int
+class Heatmap(Schema):
+    method: str = Field(description="cam: class activation map of the forward pass; gradcam: Grad-CAM (backward pass).")
+    grid: list[list[float]] = Field(description="Rows x columns in [0, 1]: 1 = strongest evidence for the class.")
     crop_box: list[float] = Field(description="The model's view inside the upload: left, top, right, bottom (0-1).")
+    class_code: str = Field(description="The explained class (the top class).")
     layer: str = Field(description="The explained layer of the first ensemble member.")
+
+
+class ReferralCheck(Schema):
+    """Whether the 'see a dermatologist' rule was checked on held-out images, for the line under the urgency."""
+
+    validated: bool = Field(description="True: a validation-chosen melanoma threshold, scored by evaluate.py.")
+    message: str = Field(description="The plain-language sentence the page shows under the urgency message.")
+    evaluated_on: str | None = Field(description="The images the rule was checked on (scores.json 'evaluated').")
+    n_images: int | None
+    melanomas: int | None = Field(description="Melanomas among those images.")
+    melanoma_sensitivity: float | None = Field(description="Share of them the melanoma threshold alone caught.")
+    in_sample: bool | None = Field(description="True: checked on the validation images it was tuned on.")
 
 
 class PredictResponse(Schema):
     """One photo's answer: 'ok' (top class), 'unsure' (no label) or 'rejected' (not a lesion photo)."""
 
     model_version: str
+    demo_model: bool = Field(description="True: trained on the small embedded sample only; show it as a demo.")
     disclaimer: str
     image_check: ImageCheckResult
     status: Literal["ok", "unsure", "rejected"]
@@ -103,8 +116,9 @@ class PredictResponse(Schema):
     top_class: ClassProbability | None = Field(description="Null unless status is 'ok'.")
     probabilities: list[ClassProbability] = Field(description="All classes, most likely first; empty if rejected.")
     urgency: Urgency
+    referral_check: ReferralCheck
     confidence: Confidence | None = Field(description="Null if rejected.")
-    gradcam: GradCam | None = Field(description="Null if rejected or Grad-CAM is off.")
+    heatmap: Heatmap | None = Field(description="Null if rejected or heatmaps are off (gradcam=false).")
 
 
 # ----------------------------------------------------------------------------- /api/v1/model
@@ -133,11 +147,26 @@ class PerClassMetrics(Schema):
     support: int | None
 
 
+class Bootstrap(Schema):
+    unit: str = Field(description="What the 95% intervals resample: lesions (correlated images together) or images.")
+    n_units: int
+    resamples: int
+    description: str
+
+
 class Metrics(Schema):
     """evaluate.py's scores of the served model(s), as given in scores.json."""
 
     evaluated_on: str | None
+    set: str | None = Field(description="test, validation (in-sample, optimistic), external, ...")
+    in_sample: bool
     n_images: int | None
+    tta: str
+    bootstrap: Bootstrap | None
+    provenance: dict[str, str] = Field(
+        description="Per served checkpoint: 'checked' (no scored image was used in training or validation) or "
+        "'unknown (...)'."
+    )
     accuracy: float | None
     accuracy_ci95: list[float | None] | None
     balanced_accuracy: float | None
@@ -148,6 +177,7 @@ class Metrics(Schema):
         description="Sensitivity/specificity at argmax and at the validation threshold, as evaluate.py writes them."
     )
     temperature: float | None
+    ece: float | None = Field(description="Expected calibration error before temperature scaling.")
     ece_after_temperature: float | None
     per_class: dict[str, PerClassMetrics]
 
@@ -177,6 +207,35 @@ class ImageCheckThresholds(Schema):
     max_saturation: float
 
 
+class Split(Schema):
+    method: str = Field(description="lesion (no lesion in two splits) | legacy (by image, leaky) | file (split.csv).")
+    seed: int | None
+    fractions: dict[str, float] | None
+    split_file: str | None = Field(description="The name of the split file it reused, if any.")
+    description: str
+
+
+class MemberTraining(Schema):
+    """What one checkpoint was trained on, from its provenance record and its run's metrics.json."""
+
+    name: str
+    images: dict[str, int] = Field(description="Images per split (train, val from the checkpoint; test from the run).")
+    lesions: dict[str, int] | None = Field(description="Distinct lesions per split, from the checkpoint's provenance.")
+    sources: list[str] = Field(description="Where the counts come from: checkpoint provenance, run metrics.json.")
+    data_root: str | None = Field(description="The training data folder's name (not its path on the server).")
+    embedded_sample: bool = Field(description="The run's data root is the sample shipped inside LesionNet.")
+    split: Split | None
+    demo_reason: str | None = Field(description="Why it counts as a demo model; null if it does not.")
+
+
+class TrainingData(Schema):
+    summary: str = Field(description="Plain-language sentences: images, data and split of each model.")
+    dataset: str = Field(description="About HAM10000, the data set the images come from.")
+    demo_model: bool = Field(description="True if any served checkpoint counts as a demo model (see demo_reason).")
+    demo_notice: str | None = Field(description="The banner the page shows for a demo model.")
+    members: list[MemberTraining]
+
+
 class ModelCard(Schema):
     """What the model is, how well it did (with CIs when a scores.json was given) and what it must not be used for."""
 
@@ -184,11 +243,13 @@ class ModelCard(Schema):
     model: ModelInfo
     intended_use: str
     not_a_diagnosis: str
-    training_data: str
+    training_data: TrainingData
     classes: list[ClassInfo]
     metrics: Metrics | None
     metrics_note: str | None
+    performance: str = Field(description="The test figures in plain words, or 'Not evaluated: ...'.")
     referral: ReferralRule
+    referral_check: ReferralCheck
     unsure: UnsureGate
     image_check: ImageCheckThresholds
     limitations: list[str]

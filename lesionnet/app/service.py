@@ -5,16 +5,129 @@ No HTTP here, so the logic can be tested and reused (a CLI, a batch job) without
 
 from __future__ import annotations
 
+import logging
+from collections import Counter
 from dataclasses import asdict, dataclass, field
+from functools import cached_property
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from lesionnet.app import content
-from lesionnet.app.gradcam import CamExplainer
+from lesionnet.app.gradcam import GradCamExplainer, cam_heatmap
 from lesionnet.app.image_check import CheckThresholds, check_image, thresholds_dict
 from lesionnet.app.policy import ConfidenceGate, ReferralPolicy
-from lesionnet.inference import Predictor
+from lesionnet.contract.files import ContractError
+from lesionnet.contract.run import RunMetrics
+from lesionnet.data.datamodule import embedded_sample_root
+from lesionnet.inference import Member, Predictor
+
+log = logging.getLogger(__name__)
+DEMO_MAX_TRAIN_IMAGES = 1_000  # the full HAM10000 lesion-level split trains on ~7,000 images, the sample on ~200
+SPLIT_ORDER = ("train", "val", "test")
+
+
+def in_split_order(counts: dict[str, int]) -> dict[str, int]:
+    """train, val, test first, then any other split name."""
+    return dict(sorted(counts.items(), key=lambda kv: (SPLIT_ORDER.index(kv[0]) if kv[0] in SPLIT_ORDER else 9, kv[0])))
+
+
+def run_metrics(member: Member) -> RunMetrics | None:
+    """The metrics.json of the run a checkpoint sits in; None for a copied checkpoint or an unreadable file."""
+    if member.run is None or not member.run.metrics_file.is_file():
+        return None
+    try:
+        return member.run.metrics()
+    except ContractError as err:  # e.g. written by another LesionNet version: the card says "unknown" instead
+        log.warning("Model card without the run's metrics.json: %s", err)
+        return None
+
+
+def split_record(data: dict[str, Any]) -> dict[str, Any]:
+    """How a run split its images, from the ``data`` node of its resolved config (metrics.json)."""
+    split_file = Path(data["split_file"]).name if data.get("split_file") else None
+    method = "file" if split_file else str(data.get("split", "lesion"))
+    seed = data.get("split_seed")
+    fractions = data.get("split_fractions") if method == "lesion" else None
+    return {
+        "method": method,
+        "seed": seed,
+        "fractions": fractions,
+        "split_file": split_file,
+        "description": content.split_description(method, seed, fractions, split_file),
+    }
+
+
+def demo_reason(embedded_sample: bool, train_images: int | None) -> str | None:
+    """Why a checkpoint counts as a demo model, or None. Either of two signals suffices, so neither has to be present:
+
+    - its run's data root is ``embedded_sample_root()`` (from the run's metrics.json: only while the checkpoint sits
+      in its run folder);
+    - it records fewer than ``DEMO_MAX_TRAIN_IMAGES`` training images (from the checkpoint's own provenance, else the
+      run's counts: survives copying the .ckpt, and catches a copy of the sample in another folder).
+
+    A checkpoint with neither record (copied out of its run and older than provenance) is not called a demo; its
+    card says that its training data is unknown.
+    """
+    if embedded_sample:
+        return content.DEMO_SAMPLE_ROOT
+    if train_images is not None and train_images < DEMO_MAX_TRAIN_IMAGES:
+        return content.demo_few_images(train_images)
+    return None
+
+
+def member_training(member: Member) -> dict[str, Any]:
+    """What one checkpoint was trained on (``schemas.MemberTraining``): train/val counts and lesions from its
+    provenance (stored in the .ckpt), test counts, the data root and the split settings from its run's metrics.json."""
+    images: dict[str, int] = {}
+    lesions, sources = None, []
+    metrics = run_metrics(member)
+    if metrics is not None:
+        images.update(metrics.split_images)
+        sources.append("run metrics.json")
+    if member.provenance is not None:  # the checkpoint's own record wins for the splits it covers
+        prov = member.provenance
+        images.update(Counter(prov.split))
+        lesions = in_split_order(Counter(split for split, _ in set(zip(prov.split, prov.lesion_id, strict=True))))
+        sources.insert(0, "checkpoint provenance")
+    images = in_split_order(images)
+    root = Path(metrics.data_root) if metrics is not None else None
+    embedded = root is not None and root.resolve() == embedded_sample_root().resolve()
+    return {
+        "name": member.name,
+        "images": images,
+        "lesions": lesions,
+        "sources": sources,
+        "data_root": root.name if root is not None else None,
+        "embedded_sample": embedded,
+        "split": split_record(metrics.config.get("data") or {}) if metrics is not None else None,
+        "demo_reason": demo_reason(embedded, images.get("train")),
+    }
+
+
+def training_data(members: list[Member]) -> dict[str, Any]:
+    """The model card's ``training_data`` (``schemas.TrainingData``): per checkpoint, and whether it is a demo."""
+    records = [member_training(m) for m in members]
+    sentences = [
+        content.training_sentence(
+            r["images"], r["data_root"], r["embedded_sample"], r["split"]["description"] if r["split"] else None
+        )
+        for r in records
+    ]
+    summary = (
+        sentences[0]
+        if len(records) == 1
+        else " ".join(f"{r['name']}: {t}" for r, t in zip(records, sentences, strict=True))
+    )
+    demo = [r for r in records if r["demo_reason"]]
+    return {
+        "summary": summary,
+        "dataset": content.DATASET,
+        "demo_model": bool(demo),
+        "demo_notice": content.demo_notice(demo[0]["images"].get("train")) if demo else None,
+        "members": records,
+    }
 
 
 @dataclass
@@ -28,8 +141,13 @@ class LesionService:
     evaluated: dict[str, Any] | None = None  # what those scores were computed on
 
     def __post_init__(self) -> None:
-        member = self.predictor.members[0]  # Grad-CAM explains the first member (members may differ in input size)
-        self.explainer = CamExplainer(member.model, member.data_config) if self.gradcam else None
+        # The first member is explained (members may differ in input size): by its class activation map, which the
+        # forward pass gives for free when the head is average-pool + linear, else by Grad-CAM (a backward pass).
+        member = self.predictor.members[0]
+        self.use_cam = self.gradcam and self.predictor.cam_available
+        self.explainer = (
+            GradCamExplainer(member.model, member.data_config) if self.gradcam and not self.use_cam else None
+        )
 
     def _classes(self, probs: np.ndarray) -> list[dict[str, Any]]:
         rows = [
@@ -47,7 +165,11 @@ class LesionService:
     def analyse(self, image: np.ndarray) -> dict[str, Any]:
         """The full API answer for one RGB uint8 image (status ok | unsure | rejected); its shape is
         ``schemas.PredictResponse``."""
-        answer: dict[str, Any] = {"model_version": self.predictor.version, "disclaimer": content.DISCLAIMER}
+        answer: dict[str, Any] = {
+            "model_version": self.predictor.version,
+            "demo_model": self.demo_model,
+            "disclaimer": content.DISCLAIMER,
+        }
         checked = check_image(image, self.check)
         answer["image_check"] = asdict(checked)
         if not checked.passed:
@@ -58,18 +180,24 @@ class LesionService:
                 "top_class": None,
                 "probabilities": [],
                 "urgency": {"refer": None, "reasons": [], "level": "unknown", "message": content.MESSAGES["rejected"]},
+                "referral_check": self.referral_check(),
                 "confidence": None,
-                "gradcam": None,
+                "heatmap": None,
             }
         with self.predictor.lock:
-            out = self.predictor.predict_arrays([image]).image(0)
+            out = self.predictor.predict_arrays([image], cams=self.use_cam).image(0)
             urgency = self.referral.assess(out.probs, self.predictor.class_names)
             unsure = self.gate.unsure(out)
             classes = self._classes(self.referral.calibrate(out.probs))
-            cam = None
-            if self.explainer is not None:
+            top = int(np.argmax(out.probs))
+            code = self.predictor.class_names[top]
+            config = self.predictor.members[0].data_config
+            heatmap = None
+            if self.use_cam:
+                heatmap = asdict(cam_heatmap(out.cams, top, code, config, image))
+            elif self.explainer is not None:
                 x = self.predictor.preprocess(0, [image])
-                cam = asdict(self.explainer.explain(image, x, int(np.argmax(out.probs))))
+                heatmap = asdict(self.explainer.explain(image, x, top, code))
         if urgency["refer"]:
             level, message = "see_dermatologist", content.MESSAGES["refer"]
         elif unsure:  # never reassure when unsure
@@ -89,44 +217,91 @@ class LesionService:
             "top_class": None if unsure else classes[0],
             "probabilities": classes,
             "urgency": urgency,
+            "referral_check": self.referral_check(),
             "confidence": {
                 "method": self.gate.method,
                 "score": round(self.gate.score(out), 4),
                 "threshold": round(self.gate.threshold, 4),
                 "threshold_source": self.gate.source,
             },
-            "gradcam": cam,
+            "heatmap": heatmap,
+        }
+
+    @cached_property
+    def training(self) -> dict[str, Any]:
+        """The model card's ``training_data``; read once (the checkpoints do not change while serving)."""
+        return training_data(self.predictor.members)
+
+    @property
+    def demo_model(self) -> bool:
+        return bool(self.training["demo_model"])
+
+    def referral_check(self) -> dict[str, Any]:
+        """Whether the referral rule was checked on held-out images (``schemas.ReferralCheck``): only a melanoma
+        threshold chosen on validation and then scored by evaluate.py counts; the malignant-sum rule alone never."""
+        scores, evaluated = self.scores or {}, self.evaluated or {}
+        val = (scores.get("melanoma") or {}).get("val_threshold") or {}
+        sensitivity, n_images = val.get("sensitivity"), evaluated.get("n_images")
+        melanomas = ((scores.get("per_class") or {}).get("mel") or {}).get("support")
+        in_sample = bool(evaluated.get("in_sample"))
+        validated = self.referral.melanoma_threshold is not None and sensitivity is not None and bool(n_images)
+        return {
+            "validated": validated,
+            "message": content.referral_checked(n_images, melanomas, sensitivity, in_sample)
+            if validated
+            else content.REFERRAL_NOT_CHECKED,
+            "evaluated_on": evaluated.get("evaluated") if validated else None,
+            "n_images": n_images if validated else None,
+            "melanomas": melanomas if validated else None,
+            "melanoma_sensitivity": sensitivity if validated else None,
+            "in_sample": in_sample if validated else None,
+        }
+
+    def _metrics(self) -> dict[str, Any] | None:
+        """evaluate.py's figures of the served model (``schemas.Metrics``), or None when not evaluated."""
+        if not self.scores:
+            return None
+        s, evaluated = self.scores, self.evaluated or {}
+        served = {m.sha256 for m in self.predictor.members}
+        bootstrap = evaluated.get("bootstrap")
+        return {
+            "evaluated_on": evaluated.get("evaluated"),
+            "set": evaluated.get("set"),
+            "in_sample": bool(evaluated.get("in_sample")),
+            "n_images": evaluated.get("n_images"),
+            "tta": evaluated.get("tta", self.predictor.tta),
+            "bootstrap": {k: bootstrap.get(k) for k in ("unit", "n_units", "resamples", "description")}
+            if bootstrap
+            else None,
+            "provenance": {
+                m["name"]: m["provenance"] for m in evaluated.get("models", []) if m.get("sha256") in served
+            },
+            "accuracy": s.get("accuracy"),
+            "accuracy_ci95": (s.get("ci95") or {}).get("accuracy"),
+            "balanced_accuracy": s.get("balanced_accuracy"),
+            "balanced_accuracy_ci95": (s.get("ci95") or {}).get("balanced_accuracy"),
+            "macro_auroc": s.get("macro_auroc"),
+            "macro_f1": s.get("macro_f1"),
+            "melanoma": s.get("melanoma"),
+            "temperature": s.get("temperature"),
+            "ece": s.get("ece"),
+            "ece_after_temperature": s.get("ece_after_temperature"),
+            "per_class": {
+                c: {k: v.get(k) for k in ("recall", "precision", "auroc", "support")}
+                for c, v in (s.get("per_class") or {}).items()
+            },
         }
 
     def model_card(self) -> dict[str, Any]:
-        """What the model is, how well it did (with CIs when scores.json was given) and what it must not be used for;
-        its shape is ``schemas.ModelCard``."""
-        metrics = None
-        if self.scores:
-            s = self.scores
-            metrics = {
-                "evaluated_on": (self.evaluated or {}).get("evaluated"),
-                "n_images": (self.evaluated or {}).get("n_images"),
-                "accuracy": s.get("accuracy"),
-                "accuracy_ci95": (s.get("ci95") or {}).get("accuracy"),
-                "balanced_accuracy": s.get("balanced_accuracy"),
-                "balanced_accuracy_ci95": (s.get("ci95") or {}).get("balanced_accuracy"),
-                "macro_auroc": s.get("macro_auroc"),
-                "macro_f1": s.get("macro_f1"),
-                "melanoma": s.get("melanoma"),
-                "temperature": s.get("temperature"),
-                "ece_after_temperature": s.get("ece_after_temperature"),
-                "per_class": {
-                    c: {k: v.get(k) for k in ("recall", "precision", "auroc", "support")}
-                    for c, v in (s.get("per_class") or {}).items()
-                },
-            }
+        """What the model is, what it was trained on, how well it did (with CIs when scores.json was given) and what
+        it must not be used for; its shape is ``schemas.ModelCard``."""
+        metrics = self._metrics()
         return {
             "name": "LesionNet",
             "model": self.predictor.describe(),
             "intended_use": content.INTENDED_USE,
             "not_a_diagnosis": content.DISCLAIMER,
-            "training_data": content.TRAINING_DATA,
+            "training_data": self.training,
             "classes": [
                 {
                     "code": c,
@@ -137,8 +312,14 @@ class LesionService:
                 for c in self.predictor.class_names
             ],
             "metrics": metrics,
-            "metrics_note": None if metrics else "No evaluate.py scores.json was given: performance is unknown.",
+            "metrics_note": None if metrics else content.NOT_EVALUATED,
+            "performance": content.performance_summary(
+                metrics, (metrics["bootstrap"] or {}).get("description"), list(metrics["provenance"].values())
+            )
+            if metrics
+            else content.NOT_EVALUATED,
             "referral": asdict(self.referral),
+            "referral_check": self.referral_check(),
             "unsure": {
                 "method": self.gate.method,
                 "threshold": self.gate.threshold,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -21,11 +22,13 @@ ALLOWED_TYPES: dict[str, str] = {"image/jpeg": "JPEG", "image/png": "PNG", "imag
 
 @dataclass(frozen=True)
 class UploadLimits:
-    """Bounds on one upload: bytes on the wire, decoded pixels (width x height) and the shortest side."""
+    """Bounds on one upload: bytes on the wire, decoded pixels (width x height), the shortest side, and the longest
+    wait for the next piece of its body (None: wait for ever)."""
 
     max_bytes: int = 10 * 1024 * 1024
     max_pixels: int = 40_000_000
     min_side: int = 32
+    body_timeout_s: float | None = 15.0
 
 
 class UploadError(Exception):
@@ -50,6 +53,15 @@ def check_content_type(content_type: str | None) -> None:
     if media not in ALLOWED_TYPES:
         raise UploadError(
             415, "unsupported_media_type", f"Upload a JPEG, PNG or WebP image (got content type '{media or 'none'}')."
+        )
+
+
+def check_single_file(parts: Sequence[object], field: str = "file") -> None:
+    """Exactly one form part named ``field`` (``parts``: all of them): with two, FastAPI would silently analyse the
+    last one."""
+    if len(parts) > 1:
+        raise UploadError(
+            422, "too_many_files", f"Send one photo per request: this one has {len(parts)} parts named '{field}'."
         )
 
 

@@ -36,10 +36,22 @@ function el(tag, text, cls) {
   return node;
 }
 
+// The demo banner: shown when the model card or an answer says the model was trained on the small sample only
+function showDemo(isDemo, notice) {
+  if (!isDemo) return;
+  if (notice) $("demo-banner").textContent = notice;
+  $("demo-banner").hidden = false;
+}
+
 function showResult(body) {
   const urgency = body.urgency || {};
   $("urgency").className = "urgency " + (urgency.level || "unknown");
   $("urgency").textContent = urgency.message || body.message;
+  // Whether the "see a dermatologist" rule was checked on held-out images (not shown for a refused photo)
+  const check = body.status !== "rejected" && body.referral_check ? body.referral_check.message : "";
+  $("referral-check").textContent = check;
+  $("referral-check").hidden = !check;
+  showDemo(body.demo_model);
   $("message").textContent = body.status === "ok" ? body.message : "";
   const reasons = $("reasons");
   reasons.replaceChildren(...[...(urgency.reasons || []), ...((body.image_check || {}).reasons || [])]
@@ -60,15 +72,45 @@ function showResult(body) {
     return item;
   }));
   $("bars-title").hidden = top.length === 0;
-  if (body.gradcam) {
-    $("cam").src = "data:image/png;base64," + body.gradcam.overlay_png;
-    $("cam-box").hidden = false;
-  } else {
-    $("cam-box").hidden = true;
-  }
+  $("cam-box").hidden = !body.heatmap;
+  if (body.heatmap) drawHeatmap(body.heatmap).catch(() => { $("cam-box").hidden = true; });
   $("version").textContent = "Model " + body.model_version + ". " + body.disclaimer;
   $("result").hidden = false;
   $("result").focus();
+}
+
+// Jet colour of v in [0, 1] (as matplotlib/OpenCV draw heatmaps), as [r, g, b].
+function jet(v) {
+  const channel = (offset) => Math.round(255 * Math.min(1, Math.max(0, 1.5 - Math.abs(4 * v - offset))));
+  return [channel(3), channel(2), channel(1)];
+}
+
+// The model's view of the photo (the crop it saw) with the server's small heatmap grid coloured, smoothed and laid
+// over it: the server sends a few hundred numbers instead of encoding images for every request.
+async function drawHeatmap(heatmap) {
+  const photo = await createImageBitmap(selected, { imageOrientation: "from-image" }); // upright, as the server sees it
+  const [left, top, right, bottom] = heatmap.crop_box;
+  const sx = left * photo.width, sy = top * photo.height;
+  const sw = (right - left) * photo.width, sh = (bottom - top) * photo.height;
+  const scale = 256 / Math.max(sw, sh);
+  const canvas = $("cam");
+  canvas.width = Math.max(1, Math.round(sw * scale));
+  canvas.height = Math.max(1, Math.round(sh * scale));
+  const context = canvas.getContext("2d");
+  context.drawImage(photo, sx, sy, sw, sh, 0, 0, canvas.width, canvas.height);
+  photo.close();
+  const rows = heatmap.grid.length, columns = heatmap.grid[0].length;
+  const cells = new ImageData(columns, rows);
+  heatmap.grid.forEach((row, y) => row.forEach((v, x) => {
+    cells.data.set([...jet(v), Math.round(200 * v)], 4 * (y * columns + x));
+  }));
+  const small = document.createElement("canvas");
+  small.width = columns;
+  small.height = rows;
+  small.getContext("2d").putImageData(cells, 0, 0);
+  context.imageSmoothingEnabled = true;
+  context.imageSmoothingQuality = "high";
+  context.drawImage(small, 0, 0, canvas.width, canvas.height);
 }
 
 async function submit(event) {
@@ -97,16 +139,16 @@ async function submit(event) {
 async function loadCard() {
   try {
     const card = await (await fetch("/api/v1/model")).json();
-    const box = $("card");
-    const m = card.metrics;
-    const perf = m ? `Accuracy ${(m.accuracy * 100).toFixed(1)}%` +
-      (m.accuracy_ci95 ? ` (95% CI ${(m.accuracy_ci95[0] * 100).toFixed(1)}-${(m.accuracy_ci95[1] * 100).toFixed(1)}%)` : "") +
-      `, balanced accuracy ${(m.balanced_accuracy * 100).toFixed(1)}% on ${m.n_images} images (${m.evaluated_on}).`
-      : card.metrics_note;
+    const training = card.training_data;
     const limits = el("ul");
     limits.append(...card.limitations.map((l) => el("li", l)));
-    box.replaceChildren(el("p", card.intended_use), el("p", card.training_data), el("p", perf),
-                        el("h3", "Limitations"), limits);
+    // Every sentence is written by the server (lesionnet/app/content.py) from the run and its evaluation
+    $("card").replaceChildren(
+      el("p", card.intended_use),
+      el("h3", "What it was trained on"), el("p", training.summary), el("p", training.dataset, "small"),
+      el("h3", "How well it did"), el("p", card.performance), el("p", card.referral_check.message),
+      el("h3", "Limitations"), limits);
+    showDemo(training.demo_model, training.demo_notice);
   } catch (err) {
     $("card").textContent = "Model information is not available.";
   }

@@ -1,0 +1,413 @@
+"""What the app tells a person (is the referral rule checked? what was the model trained on? a demo?) and how it
+holds up on a phone and a network: HTTPS, stalled connections, security headers, 16-bit PNGs, two file parts."""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+import socket
+import ssl
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import replace
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+import uvicorn
+from fastapi import FastAPI
+from fastapi.testclient import TestClient
+from PIL import Image
+
+from lesionnet.app import content
+from lesionnet.app import service as service_module
+from lesionnet.app.api import create_app
+from lesionnet.app.build import build_app
+from lesionnet.app.schemas import HealthResponse, ModelCard, PredictResponse
+from lesionnet.app.service import DEMO_MAX_TRAIN_IMAGES, LesionService, demo_reason, member_training
+from lesionnet.app.upload import UploadLimits, decode_image
+from lesionnet.cli.serve import server_options
+from lesionnet.contract.run import RunFolder
+from lesionnet.inference import load_member, resolve_checkpoints
+from tests.conftest import REPO_ROOT
+from tests.test_app import compose_serve, jpeg, lesion_like, scores_file, stub_service  # noqa: F401 (a fixture)
+
+MAKE_CA = REPO_ROOT / "scripts" / "make_local_ca.sh"
+TIMEOUT_S = 1.0  # header and body timeouts of the servers started here
+MARGIN_S = 3.0  # a loaded 2-core machine may be this late
+
+
+@pytest.fixture(scope="module")
+def run(trained_run: Path) -> Path:
+    return trained_run
+
+
+@pytest.fixture(scope="module")
+def full_scores(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """test_app's scores.json plus what evaluate.py also writes: the bootstrap unit and the ECE before scaling."""
+    document = json.loads(request.getfixturevalue("scores_file").read_text())
+    document["bootstrap"] = {
+        "unit": "lesions",
+        "n_units": 80,
+        "resamples": 1000,
+        "description": "bootstrap over 80 lesions",
+    }
+    (name,) = document["scores"]
+    document["scores"][name]["ece"] = 0.12
+    path = tmp_path_factory.mktemp("eval") / "scores.json"
+    path.write_text(json.dumps(document))
+    return path
+
+
+def serve_cfg(run: Path, tmp: Path, *overrides: str) -> object:
+    return compose_serve(
+        [
+            f"ckpt={run}",
+            f"paths.output_dir={tmp}",
+            "device=cpu",
+            "unsure.threshold=0.0",
+            "gradcam=false",
+            f"limits.header_timeout_s={TIMEOUT_S}",
+            f"limits.body_timeout_s={TIMEOUT_S}",
+            *overrides,
+        ]
+    )
+
+
+@pytest.fixture(scope="module")
+def client(run: Path, full_scores: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[TestClient]:
+    cfg = serve_cfg(run, tmp_path_factory.mktemp("serve"), f"scores={full_scores}")
+    with TestClient(build_app(cfg), raise_server_exceptions=False) as c:
+        yield c
+
+
+@contextmanager
+def serving(app: FastAPI, options: dict) -> Iterator[int]:
+    """``app`` behind a real uvicorn with ``server_options`` (less host and port) on a free port of 127.0.0.1."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    config = {k: v for k, v in options.items() if k not in ("host", "port")}
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on", **config))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 20
+    while not server.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
+        time.sleep(0.05)
+    try:
+        yield sock.getsockname()[1]
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+        sock.close()
+
+
+# ----------------------------------------------------------------------------- 2a: is the referral rule checked?
+
+
+def test_the_answer_says_the_referral_rule_was_checked_and_on_what(client: TestClient) -> None:
+    r = client.post("/api/v1/predict", files={"file": ("l.jpg", jpeg(lesion_like()), "image/jpeg")})
+    body = PredictResponse.model_validate(r.json())
+    check = body.referral_check
+    assert check.validated and (check.n_images, check.melanomas, check.melanoma_sensitivity) == (100, 20, 0.93)
+    assert check.message == (
+        "The 'see a dermatologist' rule was checked on 100 held-out images: it caught at least 93% of the 20 "
+        "melanomas there."
+    )
+    assert client.get("/api/v1/model").json()["referral_check"] == r.json()["referral_check"]
+
+
+def test_without_a_validated_threshold_the_answer_says_not_checked(run: Path) -> None:
+    service = stub_service(run, [0.02, 0.02, 0.6, 0.1, 0.02, 0.2, 0.04])
+    body = service.analyse(lesion_like())
+    assert body["referral_check"]["validated"] is False
+    assert body["referral_check"]["message"] == content.REFERRAL_NOT_CHECKED
+    assert service.analyse(np.zeros((300, 400, 3), np.uint8))["referral_check"] == body["referral_check"]
+
+
+def test_a_rule_checked_only_on_its_own_validation_images_says_so(client: TestClient) -> None:
+    service: LesionService = client.app.state.service
+    in_sample = replace(service, evaluated={**service.evaluated, "in_sample": True})
+    check = in_sample.referral_check()
+    assert check["validated"] and check["in_sample"]
+    assert "only checked on the 100 validation images it was tuned on" in check["message"]
+    assert "may catch fewer on new images" in check["message"]
+
+
+# ----------------------------------------------------------------------------- 2b: the model card from the run
+
+
+def test_model_card_training_data_comes_from_the_checkpoint_and_its_run(client: TestClient, run: Path) -> None:
+    card = ModelCard.model_validate(client.get("/api/v1/model").json())
+    (member,) = card.training_data.members
+    checkpoint = load_member(resolve_checkpoints(str(run))[0])
+    splits = checkpoint.provenance.split
+    assert member.images == {**RunFolder(run).metrics().split_images, "train": splits.count("train")}
+    assert list(member.images) == ["train", "val", "test"]
+    assert member.lesions == {
+        s: len({lesion for lesion, sp in zip(checkpoint.provenance.lesion_id, splits, strict=True) if sp == s})
+        for s in ("train", "val")
+    }
+    assert member.sources == ["checkpoint provenance", "run metrics.json"]
+    assert member.data_root == "ham" and not member.embedded_sample  # the folder's name, not its server path
+    assert (member.split.method, member.split.seed) == ("lesion", 42)
+    assert member.split.fractions == {"train": 0.6, "val": 0.2, "test": 0.2}
+    assert card.training_data.summary == (
+        f"Trained on {member.images['train']} images ({member.images['val']} more for validation, "
+        f"{member.images['test']} held out for testing) from the data folder 'ham'. Split by lesion (seed 42; 60% "
+        "training / 20% validation / 20% test): no lesion has images in more than one of training, validation and "
+        "test."
+    )
+    assert "10,015" in card.training_data.dataset
+
+
+def test_model_card_test_figures_come_from_scores_json(client: TestClient) -> None:
+    card = ModelCard.model_validate(client.get("/api/v1/model").json())
+    metrics = card.metrics
+    assert (metrics.set, metrics.in_sample, metrics.n_images, metrics.tta) == ("test", False, 100, "none")
+    assert metrics.bootstrap.unit == "lesions" and metrics.bootstrap.resamples == 1000
+    assert list(metrics.provenance.values()) == ["checked"]
+    assert (metrics.temperature, metrics.ece, metrics.ece_after_temperature) == (1.5, 0.12, 0.03)
+    for figure in (
+        "On the 100 images of the test split of a run: accuracy 71.0% (95% CI 68.0%-74.0%), balanced accuracy",
+        "55.0% (95% CI 50.0%-60.0%)",
+        "Intervals: bootstrap over 80 lesions.",
+        "caught 93% of the melanomas",
+        "temperature of 1.50",
+        "after it is 3.0%",
+        "None of the scored images was used in training or validation",
+    ):
+        assert figure in card.performance, figure
+    assert card.metrics_note is None
+
+
+def test_without_scores_the_model_card_says_not_evaluated(run: Path) -> None:
+    card = ModelCard.model_validate(stub_service(run, np.full(7, 1 / 7)).model_card())
+    assert card.metrics is None and card.performance == card.metrics_note == content.NOT_EVALUATED
+
+
+def test_a_copied_checkpoint_without_provenance_has_unknown_training_data(run: Path, tmp_path: Path) -> None:
+    checkpoint = load_member(resolve_checkpoints(str(run))[0])
+    copied = replace(checkpoint, provenance=None, run=None)
+    record = member_training(copied)
+    assert (record["images"], record["split"], record["demo_reason"]) == ({}, None, None)
+    assert content.training_sentence(record["images"], None, False, None) == content.TRAINING_UNKNOWN
+
+
+# ----------------------------------------------------------------------------- 2c: the demo model
+
+
+def test_demo_model_is_flagged_in_health_card_and_answers(client: TestClient) -> None:
+    """The test run trained on ~50 synthetic images: a demo by the image count."""
+    health = HealthResponse.model_validate(client.get("/healthz").json())
+    card = ModelCard.model_validate(client.get("/api/v1/model").json())
+    answer = client.post("/api/v1/predict", files={"file": ("l.jpg", jpeg(lesion_like()), "image/jpeg")}).json()
+    assert health.demo_model and card.training_data.demo_model and answer["demo_model"]
+    train = card.training_data.members[0].images["train"]
+    assert card.training_data.members[0].demo_reason == content.demo_few_images(train)
+    assert card.training_data.demo_notice.startswith("Demo model - not trained on the full data.")
+    assert f"only {train} images" in card.training_data.demo_notice
+
+
+def test_demo_rule_data_root_or_few_training_images() -> None:
+    assert demo_reason(embedded_sample=True, train_images=7000) == content.DEMO_SAMPLE_ROOT
+    assert demo_reason(False, DEMO_MAX_TRAIN_IMAGES - 1) == content.demo_few_images(DEMO_MAX_TRAIN_IMAGES - 1)
+    assert demo_reason(False, DEMO_MAX_TRAIN_IMAGES) is None  # the full split trains on ~7,000
+    assert demo_reason(False, None) is None  # unknown: the card says so instead
+
+
+def test_a_run_on_the_embedded_sample_is_a_demo_by_its_data_root(
+    run: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    member = load_member(resolve_checkpoints(str(run))[0])
+    data_root = Path(RunFolder(run).metrics().data_root)
+    monkeypatch.setattr(service_module, "embedded_sample_root", lambda: data_root)  # as if trained on the sample
+    record = member_training(replace(member, provenance=None))
+    assert record["embedded_sample"] and record["demo_reason"] == content.DEMO_SAMPLE_ROOT
+    assert content.SAMPLE_FOLDER in content.training_sentence(record["images"], "ham", True, None)
+
+
+# ----------------------------------------------------------------------------- 5a: HTTPS
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None or shutil.which("bash") is None, reason="needs openssl and bash")
+def test_https_with_a_certificate_from_the_local_ca_script(run: Path, tmp_path: Path) -> None:
+    tls = tmp_path / "tls"
+    made = subprocess.run(
+        ["bash", str(MAKE_CA), "-o", str(tls), "127.0.0.1", "localhost"], capture_output=True, text=True, timeout=60
+    )
+    assert made.returncode == 0, made.stderr
+    assert "Install the CA" in made.stdout and (tls / "ca.key").stat().st_mode & 0o077 == 0
+    cfg = serve_cfg(run, tmp_path, f"ssl_certfile={tls / 'server.crt'}", f"ssl_keyfile={tls / 'server.key'}")
+    with serving(build_app(cfg), server_options(cfg)) as port:
+        trusted = ssl.create_default_context(cafile=str(tls / "ca.crt"))
+        for host in ("127.0.0.1", "localhost"):
+            r = httpx.get(f"https://{host}:{port}/healthz", verify=trusted, timeout=10)
+            assert r.status_code == 200 and r.json()["status"] == "ok"
+        with pytest.raises(httpx.ConnectError, match="CERTIFICATE_VERIFY_FAILED"):
+            httpx.get(f"https://127.0.0.1:{port}/healthz", verify=ssl.create_default_context(), timeout=10)
+
+
+def test_tls_settings_are_checked_before_serving(run: Path, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="both ssl_certfile= .* and ssl_keyfile="):
+        server_options(serve_cfg(run, tmp_path, f"ssl_certfile={tmp_path}/server.crt"))
+    with pytest.raises(FileNotFoundError, match="server.crt"):
+        server_options(serve_cfg(run, tmp_path, f"ssl_certfile={tmp_path}/server.crt", f"ssl_keyfile={tmp_path}/k"))
+
+
+# ----------------------------------------------------------------------------- 5b: stalled connections close
+
+
+def read_until_closed(sock: socket.socket, limit_s: float) -> tuple[bytes, float]:
+    """Everything the server sends until it closes the connection, and how long that took (fails after limit_s)."""
+    start, data = time.monotonic(), b""
+    sock.settimeout(limit_s)
+    try:
+        while chunk := sock.recv(65536):
+            data += chunk
+    except TimeoutError:
+        pytest.fail(f"the server still held the connection after {limit_s} s (got {data[:80]!r})")
+    except ConnectionResetError:
+        pass
+    return data, time.monotonic() - start
+
+
+MULTIPART_HEAD = (
+    b'--b\r\nContent-Disposition: form-data; name="file"; filename="x.jpg"\r\nContent-Type: image/jpeg\r\n\r\n'
+)
+STALLS = {
+    "nothing sent": b"",
+    "half the headers": b"POST /api/v1/predict HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-da",
+    "half the body": b"POST /api/v1/predict HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=b\r\n"
+    b"Content-Length: 5000\r\n\r\n" + MULTIPART_HEAD + b"\xff\xd8\xff",
+}
+
+
+def test_stalled_connections_are_closed_after_the_timeouts(run: Path, tmp_path: Path) -> None:
+    cfg = serve_cfg(run, tmp_path)
+    with serving(build_app(cfg), server_options(cfg)) as port:
+        for stall, sent in STALLS.items():
+            with socket.create_connection(("127.0.0.1", port)) as sock:
+                sock.sendall(sent)
+                answer, seconds = read_until_closed(sock, TIMEOUT_S + MARGIN_S)
+            assert TIMEOUT_S * 0.9 <= seconds <= TIMEOUT_S + MARGIN_S, (stall, seconds)
+            assert answer.startswith(b"HTTP/1.1 408 ") == (stall != "nothing sent"), (stall, answer[:80])
+            if stall == "half the body":  # the app's JSON error, and the connection is not kept
+                assert b'"code":"upload_timeout"' in answer and b"connection: close" in answer.lower()
+        # A body nobody reads (refused by its Content-Length) and trickled on: closed, not held by each byte
+        with socket.create_connection(("127.0.0.1", port)) as sock:
+            sock.sendall(b"POST /api/v1/predict HTTP/1.1\r\nHost: x\r\nContent-Length: 900000000\r\n\r\nxx")
+            start, closed = time.monotonic(), False
+            while not closed and time.monotonic() - start < TIMEOUT_S + MARGIN_S:
+                time.sleep(0.2)
+                try:
+                    sock.sendall(b"x")
+                except OSError:
+                    closed = True
+            assert closed, "a trickled body that nobody reads held the connection open"
+        # Ordinary requests are untouched: a keep-alive connection answers twice
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as http:
+            first = http.post("/api/v1/predict", files={"file": ("l.jpg", jpeg(lesion_like()), "image/jpeg")})
+            again = http.get("/healthz")
+            assert first.status_code == 200 and again.status_code == 200
+            assert first.json()["status"] == "ok" and again.headers.get("connection") != "close"
+
+
+def test_without_a_body_timeout_a_streamed_body_is_still_size_limited(client: TestClient) -> None:
+    """limits.body_timeout_s=null turns the timeout off, not the size limit of a body without Content-Length."""
+    app = create_app(client.app.state.service, UploadLimits(max_bytes=2**20, body_timeout_s=None))
+    chunks = iter([MULTIPART_HEAD, *[b"\0" * 100_000] * 13, b"\r\n--b--\r\n"])  # 1.3 MB, sent chunked
+    with TestClient(app) as streamed:
+        r = streamed.post(
+            "/api/v1/predict", content=chunks, headers={"content-type": "multipart/form-data; boundary=b"}
+        )
+    assert r.status_code == 413 and r.json()["error"]["code"] == "file_too_large"
+    assert r.json()["error"]["message"].startswith("The upload is larger")  # BodyLimit's, not the decoder's
+
+
+# ----------------------------------------------------------------------------- 5c: security headers
+
+
+def test_security_headers_on_the_page_the_api_and_the_docs(client: TestClient) -> None:
+    for path in ("/", "/api/v1/model", "/docs", "/static/app.js", "/nope"):
+        headers = client.get(path).headers
+        assert headers["referrer-policy"] == "no-referrer", path
+        policy = dict(item.split("=", 1) for item in headers["permissions-policy"].split(", "))
+        assert policy.pop("camera") == "(self)", path
+        assert {"microphone", "geolocation", "payment", "usb"} <= set(policy)
+        assert set(policy.values()) == {"()"}, path  # everything else is off
+    csp = {
+        d.split(" ", 1)[0]: d.split(" ", 1)[1] for d in client.get("/").headers["content-security-policy"].split("; ")
+    }
+    assert (csp["base-uri"], csp["form-action"], csp["object-src"]) == ("'none'", "'none'", "'none'")
+    assert csp["frame-ancestors"] == "'none'" and "unsafe" not in " ".join(csp.values())
+    page = (REPO_ROOT / "lesionnet" / "app" / "static" / "index.html").read_text()
+    assert "action=" not in page and "method=" not in page  # the page posts with fetch(): form-action 'none' holds
+
+
+# ----------------------------------------------------------------------------- 5d, 5e: 16-bit PNGs, two files
+
+
+def test_a_16_bit_greyscale_png_is_decoded_to_its_grey_level_not_to_white(client: TestClient) -> None:
+    grey = np.asarray(Image.fromarray(lesion_like(3)).convert("L"))  # mid-grey skin, a darker blob
+    buf = io.BytesIO()
+    Image.fromarray(grey.astype(np.uint16) * 257).save(buf, format="PNG")
+    png = buf.getvalue()
+    assert Image.open(io.BytesIO(png)).mode == "I;16"
+    decoded = decode_image(png, UploadLimits())
+    assert np.array_equal(decoded, np.repeat(grey[..., None], 3, axis=2))
+    body = client.post("/api/v1/predict", files={"file": ("grey16.png", png, "image/png")}).json()
+    assert body["status"] != "rejected" and body["image_check"]["passed"], body["image_check"]
+    assert body["image_check"]["stats"]["brightness"] == pytest.approx(grey.mean(), abs=1)
+
+
+def test_more_than_one_file_part_is_refused(client: TestClient) -> None:
+    photo = jpeg(lesion_like())
+    r = client.post(
+        "/api/v1/predict", files=[("file", ("a.jpg", photo, "image/jpeg")), ("file", ("b.jpg", photo, "image/jpeg"))]
+    )
+    assert r.status_code == 422 and r.json()["error"]["code"] == "too_many_files"
+    assert "one photo per request" in r.json()["error"]["message"]
+    assert client.post("/api/v1/predict", files={"file": ("a.jpg", photo, "image/jpeg")}).status_code == 200
+
+
+# ----------------------------------------------------------------------------- the page
+
+
+@pytest.mark.browser
+def test_the_page_shows_the_demo_banner_and_whether_the_rule_was_checked(
+    client: TestClient, full_scores: Path, run: Path, tmp_path: Path
+) -> None:
+    chromium = Path("/usr/bin/chromium")
+    sync_api = pytest.importorskip("playwright.sync_api", reason="Playwright is not installed")
+    if not chromium.is_file():
+        pytest.skip("no Chromium at /usr/bin/chromium (scripts/install_browser.sh)")
+    cfg = serve_cfg(run, tmp_path, f"scores={full_scores}")
+    sample = REPO_ROOT / "lesionnet" / "data" / "sample" / "images" / "ISIC_0024372.jpg"
+    with serving(build_app(cfg), server_options(cfg)) as port, sync_api.sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=str(chromium), args=["--headless", "--no-sandbox"])
+        page = browser.new_page(viewport={"width": 390, "height": 844})
+        errors: list[str] = []
+        page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+        page.goto(f"http://127.0.0.1:{port}/")
+        card = client.get("/api/v1/model").json()
+        banner = page.locator("#demo-banner")
+        sync_api.expect(banner).to_be_visible()
+        sync_api.expect(banner).to_have_text(card["training_data"]["demo_notice"])
+        sync_api.expect(page.locator("#card")).to_contain_text(card["training_data"]["summary"])
+        sync_api.expect(page.locator("#card")).to_contain_text(card["performance"])
+        page.locator("#file").set_input_files(str(sample))
+        with page.expect_response("**/api/v1/predict") as response:
+            page.locator("#submit").click()
+        check = page.locator("#referral-check")
+        sync_api.expect(check).to_be_visible()
+        sync_api.expect(check).to_have_text(response.value.json()["referral_check"]["message"])
+        browser.close()
+    assert not errors, f"browser errors: {errors}"
