@@ -9,7 +9,8 @@
 #
 # Env: ROUNDS (default 2) sequential rounds of N_SEQ (30) uploads; then runs of N_LOAD (200) uploads at each of
 # CONCURRENCY ("4 200") in flight per server; IMAGES (default ../shared/data/ham10000_200x150/images); EXTRA (server
-# overrides for all) and EXTRA_<name> (for one, e.g. EXTRA_nocam=gradcam=false).
+# overrides for all) and EXTRA_<name> (for one, e.g. EXTRA_nocam=gradcam=false); LESIONNET_<name> runs that server
+# with another command (e.g. a wrapper that serves an older checkout, for a before/after comparison).
 # Writes OUT_DIR/<name>_{startup.txt,seq<r>.json,load_c<c>.json,server.log} and prints each summary.
 set -euo pipefail
 out=$1; shift
@@ -26,8 +27,8 @@ for spec in "$@"; do
   port=$((port + 1)); names+=("$name:$port")
   start=$(date +%s.%N)
   # shellcheck disable=SC2086
-  extra_name="EXTRA_$name"
-  $lesionnet serve "ckpt=$ckpt" $scores port=$port ${EXTRA:-} ${!extra_name:-} > "$out/${name}_server.log" 2>&1 &
+  extra_name="EXTRA_$name"; command_name="LESIONNET_$name"
+  ${!command_name:-$lesionnet} serve "ckpt=$ckpt" $scores port=$port ${EXTRA:-} ${!extra_name:-} > "$out/${name}_server.log" 2>&1 &
   pid_of[$name]=$!
   until curl -sf "http://127.0.0.1:$port/healthz" > /dev/null; do
     kill -0 "${pid_of[$name]}" 2>/dev/null || { tail -20 "$out/${name}_server.log"; exit 1; }

@@ -92,7 +92,14 @@ def test_every_config_composes_and_instantiates(override: str, tmp_path: Path, m
             monkeypatch.setenv(key, value)
     extra = ["model.distill.teachers=[teacher-run]"] if override == "experiment=cpu_lite0_distill" else []  # ??? there
     cfg = compose_train(
-        [override, f"paths.output_dir={tmp_path}", "data.num_workers=0", "model.pretrained=false", *extra]
+        [
+            override,
+            f"paths.output_dir={tmp_path}",
+            f"paths.log_dir={tmp_path}",
+            "data.num_workers=0",
+            "model.pretrained=false",
+            *extra,
+        ]
     )
     dm = instantiate(cfg.data)
     assert dm.data_config["input_size"][0] == 3
