@@ -8,5 +8,6 @@ PYTHON="${PYTHON:-python3}"
 .venv/bin/python -m pip install --quiet --upgrade pip
 .venv/bin/python -m pip install --quiet -c constraints.txt torch torchvision
 .venv/bin/python -m pip install --quiet -c constraints.txt -e ".[dev,lite,app]"
-# Hyper-parameter search (Optuna sweeper, SQLAlchemy < 2) and MLflow tracking: small, and they leave torch alone
-.venv/bin/python -m pip install --quiet -c constraints.txt -e ".[search,mlflow]"
+# Hyper-parameter search (Optuna sweeper, SQLAlchemy < 2), MLflow tracking and the OOD photo set (scikit-image):
+# small, and they leave torch alone
+.venv/bin/python -m pip install --quiet -c constraints.txt -e ".[search,mlflow,ood]"

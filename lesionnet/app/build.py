@@ -14,9 +14,11 @@ from typing import Any
 from omegaconf import DictConfig
 
 from lesionnet.app.api import create_app
+from lesionnet.app.ood import OodGate, fit_ood
 from lesionnet.app.policy import DEFAULT_MSP_THRESHOLD, ConfidenceGate, ReferralPolicy, fit_gate
 from lesionnet.app.service import LesionService
 from lesionnet.app.upload import UploadLimits
+from lesionnet.contract.files import ContractError
 from lesionnet.contract.scores import read_scores, scores_for
 from lesionnet.inference import CheckpointError, Predictor, load_members
 
@@ -116,6 +118,45 @@ def build_gate(cfg: DictConfig, predictor: Predictor) -> ConfidenceGate:
     return ConfidenceGate("msp", DEFAULT_MSP_THRESHOLD, "default (not validated)", predictor.version)
 
 
+def build_ood_gate(cfg: DictConfig, predictor: Predictor) -> OodGate | None:
+    """The feature-space "not a dermatoscope image" gate: from ood.gate_file, or fitted on the run's whole validation
+    split (cached like the confidence gate; a capped set gives a too-low threshold, see lesionnet.app.ood)."""
+    o = cfg.ood
+    if not o.enabled:
+        return None
+    if o.gate_file:
+        return OodGate.load(o.gate_file, predictor.version, predictor.tta)
+    run = next((m.run for m in predictor.members if m.run is not None), None)
+    if run is None:
+        log.warning("No run folder with a validation split: the feature-space OOD gate is off (give ood.gate_file).")
+        return None
+    root = run.data_root(cfg.unsure.data_root)
+    table = run.split_table("val", root)
+    fitted_on = {
+        **gate_fit_inputs(predictor, o.method, o.quantile, None, root, table["path"].tolist()),
+        "kind": "ood",
+    }
+    gate_file = gate_cache_file(cfg.unsure.cache_dir or Path(cfg.paths.output_dir), fitted_on)
+    if gate_file.is_file():
+        try:
+            gate = OodGate.load(gate_file, predictor.version, predictor.tta)
+            log.info("OOD gate loaded from cache %s (%s > %.4f).", gate_file, gate.method, gate.threshold)
+            return gate
+        except ContractError as err:
+            log.warning("Ignoring the cached OOD gate %s (%s): refitting it.", gate_file, err)
+    start = time.perf_counter()
+    gate = fit_ood(
+        predictor,
+        table["path"].tolist(),
+        o.method,
+        groups=table["lesion_id"].tolist(),
+        labels=table["dx"].tolist(),
+        quantile=o.quantile,
+    )
+    log.info("OOD gate fitted in %.1f s and written to %s", time.perf_counter() - start, gate.save(gate_file))
+    return gate
+
+
 def build_service(cfg: DictConfig) -> LesionService:
     """Load the checkpoints; with a scores.json, serve exactly what it evaluated (same checkpoints, TTA, weights)."""
     members = load_members(cfg.ckpt, device=cfg.device)
@@ -133,6 +174,7 @@ def build_service(cfg: DictConfig) -> LesionService:
         predictor,
         referral=referral,
         gate=build_gate(cfg, predictor),
+        ood=build_ood_gate(cfg, predictor),
         gradcam=cfg.gradcam,
         scores=scores,
         evaluated=evaluated,

@@ -55,6 +55,11 @@ MESSAGES: dict[str, str] = {
     "sharp, well-lit close-up of the spot (ideally through a dermatoscope) and try again.",
 }
 
+OOD_REASON = (
+    "The picture is unlike the dermatoscope images the model learnt from (its features lie outside what 95% of "
+    "the validation lesions look like), so any answer would be a guess."
+)
+
 INTENDED_USE = (
     "Research and education: to show what a classifier trained on dermatoscopic images does with an image. Not for "
     "diagnosis, screening or treatment decisions, and not a substitute for a doctor."

@@ -104,6 +104,17 @@ class ReferralCheck(Schema):
     in_sample: bool | None = Field(description="True: checked on the validation images it was tuned on.")
 
 
+class OodVerdict(Schema):
+    """The feature-space gate: is the image like the dermatoscope images the model was validated on?"""
+
+    method: str = Field(description="mahalanobis | mahalanobis_class | knn, on L2-normalised pooled features.")
+    score: float = Field(description="Higher = less like the validation lesions.")
+    threshold: float = Field(description="Refused above this (a high quantile of validation lesion scores).")
+    percentile: float = Field(description="Share of validation lesion images scoring at or below this image.")
+    refused: bool
+    source: str
+
+
 class PredictResponse(Schema):
     """One photo's answer: 'ok' (top class), 'unsure' (no label) or 'rejected' (not a lesion photo)."""
 
@@ -119,6 +130,7 @@ class PredictResponse(Schema):
     referral_check: ReferralCheck
     confidence: Confidence | None = Field(description="Null if rejected.")
     heatmap: Heatmap | None = Field(description="Null if rejected or heatmaps are off (gradcam=false).")
+    ood: OodVerdict | None = Field(description="Null if the image check refused it first or the gate is off.")
 
 
 # ----------------------------------------------------------------------------- /api/v1/model

@@ -17,6 +17,7 @@ import numpy as np
 from lesionnet.app import content
 from lesionnet.app.gradcam import GradCamExplainer, cam_heatmap
 from lesionnet.app.image_check import CheckThresholds, check_image, thresholds_dict
+from lesionnet.app.ood import OodGate
 from lesionnet.app.policy import ConfidenceGate, ReferralPolicy
 from lesionnet.contract.files import ContractError
 from lesionnet.contract.run import RunMetrics
@@ -136,6 +137,7 @@ class LesionService:
     referral: ReferralPolicy = field(default_factory=ReferralPolicy)
     gate: ConfidenceGate = field(default_factory=ConfidenceGate)
     check: CheckThresholds = field(default_factory=CheckThresholds)
+    ood: OodGate | None = None  # feature-space "not a dermatoscope image" gate (None: off)
     gradcam: bool = True
     scores: dict[str, Any] | None = None  # evaluate.py's scores of the served model, for the model card
     evaluated: dict[str, Any] | None = None  # what those scores were computed on
@@ -172,20 +174,25 @@ class LesionService:
         }
         checked = check_image(image, self.check)
         answer["image_check"] = asdict(checked)
+        rejected = {
+            **answer,
+            "status": "rejected",
+            "message": content.MESSAGES["rejected"],
+            "top_class": None,
+            "probabilities": [],
+            "urgency": {"refer": None, "reasons": [], "level": "unknown", "message": content.MESSAGES["rejected"]},
+            "referral_check": self.referral_check(),
+            "confidence": None,
+            "heatmap": None,
+            "ood": None,
+        }
         if not checked.passed:
-            return {
-                **answer,
-                "status": "rejected",
-                "message": content.MESSAGES["rejected"],
-                "top_class": None,
-                "probabilities": [],
-                "urgency": {"refer": None, "reasons": [], "level": "unknown", "message": content.MESSAGES["rejected"]},
-                "referral_check": self.referral_check(),
-                "confidence": None,
-                "heatmap": None,
-            }
-        with self.predictor.lock:
+            return rejected
+        with self.predictor.lock:  # Grad-CAM hooks live on the shared modules
             out = self.predictor.predict_arrays([image], cams=self.use_cam).image(0)
+            ood = self.ood_answer(out.features)
+            if ood is not None and ood["refused"]:  # not a dermatoscope image: no classes, no heatmap
+                return {**rejected, "ood": ood, "urgency": {**rejected["urgency"], "reasons": [content.OOD_REASON]}}
             urgency = self.referral.assess(out.probs, self.predictor.class_names)
             unsure = self.gate.unsure(out)
             classes = self._classes(self.referral.calibrate(out.probs))
@@ -225,6 +232,21 @@ class LesionService:
                 "threshold_source": self.gate.source,
             },
             "heatmap": heatmap,
+            "ood": ood,
+        }
+
+    def ood_answer(self, features: np.ndarray) -> dict[str, Any] | None:
+        """The feature-space gate's verdict on one image's pooled features (None when the gate is off)."""
+        if self.ood is None:
+            return None
+        batch = features[None]
+        return {
+            "method": self.ood.method,
+            "score": round(float(self.ood.score(batch)[0]), 4),
+            "threshold": round(self.ood.threshold, 4),
+            "percentile": round(float(self.ood.percentile(batch)[0]), 4),
+            "refused": bool(self.ood.refuses(batch)[0]),
+            "source": self.ood.source,
         }
 
     @cached_property
