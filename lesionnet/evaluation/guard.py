@@ -37,7 +37,7 @@ def only(provenance: Provenance, splits: Sequence[str]) -> Provenance:
 
 
 def refuse(member: Member, overlap: Overlap, description: str, learnt_from: str) -> None:
-    if overlap.images:
+    if overlap.images:  # (callers drop dataset duplicates first, where that is allowed)
         raise ProvenanceError(
             f"{member.name} ({member.path}) {learnt_from} {len(overlap.images)} image(s) of the {description}: "
             f"{preview_items(overlap.images)} (same id: {len(overlap.same_id)}, same file content: "
@@ -55,12 +55,18 @@ def check_provenance(
     selection_description: str | None,
     allow_unknown: bool = False,
     in_sample: bool = False,
-) -> tuple[dict[str, str], dict[str, dict[str, int]]]:
-    """Refuse any overlap; returns each member's provenance status and the overlap counts (lesions may be shared
-    only on the seed's image-level legacy split, and are reported). ``in_sample`` (scoring the validation split on
-    purpose, titled optimistic) checks the scored set against the training images only."""
+    run_split: bool = True,
+) -> tuple[dict[str, str], dict[str, dict[str, int]], dict[str, list[str]]]:
+    """Refuse any overlap; returns each member's provenance status, the overlap counts (lesions may be shared
+    only on the seed's image-level legacy split, and are reported) and the dataset duplicates to leave out: on
+    a run's own split (``run_split``; the selection set always is one) an image that matches a training image
+    only by picture is the same photo filed under another lesion id in the dataset (HAM10000 has such pairs);
+    it is excluded from scoring and listed, where an external set with such an image is refused. ``in_sample``
+    (scoring the validation split on purpose, titled optimistic) checks the scored set against the training
+    images only."""
     status: dict[str, str] = {}
     counts: dict[str, dict[str, int]] = {}
+    duplicates: dict[str, list[str]] = {"target": [], "selection": []}
     target_prints = fingerprints(target)
     selection_prints = fingerprints(selection) if selection is not None else None
     for member in members:
@@ -77,13 +83,30 @@ def check_provenance(
             continue
         record = only(member.provenance, ("train",)) if in_sample else member.provenance
         overlap = record.overlap(target, *target_prints)
+        if run_split:  # the run's own split: ids are disjoint by construction, a picture match is a dataset duplicate
+            duplicates["target"] += picture_only(overlap)
+            overlap = without(overlap, duplicates["target"])
         refuse(member, overlap, target_description, "was trained on" if in_sample else "was trained or validated on")
         counts[member.name] = {"target_images": len(overlap.images), "target_lesions": len(overlap.same_lesion)}
         if selection is not None and selection_prints is not None:
             trained = only(member.provenance, ("train",)).overlap(selection, *selection_prints)
+            duplicates["selection"] += picture_only(trained)
+            trained = without(trained, duplicates["selection"])
             refuse(
                 member, trained, f"{selection_description} (used to choose thresholds and weights)", "was trained on"
             )
             counts[member.name]["selection_images_trained_on"] = len(trained.images)
         status[member.name] = CHECKED
-    return status, counts
+    return status, counts, {key: sorted(set(ids)) for key, ids in duplicates.items()}
+
+
+def picture_only(overlap: Overlap) -> list[str]:
+    """Images that match only by picture (another id, other bytes): near-duplicates under two lesion ids."""
+    return sorted(set(overlap.same_picture) - set(overlap.same_id) - set(overlap.same_bytes))
+
+
+def without(overlap: Overlap, excluded: Sequence[str]) -> Overlap:
+    drop = set(excluded)
+    return Overlap(
+        overlap.same_id, overlap.same_bytes, [i for i in overlap.same_picture if i not in drop], overlap.same_lesion
+    )

@@ -296,7 +296,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     predictor = Predictor(members, tta=cfg.tta)
     class_names = predictor.class_names
     target, val = build_sets(cfg, members, class_names)
-    provenance, overlap = check_provenance(
+    provenance, overlap, duplicates = check_provenance(
         members,
         target.table,
         target.description,
@@ -304,7 +304,18 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         val.description if val is not None else None,
         allow_unknown=cfg.allow_unknown_provenance,
         in_sample=target.title == SPLIT_TITLES["val"],
+        run_split=not cfg.data.images,
     )
+    for eval_set, dropped in ((target, duplicates["target"]), (val, duplicates["selection"])):
+        if eval_set is not None and dropped:
+            log.warning(
+                "Leaving out of the %s %d image(s) that are the same picture as a training image under "
+                "another lesion id (dataset duplicates): %s",
+                eval_set.description,
+                len(dropped),
+                dropped,
+            )
+            eval_set.table = eval_set.table[~eval_set.table["image_id"].isin(dropped)].reset_index(drop=True)
     names = [m.name for m in members]
     log.info("Evaluating %s on the %s (%d images)", names, target.description, len(target.table))
 
@@ -339,6 +350,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         tta=cfg.tta,
         ensemble=ensemble,
         training_overlap=overlap,
+        excluded_duplicates=duplicates,
         models=[ScoredModel(**m.describe(), provenance=provenance[m.name]) for m in members],
         validation=val.description if val is not None else None,
     )
