@@ -5,6 +5,10 @@ from __future__ import annotations
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a hub miss must fail at once, never hang or download
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # pytest-xdist runs one worker per core: one torch/OpenMP thread each (inherited by the subprocesses the tests
+    # start), or two workers' thread pools fight over the same cores and both crawl.
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 from collections.abc import Callable
 from pathlib import Path

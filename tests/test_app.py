@@ -33,7 +33,14 @@ from lesionnet.app.upload import UploadLimits, decode_image
 from lesionnet.contract.files import ContractError
 from lesionnet.contract.run import RunFolder
 from lesionnet.contract.scores import ScoredModel, ScoresFile, write_scores
-from lesionnet.inference import CheckpointError, Prediction, eval_crop_box, load_member, resolve_checkpoints
+from lesionnet.inference import (
+    CheckpointError,
+    Prediction,
+    Predictor,
+    eval_crop_box,
+    load_member,
+    resolve_checkpoints,
+)
 from tests.test_train import CONF
 
 SAMPLE_IMAGES = Path(__file__).resolve().parents[1] / "lesionnet" / "data" / "sample" / "images"
@@ -539,6 +546,34 @@ def test_gate_is_fitted_once_per_model_and_settings_then_loaded_from_the_cache(
     assert start(4, "unsure.quantile=0.2") == other and start(5, "unsure.max_images=5").fit["n_images"] == 5
     assert calls == [0.05, 0.2, 0.05]
     assert not list(tmp_path.glob("start*/confidence_gate.json"))
+
+
+def test_both_gates_fitted_at_one_start_share_one_pass_over_the_validation_split(
+    run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A first start fits the confidence gate and the OOD gate on the same validation images: the model runs over
+    them once, not once per gate; a second start loads both from the cache and runs nothing."""
+    passes: list[int] = []
+    real_paths, real_arrays = Predictor.predict_paths, Predictor.predict_arrays
+
+    def counted_paths(self: Predictor, paths: list, *args: object, **kwargs: object) -> object:
+        passes.append(len(paths))
+        return real_paths(self, paths, *args, **kwargs)
+
+    def counted_arrays(self: Predictor, images: list, *args: object, **kwargs: object) -> object:
+        passes.append(len(images))
+        return real_arrays(self, images, *args, **kwargs)
+
+    monkeypatch.setattr(Predictor, "predict_paths", counted_paths)
+    monkeypatch.setattr(Predictor, "predict_arrays", counted_arrays)
+    overrides = [f"ckpt={run}", "device=cpu", "gradcam=false", "ood.enabled=true", f"unsure.cache_dir={tmp_path}"]
+    service = build_service(compose_serve([*overrides, f"paths.output_dir={tmp_path / 'start1'}"]))
+    n_val = len(RunFolder(run).split_table("val"))
+    assert passes == [n_val]
+    assert service.gate.fit["n_images"] == n_val and service.ood is not None and service.ood.n_images == n_val
+    assert len(list(tmp_path.glob("*.json"))) == 2  # both gates cached
+    again = build_service(compose_serve([*overrides, f"paths.output_dir={tmp_path / 'start2'}"]))
+    assert passes == [n_val] and again.gate == service.gate and again.ood.threshold == service.ood.threshold
 
 
 def test_a_stale_or_broken_cached_gate_is_refitted_not_used(

@@ -8,9 +8,11 @@ import logging
 import time
 from collections.abc import Sequence
 from dataclasses import replace
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
 from omegaconf import DictConfig
 
 from lesionnet.app.api import create_app
@@ -19,8 +21,9 @@ from lesionnet.app.policy import DEFAULT_MSP_THRESHOLD, ConfidenceGate, Referral
 from lesionnet.app.service import LesionService
 from lesionnet.app.upload import UploadLimits
 from lesionnet.contract.files import ContractError
+from lesionnet.contract.run import RunFolder
 from lesionnet.contract.scores import read_scores, scores_for
-from lesionnet.inference import CheckpointError, Predictor, load_members
+from lesionnet.inference import CheckpointError, Prediction, Predictor, load_members
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +80,30 @@ def _load_cached(path: Path, predictor: Predictor, fitted_on: dict[str, Any]) ->
     return gate
 
 
-def build_gate(cfg: DictConfig, predictor: Predictor) -> ConfidenceGate:
+class ValidationPass:
+    """The served run's validation split, predicted at most once per start: the confidence gate and the OOD gate are
+    both fitted on it, so when neither is cached one forward pass over it serves both fits. Nothing is read or
+    predicted until a gate needs it (a configured or cached gate needs neither)."""
+
+    def __init__(self, cfg: DictConfig, predictor: Predictor) -> None:
+        self.predictor = predictor
+        self.data_root_override = cfg.unsure.data_root
+        self.run: RunFolder | None = next((m.run for m in predictor.members if m.run is not None), None)
+
+    @cached_property
+    def root(self) -> Path:
+        return Path(self.run.data_root(self.data_root_override))
+
+    @cached_property
+    def table(self) -> pd.DataFrame:
+        return self.run.split_table("val", self.root)
+
+    @cached_property
+    def prediction(self) -> Prediction:
+        return self.predictor.predict_paths(self.table["path"].tolist(), desc="validation (gates)")
+
+
+def build_gate(cfg: DictConfig, predictor: Predictor, validation: ValidationPass | None = None) -> ConfidenceGate:
     """The "unsure" threshold: configured, loaded from unsure.gate_file, fitted on the run's validation split (or
     taken from the cache of an earlier identical fit), or the unvalidated default."""
     u = cfg.unsure
@@ -93,10 +119,10 @@ def build_gate(cfg: DictConfig, predictor: Predictor) -> ConfidenceGate:
             gate.source,
         )
         return gate
-    run = next((m.run for m in predictor.members if m.run is not None), None)
-    if u.fit_on_val and run is not None:
-        root = run.data_root(u.data_root)
-        paths = run.split_table("val", root)["path"].tolist()[: u.max_images]
+    validation = validation or ValidationPass(cfg, predictor)
+    if u.fit_on_val and validation.run is not None:
+        root = validation.root
+        paths = validation.table["path"].tolist()[: u.max_images]
         fitted_on = gate_fit_inputs(predictor, u.method, u.quantile, u.max_images, root, paths)
         if u.cache_dir:
             gate_file = gate_cache_file(u.cache_dir, fitted_on)
@@ -106,7 +132,11 @@ def build_gate(cfg: DictConfig, predictor: Predictor) -> ConfidenceGate:
         else:  # no cache: fit at every start, keep a record in the run's output folder
             gate_file = Path(cfg.paths.output_dir) / "confidence_gate.json"
         start = time.perf_counter()
-        gate = replace(fit_gate(predictor, paths, method=u.method, quantile=u.quantile), fitted_on=fitted_on)
+        prediction = validation.prediction.rows(len(paths))
+        gate = replace(
+            fit_gate(predictor, paths, method=u.method, quantile=u.quantile, prediction=prediction),
+            fitted_on=fitted_on,
+        )
         log.info(
             "Confidence gate fitted in %.1f s and written to %s", time.perf_counter() - start, gate.save(gate_file)
         )
@@ -118,7 +148,7 @@ def build_gate(cfg: DictConfig, predictor: Predictor) -> ConfidenceGate:
     return ConfidenceGate("msp", DEFAULT_MSP_THRESHOLD, "default (not validated)", predictor.version)
 
 
-def build_ood_gate(cfg: DictConfig, predictor: Predictor) -> OodGate | None:
+def build_ood_gate(cfg: DictConfig, predictor: Predictor, validation: ValidationPass | None = None) -> OodGate | None:
     """The feature-space "not a dermatoscope image" gate: from ood.gate_file, or fitted on the run's whole validation
     split (cached like the confidence gate; a capped set gives a too-low threshold, see lesionnet.app.ood)."""
     o = cfg.ood
@@ -126,12 +156,11 @@ def build_ood_gate(cfg: DictConfig, predictor: Predictor) -> OodGate | None:
         return None
     if o.gate_file:
         return OodGate.load(o.gate_file, predictor.version, predictor.tta)
-    run = next((m.run for m in predictor.members if m.run is not None), None)
-    if run is None:
+    validation = validation or ValidationPass(cfg, predictor)
+    if validation.run is None:
         log.warning("No run folder with a validation split: the feature-space OOD gate is off (give ood.gate_file).")
         return None
-    root = run.data_root(cfg.unsure.data_root)
-    table = run.split_table("val", root)
+    root, table = validation.root, validation.table
     fitted_on = {
         **gate_fit_inputs(predictor, o.method, o.quantile, None, root, table["path"].tolist()),
         "kind": "ood",
@@ -152,6 +181,7 @@ def build_ood_gate(cfg: DictConfig, predictor: Predictor) -> OodGate | None:
         groups=table["lesion_id"].tolist(),
         labels=table["dx"].tolist(),
         quantile=o.quantile,
+        prediction=validation.prediction,
     )
     log.info("OOD gate fitted in %.1f s and written to %s", time.perf_counter() - start, gate.save(gate_file))
     return gate
@@ -170,11 +200,12 @@ def build_service(cfg: DictConfig) -> LesionService:
     predictor = Predictor(members, tta=tta, weights=weights)
     referral = ReferralPolicy.from_scores(scores, cfg.referral.malignant_threshold)
     log.info("Serving %s (tta=%s); referral: %s", predictor.version, tta, referral.source)
+    validation = ValidationPass(cfg, predictor)  # one pass over the validation split for both gates, if any
     return LesionService(
         predictor,
         referral=referral,
-        gate=build_gate(cfg, predictor),
-        ood=build_ood_gate(cfg, predictor),
+        gate=build_gate(cfg, predictor, validation),
+        ood=build_ood_gate(cfg, predictor, validation),
         gradcam=cfg.gradcam,
         scores=scores,
         evaluated=evaluated,

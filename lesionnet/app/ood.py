@@ -45,7 +45,7 @@ from scipy.linalg import cho_factor, cho_solve
 from scipy.stats import rankdata
 
 from lesionnet.contract.files import ContractError, read_json, write_json
-from lesionnet.inference import Predictor
+from lesionnet.inference import Prediction, Predictor
 
 OOD_GATE_VERSION = 1
 OOD_METHODS: tuple[str, ...] = ("mahalanobis", "mahalanobis_class", "knn")
@@ -437,12 +437,17 @@ def fit_ood(
     folds: int = 5,
     k: int = 1,
     batch_size: int = 32,
+    prediction: Prediction | None = None,
 ) -> OodGate:
     """Fit the gate on validation image files of the training run (``groups``: their lesion ids, so images of one
-    lesion never vouch for each other; ``labels``: their dx, for ``mahalanobis_class``, else the predicted class)."""
+    lesion never vouch for each other; ``labels``: their dx, for ``mahalanobis_class``, else the predicted class).
+    ``prediction``: the predictor's outputs for exactly ``paths``, when a shared pass already has them."""
     if not paths:
         raise ValueError("No validation images to fit the OOD gate on: give the run's validation split.")
-    prediction = predictor.predict_paths(paths, batch_size=batch_size, desc="OOD fit")
+    if prediction is None:
+        prediction = predictor.predict_paths(paths, batch_size=batch_size, desc="OOD fit")
+    elif len(prediction) != len(paths):
+        raise ValueError(f"The prediction holds {len(prediction)} images, not the {len(paths)} paths given.")
     if method == "mahalanobis_class" and labels is None:
         labels = [predictor.class_names[i] for i in prediction.probs.argmax(axis=1)]
     return fit_ood_features(

@@ -26,7 +26,7 @@ import numpy as np
 
 from lesionnet.app.content import MALIGNANT
 from lesionnet.app.image_check import CheckThresholds, check_image
-from lesionnet.inference import CheckpointError, ImageOutput, Predictor, read_rgb
+from lesionnet.inference import CheckpointError, ImageOutput, Prediction, Predictor, read_rgb
 
 log = logging.getLogger(__name__)
 DEFAULT_MSP_THRESHOLD = 0.4  # unvalidated fallback: below it no class has even 40%
@@ -150,18 +150,20 @@ def fit_gate(
     quantile: float = 0.05,
     check: CheckThresholds | None = None,
     batch_size: int = 32,
+    prediction: Prediction | None = None,
 ) -> ConfidenceGate:
-    """Threshold = ``quantile`` of the scores of in-distribution images; also counts image-check refusals there."""
+    """Threshold = ``quantile`` of the scores of in-distribution images; also counts image-check refusals there.
+    ``prediction``: the predictor's outputs for exactly ``paths``, when a shared pass already has them."""
     if not 0 < quantile < 1:
         raise ValueError(f"quantile must be in (0, 1), got {quantile}.")
     if not paths:
         raise ValueError("No validation images to fit the confidence threshold on.")
-    scores, refused = [], 0
-    for start in range(0, len(paths), batch_size):
-        images = [read_rgb(p) for p in paths[start : start + batch_size]]
-        refused += sum(not check_image(img, check).passed for img in images)
-        prediction = predictor.predict_arrays(images)
-        scores += [SCORES[method](prediction.image(k)) for k in range(len(prediction))]
+    if prediction is not None and len(prediction) != len(paths):
+        raise ValueError(f"The prediction holds {len(prediction)} images, not the {len(paths)} paths given.")
+    refused = sum(not check_image(read_rgb(p), check).passed for p in paths)
+    if prediction is None:
+        prediction = predictor.predict_paths(paths, batch_size=batch_size, desc="confidence gate fit")
+    scores = [SCORES[method](prediction.image(k)) for k in range(len(prediction))]
     threshold = float(np.quantile(scores, quantile))
     fit = {
         "n_images": len(scores),

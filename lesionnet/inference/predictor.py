@@ -120,6 +120,16 @@ class Prediction:
     def __len__(self) -> int:
         return len(self.probs)
 
+    def rows(self, stop: int) -> Prediction:
+        """The first ``stop`` images' share (e.g. the capped set one gate is fitted on, out of a shared pass)."""
+        return Prediction(
+            probs=self.probs[:stop],
+            member_probs=self.member_probs[:, :stop],
+            neg_energy=self.neg_energy[:stop],
+            features=self.features[:stop],
+            cams=None if self.cams is None else self.cams[:stop],
+        )
+
     def image(self, index: int) -> ImageOutput:
         return ImageOutput(
             probs=self.probs[index],
