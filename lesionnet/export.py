@@ -1,10 +1,16 @@
 """Export a checkpoint for serving without PyTorch/Lightning: ONNX (or TorchScript) plus its preprocessing.
 
-``lesionnet export ckpt=... [format=onnx|torchscript] [out=...]`` (lesionnet/conf/export.yaml). The file carries the
-preprocessing (input size, mean/std, interpolation, crop_pct, class names) in its metadata (ONNX metadata_props /
-TorchScript extra files) and in a JSON sidecar, so a runtime can reproduce ``build_eval_transform``. The exported
-graph outputs logits. At export the outputs are compared with PyTorch's on real images; a mismatch above ``atol``
-stops with an error instead of writing a model that silently disagrees.
+``lesionnet export ckpt=... [format=onnx|torchscript] [out=...] [ood_gate=...]`` (lesionnet/conf/export.yaml). The
+file carries the preprocessing (input size, mean/std, interpolation, crop_pct, class names) in its metadata (ONNX
+metadata_props / TorchScript extra files) and in a JSON sidecar, so a runtime can reproduce ``build_eval_transform``.
+
+The TorchScript file outputs logits. The ONNX graph (:class:`OnDeviceGraph`, what the page's on-device mode runs in
+the browser) outputs, from one forward pass, ``logits``, ``probs`` (softmax), ``neg_energy`` (logsumexp of the
+logits, the energy gate's score), ``cam_grid`` (the top class's activation map, ReLU'd and scaled to [0, 1] as the
+app's heatmap; only for global-average-pool + linear heads) and, given the app's fitted OOD gate, ``ood_score``
+(computed by ``lesionnet.app.ood.mahalanobis_scores`` from the gate's stored means and precision), so a runtime only
+compares them with thresholds. At export every output is compared with PyTorch's on real images; a mismatch above
+``atol`` stops with an error instead of writing a model that silently disagrees.
 """
 
 from __future__ import annotations
@@ -18,8 +24,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from lesionnet.app.ood import OodDetector, OodGate, mahalanobis_scores
 from lesionnet.data.transforms import to_hw
 from lesionnet.inference import Member, Predictor, forward, read_rgb
+from lesionnet.inference.predictor import class_activation_maps, has_linear_gap_head
 
 log = logging.getLogger(__name__)
 SAMPLE_IMAGES = Path(__file__).parent / "data" / "sample" / "images"
@@ -28,6 +36,53 @@ FORMATS: dict[str, str] = {"onnx": ".onnx", "torchscript": ".pt"}
 
 class ExportError(RuntimeError):
     """The export cannot be trusted (parity failed) or cannot be made; the message says which."""
+
+
+OUTPUTS: dict[str, str] = {
+    "logits": "(N, K) class scores",
+    "probs": "(N, K) softmax of the logits",
+    "neg_energy": "(N,) logsumexp of the logits (the energy confidence score; higher = more familiar)",
+    "cam_grid": "(N, h, w) class activation map of the top class, ReLU, scaled to [0, 1] (GAP + linear heads)",
+    "ood_score": "(N,) the OOD gate's score of the pooled features (higher = less like a lesion image)",
+}
+
+
+class OnDeviceGraph(torch.nn.Module):
+    """One member's forward pass and everything the app derives from it, as one exportable module."""
+
+    def __init__(self, member: Member, detector: OodDetector | None = None) -> None:
+        super().__init__()
+        self.member = member
+        self.network = member.model  # registered, so its parameters are the graph's
+        self.cam = has_linear_gap_head(member)
+        self.ood = detector is not None
+        if detector is not None:
+            if detector.method not in ("mahalanobis", "mahalanobis_class"):
+                raise ExportError(
+                    f"The OOD method '{detector.method}' cannot go into the graph (kNN needs every reference "
+                    "feature); fit the gate with ood.method=mahalanobis_class."
+                )
+            self.register_buffer("ood_means", torch.from_numpy(detector.means.astype(np.float32)))
+            self.register_buffer("ood_precision", torch.from_numpy(detector.precision.astype(np.float32)))
+
+    @property
+    def output_names(self) -> list[str]:
+        return [n for n in OUTPUTS if (n != "cam_grid" or self.cam) and (n != "ood_score" or self.ood)]
+
+    def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        out = forward(self.member, image)
+        logits = out.logits.float()
+        probs = logits.softmax(dim=-1)
+        outputs = [logits, probs, torch.logsumexp(logits, dim=-1)]
+        if self.cam:
+            maps = class_activation_maps(self.member, out.feature_map)
+            top = probs.argmax(dim=1)
+            index = top[:, None, None, None].expand(-1, 1, maps.shape[2], maps.shape[3])
+            positive = maps.gather(1, index).squeeze(1).clamp_min(0.0)
+            outputs.append(positive / positive.amax(dim=(1, 2), keepdim=True).clamp_min(1e-30))
+        if self.ood:
+            outputs.append(mahalanobis_scores(out.features.float(), self.ood_means, self.ood_precision))
+        return tuple(outputs)
 
 
 def preprocessing_metadata(member: Member) -> dict[str, Any]:
@@ -64,17 +119,19 @@ def _network(member: Member) -> torch.nn.Module:
     return member.model.model.eval().cpu()  # the timm backbone: logits from a normalised NCHW batch
 
 
-def export_onnx(member: Member, out: Path, opset: int = 18) -> Path:
+def export_onnx(member: Member, out: Path, opset: int = 18, ood: OodGate | None = None) -> Path:
     import onnx
 
     h, w = to_hw(member.data_config["input_size"])
-    # torch.export-based exporter (PyTorch's default since 2.9, needs onnxscript); the batch size stays dynamic.
+    graph = OnDeviceGraph(member, ood.detector if ood is not None else None).eval().cpu()
+    # torch.export-based exporter (PyTorch's default since 2.9, needs onnxscript); the batch size stays dynamic (an
+    # example batch of 1 would be specialised: torch.export treats sizes 0 and 1 as constants).
     torch.onnx.export(
-        _network(member),
-        (torch.zeros(1, 3, h, w),),
+        graph,
+        (torch.zeros(2, 3, h, w),),
         str(out),
         input_names=["image"],
-        output_names=["logits"],
+        output_names=graph.output_names,
         dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=4096)},),
         opset_version=opset,
         dynamo=True,
@@ -82,7 +139,9 @@ def export_onnx(member: Member, out: Path, opset: int = 18) -> Path:
         external_data=False,
     )
     model = onnx.load(str(out))
-    meta = preprocessing_metadata(member)
+    meta = {**preprocessing_metadata(member), "outputs": {n: OUTPUTS[n] for n in graph.output_names}}
+    if ood is not None:
+        meta["ood_gate"] = {"method": ood.method, "model_version": ood.model_version, "source": ood.source}
     for key, value in meta.items():
         model.metadata_props.add(key=key, value=json.dumps(value))
     model.doc_string = f"LesionNet {member.name}: dermatoscopic lesion classifier. Not a diagnosis."
@@ -99,28 +158,64 @@ def export_torchscript(member: Member, out: Path) -> Path:
     return out
 
 
-def run_exported(path: Path, images: torch.Tensor) -> np.ndarray:
-    """Logits of the exported file (onnxruntime, or TorchScript) for a preprocessed batch."""
+def run_exported(path: Path, images: torch.Tensor) -> dict[str, np.ndarray]:
+    """The outputs of the exported file (onnxruntime: all of them; TorchScript: logits) for a preprocessed batch."""
     if path.suffix == ".onnx":
         import onnxruntime as ort
 
         session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-        return session.run(["logits"], {"image": images.numpy().astype(np.float32)})[0]
+        names = [o.name for o in session.get_outputs()]
+        return dict(zip(names, session.run(names, {"image": images.numpy().astype(np.float32)}), strict=True))
     with torch.no_grad():
-        return torch.jit.load(str(path)).eval()(images).numpy()
+        return {"logits": torch.jit.load(str(path)).eval()(images).numpy()}
 
 
-def parity(member: Member, path: Path, images: torch.Tensor, atol: float = 1e-4) -> dict[str, float]:
-    """Largest differences of logits and probabilities between PyTorch and the exported file; raises above atol."""
+def reference_outputs(member: Member, images: torch.Tensor, ood: OodGate | None = None) -> dict[str, np.ndarray]:
+    """What the app computes for a preprocessed batch, by its own code: the inference core's forward pass and class
+    activation maps, the heatmap's scaling (``unit_grid``) and the OOD gate's score (float64)."""
+    from lesionnet.app.gradcam import unit_grid
+
     with torch.inference_mode():
-        expected = forward(member, images.to(next(member.model.parameters()).device)).logits.cpu().numpy()
-    got = run_exported(path, images)
-    diff = {
-        "max_abs_logit_diff": float(np.abs(got - expected).max()),
-        "max_abs_prob_diff": float(np.abs(_softmax(got) - _softmax(expected)).max()),
-        "n_images": len(images),
+        out = forward(member, images.to(next(member.model.parameters()).device))
+        logits = out.logits.double().cpu()
+        result = {
+            "logits": logits.numpy(),
+            "probs": logits.softmax(dim=-1).numpy(),
+            "neg_energy": torch.logsumexp(logits, dim=-1).numpy(),
+        }
+        if has_linear_gap_head(member):
+            maps = class_activation_maps(member, out.feature_map).double().cpu().numpy()
+            top = result["probs"].argmax(axis=1)
+            result["cam_grid"] = np.asarray([unit_grid(maps[n, k]) for n, k in enumerate(top)])
+        if ood is not None:
+            result["ood_score"] = ood.score(out.features.double().cpu().numpy())
+    return result
+
+
+def parity(
+    member: Member, path: Path, images: torch.Tensor, atol: float = 1e-4, ood: OodGate | None = None
+) -> dict[str, float]:
+    """Largest differences between the app's own computation and the exported file, per output; raises above atol
+    (the heatmap grid, which the app rounds to 3 decimals, within 1e-3; the OOD score relative to its size)."""
+    expected, got = reference_outputs(member, images, ood), run_exported(path, images)
+    diff: dict[str, float] = {
+        "max_abs_logit_diff": float(np.abs(got["logits"] - expected["logits"]).max()),
+        "max_abs_prob_diff": float(np.abs(_softmax(got["logits"]) - expected["probs"]).max()),
     }
-    if max(diff["max_abs_logit_diff"], diff["max_abs_prob_diff"]) > atol:
+    limits = {"max_abs_logit_diff": atol, "max_abs_prob_diff": atol}
+    if "probs" in got:
+        diff["max_abs_prob_output_diff"] = float(np.abs(got["probs"] - expected["probs"]).max())
+        diff["max_abs_neg_energy_diff"] = float(np.abs(got["neg_energy"] - expected["neg_energy"]).max())
+        limits |= {"max_abs_prob_output_diff": atol, "max_abs_neg_energy_diff": atol}
+    if "cam_grid" in got:
+        diff["max_abs_cam_grid_diff"] = float(np.abs(got["cam_grid"] - expected["cam_grid"]).max())
+        limits["max_abs_cam_grid_diff"] = 1e-3 + atol
+    if "ood_score" in got:
+        scale = np.maximum(np.abs(expected["ood_score"]), 1.0)
+        diff["max_rel_ood_score_diff"] = float((np.abs(got["ood_score"] - expected["ood_score"]) / scale).max())
+        limits["max_rel_ood_score_diff"] = atol
+    diff["n_images"] = len(images)
+    if any(diff[k] > limit for k, limit in limits.items()):
         raise ExportError(f"{path} disagrees with PyTorch beyond {atol}: {diff}. Do not use it; try another opset.")
     return diff
 
@@ -137,16 +232,21 @@ def export(
     opset: int = 18,
     atol: float = 1e-4,
     parity_images: Sequence[str | Path] | None = None,
+    ood: OodGate | None = None,
 ) -> dict[str, Any]:
-    """Write the model, check parity, write the sidecar; returns the sidecar's content."""
+    """Write the model, check parity, write the sidecar; returns the sidecar's content. ``ood``: the app's fitted OOD
+    gate, whose score the ONNX graph then outputs (``ood_score``)."""
     if fmt not in FORMATS:
         raise ValueError(f"Unknown format '{fmt}'; use one of {sorted(FORMATS)}.")
+    if ood is not None and fmt != "onnx":
+        raise ExportError("The OOD score goes into the ONNX graph only: use format=onnx with ood_gate=.")
     out = Path(out) if out else member.path.with_suffix(FORMATS[fmt])
     out.parent.mkdir(parents=True, exist_ok=True)
-    path = export_onnx(member, out, opset) if fmt == "onnx" else export_torchscript(member, out)
-    check = parity(member, path, sample_batch(member, parity_images), atol)
+    path = export_onnx(member, out, opset, ood) if fmt == "onnx" else export_torchscript(member, out)
+    check = parity(member, path, sample_batch(member, parity_images), atol, ood)
     sidecar = {
         **preprocessing_metadata(member),
+        "outputs": OnDeviceGraph(member, ood.detector if ood else None).output_names if fmt == "onnx" else ["logits"],
         "format": fmt,
         "file": path.name,
         "checkpoint": str(member.path),

@@ -12,6 +12,7 @@ import socket
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -43,17 +44,13 @@ SAMPLE = Path(__file__).resolve().parents[1] / "lesionnet" / "data" / "sample" /
 TIMEOUT_MS = 15_000
 
 
-@pytest.fixture(scope="module")
-def server(trained_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """The app the CLI serves, on a 1-epoch checkpoint, behind a real uvicorn on 127.0.0.1 (a free port)."""
-    base = tmp_path_factory.mktemp("browser")
-    run = trained_run
-    # unsure.threshold=0: a 1-epoch model is never confident, and the page should show a full "ok" answer
-    cfg = compose_serve([f"ckpt={run}", f"paths.output_dir={base / 'serve'}", "device=cpu", "unsure.threshold=0.0"])
+@contextmanager
+def serving(app: object) -> Iterator[str]:
+    """``app`` behind a real uvicorn on 127.0.0.1 (a free port); yields its base URL."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", 0))  # uvicorn serves this socket, so there is no race for the port
-    uv = uvicorn.Server(uvicorn.Config(build_app(cfg), log_level="warning", lifespan="on"))
+    uv = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
     thread = threading.Thread(target=uv.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     deadline = time.monotonic() + 20
@@ -61,18 +58,30 @@ def server(trained_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Itera
         if not thread.is_alive() or time.monotonic() > deadline:
             pytest.fail("uvicorn did not start")
         time.sleep(0.05)
-    yield f"http://127.0.0.1:{sock.getsockname()[1]}"
-    uv.should_exit = True
-    thread.join(timeout=10)
-    sock.close()
+    try:
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    finally:
+        uv.should_exit = True
+        thread.join(timeout=10)
+        sock.close()
 
 
 @pytest.fixture(scope="module")
-def browser() -> Iterator[sync_api.Browser]:
-    with sync_api.sync_playwright() as pw:
-        b = pw.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
-        yield b
-        b.close()
+def server(trained_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """The app the CLI serves, on a 1-epoch checkpoint, behind a real uvicorn on 127.0.0.1 (a free port)."""
+    base = tmp_path_factory.mktemp("browser")
+    # unsure.threshold=0: a 1-epoch model is never confident, and the page should show a full "ok" answer
+    cfg = compose_serve(
+        [
+            f"ckpt={trained_run}",
+            f"paths.output_dir={base / 'serve'}",
+            f"on_device.cache_dir={base / 'on_device'}",
+            "device=cpu",
+            "unsure.threshold=0.0",
+        ]
+    )
+    with serving(build_app(cfg)) as url:
+        yield url
 
 
 def watched_page(context: sync_api.BrowserContext) -> tuple[sync_api.Page, list[str]]:

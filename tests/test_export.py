@@ -60,3 +60,27 @@ def test_cli(ckpt: Path, tmp_path: Path) -> None:
         capture_output=True,
     )
     assert out.is_file() and json.loads(out.with_suffix(".json").read_text())["parity"]["n_images"] == 4
+
+
+@pytest.mark.slow
+def test_onnx_outputs_the_apps_cam_grid_and_ood_score_for_a_gap_linear_head(tmp_path: Path) -> None:
+    """The on-device graph: probabilities, energy, the top class's CAM grid and the OOD gate's score, each checked
+    against the app's own computation at export (parity raises otherwise) and again here on other images."""
+    from lesionnet.app.ood import fit_ood_features
+    from lesionnet.export import reference_outputs, run_exported
+    from tests.test_cam import member_of
+
+    member = member_of("tf_efficientnet_lite0", 64)
+    features = np.random.default_rng(0).normal(size=(40, 1280)) + 2.0
+    gate = fit_ood_features(
+        features, "mahalanobis_class", model_version="m", labels=[k % 3 for k in range(40)], groups=list(range(40))
+    )
+    sidecar = export(member, "onnx", tmp_path / "m.onnx", ood=gate)
+    assert sidecar["outputs"] == ["logits", "probs", "neg_energy", "cam_grid", "ood_score"]
+    images = sample_batch(member, n=6)
+    got, expected = run_exported(tmp_path / "m.onnx", images), reference_outputs(member, images, gate)
+    np.testing.assert_allclose(got["probs"], expected["probs"], atol=1e-4)
+    np.testing.assert_allclose(got["cam_grid"], expected["cam_grid"], atol=2e-3)
+    np.testing.assert_allclose(got["ood_score"], expected["ood_score"], rtol=1e-4)
+    with pytest.raises(ExportError, match="kNN"):
+        export(member, "onnx", tmp_path / "k.onnx", ood=fit_ood_features(features, "knn", model_version="m", k=2))

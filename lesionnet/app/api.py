@@ -32,6 +32,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from lesionnet.app.content import DISCLAIMER
+from lesionnet.app.ondevice import OnDevice
 from lesionnet.app.schemas import ErrorResponse, HealthResponse, ModelCard, PredictResponse
 from lesionnet.app.service import LesionService
 from lesionnet.app.upload import (
@@ -46,10 +47,12 @@ from lesionnet.app.upload import (
 log = logging.getLogger(__name__)
 STATIC = Path(__file__).parent / "static"
 MULTIPART_OVERHEAD = 64 * 1024  # form boundaries and headers around the file
-# The page posts with fetch(), never with a form submission: form-action 'none'
+# The page posts with fetch(), never with a form submission: form-action 'none'. 'wasm-unsafe-eval' lets the on-device
+# mode compile onnxruntime-web's WebAssembly (served from /static/vendor/ort); it allows no JavaScript eval.
 PAGE_CSP = (
     "default-src 'self'; img-src 'self' data: blob:; media-src 'self' blob:; style-src 'self'; "
-    "script-src 'self'; connect-src 'self'; manifest-src 'self'; worker-src 'self'; object-src 'none'; "
+    "script-src 'self' 'wasm-unsafe-eval'; connect-src 'self'; manifest-src 'self'; worker-src 'self'; "
+    "object-src 'none'; "
     "frame-ancestors 'none'; base-uri 'none'; form-action 'none'"
 )
 # The camera for this origin only (the page may capture in place later); every other powerful feature off
@@ -277,6 +280,30 @@ def install_api_routes(
             admission.leave()
 
 
+def install_on_device_routes(
+    app: FastAPI, on_device: OnDevice, limits: UploadLimits, executor: ThreadPoolExecutor
+) -> None:
+    """The on-device mode's policy and model file. Outside /api/ on purpose: the service worker keeps them (and the
+    runtime in /static/vendor) so the page answers offline after the first visit; neither holds anything personal."""
+
+    @app.get("/on-device/policy.json", include_in_schema=False)
+    async def on_device_policy() -> JSONResponse:
+        policy = {**on_device.policy(), "limits": {"min_side": limits.min_side, "max_pixels": limits.max_pixels}}
+        return JSONResponse(policy, headers={"Cache-Control": "no-cache"})
+
+    @app.get("/on-device/{name}", include_in_schema=False)
+    async def on_device_model(name: str) -> FileResponse:
+        if on_device.unavailable is not None or name != on_device.model_name:
+            raise StarletteHTTPException(404, "No such on-device model (a new one may be served: reload the page).")
+        # exported at the first request (seconds to a minute), in the worker pool so the server keeps answering
+        path = await asyncio.get_running_loop().run_in_executor(executor, on_device.model_file)
+        return FileResponse(  # the name changes with the model and the gate: cache it for good
+            path,
+            media_type="application/octet-stream",
+            headers={"Cache-Control": "public, max-age=31536000, immutable"},
+        )
+
+
 def install_page_routes(app: FastAPI) -> None:
     """The phone page, its PWA files and Swagger UI, all served by the app itself (no CDN)."""
     docs_html, docs_csp = swagger_page(app.title, app.openapi_url or "/openapi.json")
@@ -302,9 +329,13 @@ def install_page_routes(app: FastAPI) -> None:
 
 
 def create_app(
-    service: LesionService, limits: UploadLimits | None = None, workers: int = 1, max_pending: int = 256
+    service: LesionService,
+    limits: UploadLimits | None = None,
+    workers: int = 1,
+    max_pending: int = 256,
+    on_device: OnDevice | None = None,
 ) -> FastAPI:
-    """The FastAPI app around a loaded ``service``."""
+    """The FastAPI app around a loaded ``service`` (``on_device``: default, exported models in a temporary folder)."""
     limits = limits or UploadLimits()
     guard_pillow(limits)
     executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="lesionnet-infer")
@@ -330,5 +361,6 @@ def create_app(
     install_error_handlers(app)
     install_security_headers(app)
     install_api_routes(app, service, limits, executor, admission)
+    install_on_device_routes(app, on_device or OnDevice(service), limits, executor)
     install_page_routes(app)
     return app

@@ -16,6 +16,7 @@ import pandas as pd
 from omegaconf import DictConfig
 
 from lesionnet.app.api import create_app
+from lesionnet.app.ondevice import OnDevice
 from lesionnet.app.ood import OodGate, fit_ood
 from lesionnet.app.policy import DEFAULT_MSP_THRESHOLD, ConfidenceGate, ReferralPolicy, fit_gate
 from lesionnet.app.service import LesionService
@@ -219,4 +220,13 @@ def build_app(cfg: DictConfig) -> object:
         min_side=int(cfg.limits.min_side),
         body_timeout_s=cfg.limits.body_timeout_s,
     )
-    return create_app(build_service(cfg), limits, workers=cfg.limits.workers, max_pending=cfg.limits.max_pending)
+    service = build_service(cfg)
+    on_device = cfg.get("on_device") or {}
+    cache_dir = on_device.get("cache_dir") or Path(cfg.paths.output_dir) / "on_device"
+    return create_app(
+        service,
+        limits,
+        workers=cfg.limits.workers,
+        max_pending=cfg.limits.max_pending,
+        on_device=OnDevice(service, Path(cache_dir), enabled=bool(on_device.get("enabled", True))),
+    )

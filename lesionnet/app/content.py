@@ -55,6 +55,8 @@ MESSAGES: dict[str, str] = {
     "sharp, well-lit close-up of the spot (ideally through a dermatoscope) and try again.",
 }
 
+MOST_LIKELY = "Most likely: {name}."  # the answer's message when it names a class (the on-device page fills it too)
+
 OOD_REASON = (
     "The picture is unlike the dermatoscope images the model learnt from (its features lie outside what 95% of "
     "the validation lesions look like), so any answer would be a guess."

@@ -36,13 +36,34 @@ class ImageCheck:
     stats: dict[str, float]
 
 
-def image_stats(rgb: np.ndarray, max_side: int = 128) -> dict[str, float]:
+# How the statistics are taken; the on-device page (static/ondevice.js) computes the same ones with these numbers
+STATS_PARAMS: dict[str, int] = {
+    "max_side": 128,  # statistics on a copy shrunk (area interpolation) to at most this many pixels a side
+    "blank_dark": 16,  # a pixel whose brightest channel is below this is near-black
+    "blank_bright": 240,  # ... whose darkest channel is above this, near-white
+    "flat_gradient": 4,  # a Sobel gradient magnitude below this is a flat area
+}
+# (statistic, "<" or ">", threshold field, reason): refused when the comparison holds. One table for the server and
+# the on-device page (it receives it in /on-device/policy.json).
+RULES: tuple[tuple[str, str, str, str], ...] = (
+    ("contrast", "<", "min_contrast", "The image is almost one flat colour."),
+    ("brightness", "<", "min_brightness", "The image is too dark."),
+    ("brightness", ">", "max_brightness", "The image is too bright (overexposed)."),
+    ("blank_fraction", ">", "max_blank_fraction", "Most of the image is black or white."),
+    ("smoothness", "<", "min_smoothness", "The image looks like noise or a fine pattern, not a photo."),
+    ("flat_edges", ">", "max_flat_edges", "Flat blocks of colour: it looks like a drawing or pattern."),
+    ("saturation", ">", "max_saturation", "The colours are far too saturated for skin."),
+)
+
+
+def image_stats(rgb: np.ndarray) -> dict[str, float]:
     """The statistics the check uses, on an area-downsampled copy."""
     h, w = rgb.shape[:2]
-    scale = min(1.0, max_side / max(h, w))
+    p = STATS_PARAMS
+    scale = min(1.0, p["max_side"] / max(h, w))
     small = cv2.resize(rgb, (max(1, round(w * scale)), max(1, round(h * scale))), interpolation=cv2.INTER_AREA)
     grey = cv2.cvtColor(small, cv2.COLOR_RGB2GRAY).astype(np.float64)
-    blank = (small.max(axis=2) < 16) | (small.min(axis=2) > 240)
+    blank = (small.max(axis=2) < p["blank_dark"]) | (small.min(axis=2) > p["blank_bright"])
     smooth = [_neighbour_corr(grey[:, :-1], grey[:, 1:]), _neighbour_corr(grey[:-1], grey[1:])]
     grad = np.hypot(cv2.Sobel(grey, cv2.CV_64F, 1, 0), cv2.Sobel(grey, cv2.CV_64F, 0, 1))
     hsv = cv2.cvtColor(small, cv2.COLOR_RGB2HSV)
@@ -52,7 +73,7 @@ def image_stats(rgb: np.ndarray, max_side: int = 128) -> dict[str, float]:
         "blank_fraction": float(blank.mean()),
         "smoothness": float(min(smooth)),
         # Real skin has texture everywhere; graphics are flat regions joined by strong edges.
-        "flat_edges": float((grad < 4).mean() * grey.std()),
+        "flat_edges": float((grad < p["flat_gradient"]).mean() * grey.std()),
         "saturation": float(hsv[..., 1].mean() / 255.0),
     }
 
@@ -65,20 +86,20 @@ def _neighbour_corr(a: np.ndarray, b: np.ndarray) -> float:
 
 def check_image(rgb: np.ndarray, thresholds: CheckThresholds | None = None) -> ImageCheck:
     """Pass, or refuse with the plain reasons (several may apply)."""
-    t = thresholds or CheckThresholds()
+    t = thresholds_dict(thresholds)
     s = image_stats(rgb)
-    rules = [
-        (s["contrast"] < t.min_contrast, "The image is almost one flat colour."),
-        (s["brightness"] < t.min_brightness, "The image is too dark."),
-        (s["brightness"] > t.max_brightness, "The image is too bright (overexposed)."),
-        (s["blank_fraction"] > t.max_blank_fraction, "Most of the image is black or white."),
-        (s["smoothness"] < t.min_smoothness, "The image looks like noise or a fine pattern, not a photo."),
-        (s["flat_edges"] > t.max_flat_edges, "Flat blocks of colour: it looks like a drawing or pattern."),
-        (s["saturation"] > t.max_saturation, "The colours are far too saturated for skin."),
-    ]
-    reasons = [text for failed, text in rules if failed]
+    reasons = [text for stat, op, name, text in RULES if (s[stat] < t[name] if op == "<" else s[stat] > t[name])]
     return ImageCheck(passed=not reasons, reasons=reasons, stats={k: round(v, 4) for k, v in s.items()})
 
 
 def thresholds_dict(thresholds: CheckThresholds | None = None) -> dict[str, float]:
     return asdict(thresholds or CheckThresholds())
+
+
+def check_spec(thresholds: CheckThresholds | None = None) -> dict[str, object]:
+    """The whole check as data, for the on-device page: how to take the statistics, the thresholds and the rules."""
+    return {
+        "params": dict(STATS_PARAMS),
+        "thresholds": thresholds_dict(thresholds),
+        "rules": [{"stat": stat, "op": op, "threshold": name, "reason": text} for stat, op, name, text in RULES],
+    }

@@ -12,8 +12,9 @@ from the validation lesions' features separates "not a lesion" far better. Metho
   the smallest distance over the classes.
 * ``knn``: Sun et al. 2022: cosine distance to the k-th nearest validation feature (features L2-normalised).
 
-Both Mahalanobis variants are ``z P z' - 2 z P m' + m P m'`` with the stored means ``m`` and precision ``P``: two
-matmuls, so they fit in an exported ONNX graph; kNN needs every reference feature (N x D) in the graph.
+Both Mahalanobis variants are ``(z - m) P (z - m)'`` with the stored means ``m`` and precision ``P``, computed by one
+torch function (:func:`mahalanobis_scores`) on the server (float64) and in the exported ONNX graph of the on-device
+mode (float32, ``lesionnet.export``); kNN would need every reference feature (N x D) in the graph and is not exported.
 
 The threshold is the ``quantile`` (default 0.95: about 5% of lesion images refused) of OUT-OF-SAMPLE validation
 scores: each image is scored by a detector that did not see its lesion (grouped folds for Mahalanobis; for kNN the
@@ -40,6 +41,7 @@ from statistics import NormalDist
 from typing import Any, Literal
 
 import numpy as np
+import torch
 from pydantic import BaseModel, ConfigDict
 from scipy.linalg import cho_factor, cho_solve
 from scipy.stats import rankdata
@@ -53,6 +55,7 @@ OodMethod = Literal["mahalanobis", "mahalanobis_class", "knn"]
 DEFAULT_QUANTILE = 0.95
 REFIT = "Refit the gate for this model: lesionnet.app.ood.fit_ood(predictor, validation paths) or bench/ood_eval.py."
 _KNN_CHUNK = 1024  # query rows per similarity block: bounds memory at chunk x N floats
+_MAHALANOBIS_CHUNK = 256  # rows per block: the differences to the class means take chunk x C x D floats
 
 
 # ----------------------------------------------------------------------------- statistics
@@ -82,6 +85,17 @@ def ledoit_wolf(residuals: np.ndarray) -> tuple[np.ndarray, float]:
     cov = (1.0 - shrinkage) * emp_cov
     cov[np.diag_indices(d)] += shrinkage * mu
     return cov, shrinkage
+
+
+def mahalanobis_scores(features: torch.Tensor, means: torch.Tensor, precision: torch.Tensor) -> torch.Tensor:
+    """(N,) smallest squared Mahalanobis distance of the L2-normalised rows of ``features`` (N, D) to the rows of
+    ``means`` (C, D) under ``precision`` (D, D). The one formula of the server (float64, through
+    :meth:`OodDetector.score`) and of the exported ONNX graph (float32). Written as ``(z - m) P (z - m)'`` per mean,
+    not as the expansion ``z P z' - 2 z P m' + m P m'``, whose terms are far larger than the distance and cancel
+    badly in float32."""
+    z = features / features.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    diff = z[:, None, :] - means[None, :, :]
+    return ((diff @ precision) * diff).sum(dim=-1).amin(dim=1).clamp_min(0.0)
 
 
 def _precision(cov: np.ndarray) -> np.ndarray:
@@ -136,7 +150,7 @@ def ood_auroc(in_scores: np.ndarray, out_scores: np.ndarray) -> float:
 
 @dataclass(frozen=True)
 class OodDetector:
-    """A fitted score function without threshold: what the folds refit and what an exported graph would embed.
+    """A fitted score function without threshold: what the folds refit and what the exported on-device graph embeds.
     Arrays are float32, as stored, so a saved and loaded detector scores bit-identically."""
 
     method: str
@@ -162,10 +176,13 @@ class OodDetector:
             )
         if self.method == "knn":
             return 1.0 - _kth_similarity(z, self.references.astype(np.float64), self.k)
-        precision, means = self.precision.astype(np.float64), self.means.astype(np.float64)
-        z_p = z @ precision
-        squared = (z_p * z).sum(1)[:, None] - 2.0 * z_p @ means.T + ((means @ precision) * means).sum(1)[None, :]
-        return np.maximum(squared.min(axis=1), 0.0)
+        precision = torch.from_numpy(self.precision.astype(np.float64))
+        means = torch.from_numpy(self.means.astype(np.float64))
+        blocks = [
+            mahalanobis_scores(torch.from_numpy(z[start : start + _MAHALANOBIS_CHUNK]), means, precision)
+            for start in range(0, len(z), _MAHALANOBIS_CHUNK)
+        ]
+        return torch.cat(blocks).numpy() if blocks else np.empty(0)
 
 
 def _kth_similarity(

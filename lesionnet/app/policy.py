@@ -65,6 +65,19 @@ class ReferralPolicy:
         z = np.exp(logits - logits.max())
         return z / z.sum()
 
+    def melanoma_reason(self, p_mel: str) -> str:
+        """Why the melanoma rule refers, for a probability written as ``p_mel`` (the on-device page gets "{p}")."""
+        return (
+            f"Melanoma probability {p_mel} is at or above {self.melanoma_threshold:.2f}, the level "
+            f"that caught {self.target_sensitivity:.0%} of melanomas in validation."
+        )
+
+    def malignant_reason(self, p_malignant: str) -> str:
+        return (
+            f"Probability of a skin cancer or pre-cancer (melanoma, basal cell carcinoma, actinic "
+            f"keratosis) together is {p_malignant}, at or above {self.malignant_threshold:.2f}."
+        )
+
     def assess(self, probs: np.ndarray, class_names: Sequence[str]) -> dict[str, Any]:
         """Whether to refer, and the plain reasons, from raw probabilities."""
         p = dict(zip(class_names, (float(v) for v in probs), strict=True))
@@ -72,15 +85,9 @@ class ReferralPolicy:
         p_malignant = sum(v for k, v in p.items() if k in MALIGNANT)
         reasons = []
         if self.melanoma_threshold is not None and p_mel >= self.melanoma_threshold:
-            reasons.append(
-                f"Melanoma probability {p_mel:.2f} is at or above {self.melanoma_threshold:.2f}, the level "
-                f"that caught {self.target_sensitivity:.0%} of melanomas in validation."
-            )
+            reasons.append(self.melanoma_reason(f"{p_mel:.2f}"))
         if p_malignant >= self.malignant_threshold:
-            reasons.append(
-                f"Probability of a skin cancer or pre-cancer (melanoma, basal cell carcinoma, actinic "
-                f"keratosis) together is {p_malignant:.2f}, at or above {self.malignant_threshold:.2f}."
-            )
+            reasons.append(self.malignant_reason(f"{p_malignant:.2f}"))
         return {
             "refer": bool(reasons),
             "reasons": reasons,

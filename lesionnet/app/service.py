@@ -151,17 +151,20 @@ class LesionService:
             GradCamExplainer(member.model, member.data_config) if self.gradcam and not self.use_cam else None
         )
 
-    def _classes(self, probs: np.ndarray) -> list[dict[str, Any]]:
-        rows = [
+    def class_info(self) -> list[dict[str, Any]]:
+        """Each class in the model's order, in words (the model card's and the on-device page's list)."""
+        return [
             {
                 "code": c,
                 "name": content.plain_name(c),
                 "description": content.description(c),
                 "malignant": c in content.MALIGNANT,
-                "probability": round(float(p), 4),
             }
-            for c, p in zip(self.predictor.class_names, probs, strict=True)
+            for c in self.predictor.class_names
         ]
+
+    def _classes(self, probs: np.ndarray) -> list[dict[str, Any]]:
+        rows = [{**info, "probability": round(float(p), 4)} for info, p in zip(self.class_info(), probs, strict=True)]
         return sorted(rows, key=lambda r: -r["probability"])
 
     def analyse(self, image: np.ndarray) -> dict[str, Any]:
@@ -220,7 +223,7 @@ class LesionService:
         return {
             **answer,
             "status": "unsure" if unsure else "ok",
-            "message": content.MESSAGES["unsure"] if unsure else f"Most likely: {classes[0]['name']}.",
+            "message": content.MESSAGES["unsure"] if unsure else content.MOST_LIKELY.format(name=classes[0]["name"]),
             "top_class": None if unsure else classes[0],
             "probabilities": classes,
             "urgency": urgency,
@@ -324,15 +327,7 @@ class LesionService:
             "intended_use": content.INTENDED_USE,
             "not_a_diagnosis": content.DISCLAIMER,
             "training_data": self.training,
-            "classes": [
-                {
-                    "code": c,
-                    "name": content.plain_name(c),
-                    "description": content.description(c),
-                    "malignant": c in content.MALIGNANT,
-                }
-                for c in self.predictor.class_names
-            ],
+            "classes": self.class_info(),
             "metrics": metrics,
             "metrics_note": None if metrics else content.NOT_EVALUATED,
             "performance": content.performance_summary(

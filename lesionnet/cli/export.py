@@ -1,13 +1,15 @@
-"""``lesionnet export ckpt=... [format=onnx|torchscript] [out=...]``: Hydra entry point of ``lesionnet.export``."""
+"""``lesionnet export ckpt=... [format=onnx|torchscript] [out=...] [ood_gate=...]``: Hydra entry point of
+``lesionnet.export``."""
 
 from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig
 
+from lesionnet.app.ood import OodGate
 from lesionnet.cli import CONF_DIR
 from lesionnet.export import ExportError, export
-from lesionnet.inference import load_member, resolve_checkpoints
+from lesionnet.inference import Predictor, load_member, resolve_checkpoints
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="export")
@@ -15,14 +17,20 @@ def main(cfg: DictConfig) -> None:
     paths = resolve_checkpoints(cfg.ckpt)
     if cfg.out and len(paths) > 1:
         raise ExportError(f"out= names one file but ckpt gives {len(paths)} checkpoints; export them one by one.")
+    if cfg.ood_gate and len(paths) > 1:
+        raise ExportError(f"ood_gate= belongs to one model but ckpt gives {len(paths)} checkpoints.")
     for p in paths:
+        member = load_member(p)
+        # the app's fitted gate file (logs/serve/gates/...), refused unless fitted for this very model
+        ood = OodGate.load(cfg.ood_gate, Predictor([member]).version, "none") if cfg.ood_gate else None
         export(
-            load_member(p),
+            member,
             cfg.format,
             Path(cfg.out) if cfg.out else None,
             cfg.opset,
             cfg.atol,
             list(cfg.parity_images) if cfg.parity_images else None,
+            ood,
         )
 
 

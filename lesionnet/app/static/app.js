@@ -1,4 +1,5 @@
-// LesionNet page: pick or take a photo, send it to /api/v1/predict, show the answer. No external code.
+// LesionNet page: pick or take a photo, send it to /api/v1/predict (or analyse it on the device), show the answer.
+// No external code.
 "use strict";
 
 const $ = (id) => document.getElementById(id);
@@ -113,9 +114,66 @@ async function drawHeatmap(heatmap) {
   context.drawImage(small, 0, 0, canvas.width, canvas.height);
 }
 
+// On-device mode (static/ondevice.js): the model runs in this browser and the photo is not sent. Offered when the
+// server's /on-device/policy.json says it can be (else the reason is shown); the choice is remembered, so an
+// offline visit (page, policy, runtime and model from the service worker's cache) analyses on the device at once.
+const ON_DEVICE_KEY = "lesionnet-on-device";
+let onDevice = null; // the loaded runtime and model (a promise)
+
+function loadOnDevice() {
+  if (!onDevice) {
+    onDevice = import("/static/ondevice.js").then((m) => m.load());
+    onDevice.catch(() => { onDevice = null; });
+  }
+  return onDevice;
+}
+
+async function setOnDevice(on) {
+  const note = $("on-device-note");
+  localStorage.setItem(ON_DEVICE_KEY, on ? "1" : "0");
+  if (!on) { note.textContent = "The photo is sent to this server to be analysed."; return; }
+  note.textContent = "Loading the model into this browser (once; afterwards it also works offline)...";
+  try {
+    await loadOnDevice();
+    note.textContent = "The photo is analysed on this device and never leaves it.";
+  } catch (err) {
+    $("on-device").checked = false;
+    note.textContent = "Analysing on this device failed: " + err.message + " The photo will be sent to the server.";
+  }
+}
+
+async function initOnDevice() {
+  const box = $("on-device"), note = $("on-device-note");
+  try {
+    const policy = await (await fetch("/on-device/policy.json")).json();
+    if (!policy.available) { note.textContent = policy.reason + " The photo is sent to this server to be analysed."; return; }
+  } catch (err) {
+    note.textContent = "Analysing on this device is not available (no connection and nothing cached yet).";
+    return;
+  }
+  box.disabled = false;
+  box.checked = localStorage.getItem(ON_DEVICE_KEY) === "1";
+  box.addEventListener("change", () => setOnDevice(box.checked));
+  await setOnDevice(box.checked);
+}
+
+async function submitOnDevice() {
+  setStatus("Analysing on this device...");
+  try {
+    const body = await (await loadOnDevice()).analyse(selected);
+    setStatus("");
+    showResult(body);
+  } catch (err) {
+    setStatus(err.message || "The analysis on this device failed.", true);
+  } finally {
+    $("submit").disabled = false;
+  }
+}
+
 async function submit(event) {
   event.preventDefault();
   if (!selected) return;
+  if ($("on-device").checked) { $("submit").disabled = true; await submitOnDevice(); return; }
   const form = new FormData();
   form.append("file", selected, selected.name);
   $("submit").disabled = true;
@@ -158,4 +216,5 @@ $("camera").addEventListener("change", (e) => choose(e.target.files[0]));
 $("file").addEventListener("change", (e) => choose(e.target.files[0]));
 $("form").addEventListener("submit", submit);
 loadCard();
+initOnDevice();
 if ("serviceWorker" in navigator) navigator.serviceWorker.register("/sw.js").catch(() => {});

@@ -1,0 +1,157 @@
+"""The on-device mode: the page runs the served model in the browser (onnxruntime-web), so the photo never leaves it.
+
+The server hands the page two things, both made from the very objects it answers with:
+
+* ``/on-device/model-<key>.onnx``: the served checkpoint exported by ``lesionnet.export`` with the fitted OOD gate in
+  the graph (outputs: probabilities, the energy score, the top class's CAM grid, the OOD score), exported at the first
+  request and cached on disk under a key of the model version and the gate's arrays, so a refitted gate or another
+  checkpoint gets a new file name (the service worker keeps model files by name);
+* ``/on-device/policy.json`` (:meth:`OnDevice.policy`): the preprocessing, the image check's parameters, thresholds and
+  rules (``image_check.check_spec``), the confidence gate, the OOD threshold and validation scores, the referral rule
+  with its reasons, the temperature, the class names and the messages: the page compares and fills in, it types no
+  number or sentence of its own.
+
+It is offered for one model without test-time augmentation (the graph runs one view), a bilinear or bicubic
+preprocessing (what ``static/ondevice.js`` resizes like OpenCV) and a Mahalanobis OOD gate (kNN does not fit in a
+graph); and only when the runtime files are installed (``scripts/setup.sh`` copies them from the pinned npm package
+into ``static/vendor/ort``). Otherwise the policy says why, and the page hides the option and shows that reason.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import logging
+import os
+import tempfile
+import threading
+from dataclasses import asdict, dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from lesionnet.app import content
+from lesionnet.app.image_check import check_spec
+from lesionnet.app.service import LesionService
+
+log = logging.getLogger(__name__)
+ON_DEVICE_VERSION = 1
+VENDOR = Path(__file__).parent / "static" / "vendor" / "ort"
+VENDOR_URL = "/static/vendor/ort"
+# onnxruntime-web's WebAssembly build as one ES module (its Emscripten glue included) and its .wasm binary
+RUNTIME_FILES: dict[str, str] = {"module": "ort.wasm.bundle.min.mjs", "wasm": "ort-wasm-simd-threaded.wasm"}
+INTERPOLATIONS: tuple[str, ...] = ("bilinear", "bicubic")  # the resizes static/ondevice.js implements (as OpenCV)
+OOD_METHODS: tuple[str, ...] = ("mahalanobis", "mahalanobis_class")
+
+
+@dataclass
+class OnDevice:
+    """What the page needs to answer on the phone; ``cache_dir`` keeps exported models (None: a temporary folder)."""
+
+    service: LesionService
+    cache_dir: Path | None = None
+    enabled: bool = True
+    vendor: Path = VENDOR
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    @cached_property
+    def unavailable(self) -> str | None:
+        """Why the on-device mode cannot be offered for this server, in words for the page; None when it can."""
+        predictor, ood = self.service.predictor, self.service.ood
+        interpolation = predictor.members[0].data_config.get("interpolation", "bilinear")
+        missing = [name for name in RUNTIME_FILES.values() if not (self.vendor / name).is_file()]
+        reasons = [
+            (not self.enabled, "it is switched off on this server (on_device.enabled=false)"),
+            (len(predictor.members) > 1, "this server runs an ensemble of models"),
+            (predictor.tta != "none", f"this server averages test-time views (tta={predictor.tta})"),
+            (interpolation not in INTERPOLATIONS, f"the model's {interpolation} resizing is not implemented"),
+            (ood is not None and ood.method not in OOD_METHODS, f"the {ood and ood.method} OOD gate has no graph"),
+            (importlib.util.find_spec("onnx") is None, "the ONNX exporter is not installed (pip install -e .[app])"),
+            (bool(missing), "the in-browser runtime is not installed on this server (scripts/setup.sh copies it)"),
+        ]
+        found = [text for failed, text in reasons if failed]
+        return f"Analysing on this device is not available: {found[0]}." if found else None
+
+    @cached_property
+    def key(self) -> str:
+        """Identity of the exported file: the model version, the OOD gate's arrays and threshold, this format."""
+        digest = hashlib.sha256(f"{self.service.predictor.version}|{ON_DEVICE_VERSION}".encode())
+        ood = self.service.ood
+        if ood is not None and ood.detector.means is not None:
+            digest.update(np.ascontiguousarray(ood.detector.means, dtype="<f4").tobytes())
+            digest.update(np.ascontiguousarray(ood.detector.precision, dtype="<f4").tobytes())
+            digest.update(repr(ood.threshold).encode())
+        return digest.hexdigest()[:16]
+
+    @property
+    def model_name(self) -> str:
+        return f"model-{self.key}.onnx"
+
+    @cached_property
+    def folder(self) -> Path:
+        folder = Path(self.cache_dir) if self.cache_dir else Path(tempfile.mkdtemp(prefix="lesionnet-on-device-"))
+        folder.mkdir(parents=True, exist_ok=True)
+        return folder
+
+    def model_file(self) -> Path:
+        """The exported model, exported (and its parity checked) at the first call; later calls and starts reuse it."""
+        from lesionnet.export import export
+
+        path = self.folder / self.model_name
+        with self._lock:
+            if not path.is_file():
+                with tempfile.TemporaryDirectory(dir=self.folder) as tmp:
+                    member = self.service.predictor.members[0]
+                    sidecar = export(member, "onnx", Path(tmp) / "model.onnx", ood=self.service.ood)
+                    (Path(tmp) / "model.json").replace(path.with_suffix(".json"))
+                    os.replace(Path(tmp) / "model.onnx", path)  # atomic: another server never reads half a file
+                log.info("On-device model exported to %s (parity: %s)", path, sidecar["parity"])
+        return path
+
+    def policy(self) -> dict[str, Any]:
+        """Everything the page applies on the device, from the server's own objects (``/on-device/policy.json``)."""
+        s = self.service
+        base = {
+            "schema_version": ON_DEVICE_VERSION,
+            "available": self.unavailable is None,
+            "reason": self.unavailable,
+            "model_version": s.predictor.version,
+            "demo_model": s.demo_model,
+            "disclaimer": content.DISCLAIMER,
+        }
+        if self.unavailable is not None:
+            return base
+        from lesionnet.export import preprocessing_metadata
+
+        member, referral, ood = s.predictor.members[0], s.referral, s.ood
+        return {
+            **base,
+            "model_url": f"/on-device/{self.model_name}",
+            "runtime": {kind: f"{VENDOR_URL}/{name}" for kind, name in RUNTIME_FILES.items()},
+            "preprocessing": preprocessing_metadata(member),
+            # the graph's CAM grid exists for average-pool + linear heads; other heads need Grad-CAM (a backward pass)
+            "heatmap": s.use_cam,
+            "classes": s.class_info(),
+            "image_check": check_spec(s.check),
+            "confidence": {"method": s.gate.method, "threshold": s.gate.threshold, "source": s.gate.source},
+            "ood": None
+            if ood is None
+            else {
+                "method": ood.method,
+                "threshold": ood.threshold,
+                "source": ood.source,
+                "validation_scores": sorted(float(v) for v in ood.validation_scores),  # for the percentile
+            },
+            "referral": {
+                **asdict(referral),
+                "malignant_classes": sorted(content.MALIGNANT),
+                "reasons": {  # the server's sentences, with "{p}" where the probability goes (2 decimals)
+                    "melanoma": referral.melanoma_reason("{p}") if referral.melanoma_threshold is not None else None,
+                    "malignant": referral.malignant_reason("{p}"),
+                },
+            },
+            "referral_check": s.referral_check(),
+            "messages": {**content.MESSAGES, "ood_reason": content.OOD_REASON, "most_likely": content.MOST_LIKELY},
+        }
