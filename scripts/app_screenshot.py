@@ -41,7 +41,7 @@ def wait_until_up(url: str, server: subprocess.Popen, timeout_s: float) -> None:
     raise SystemExit(f"lesionnet serve did not answer {url}/healthz within {timeout_s:.0f} s.")
 
 
-def screenshot(url: str, image: Path, out: Path, width: int, height: int) -> None:
+def screenshot(url: str, image: Path, out: Path, width: int, height: int, full_page: bool) -> None:
     from playwright.sync_api import expect, sync_playwright
 
     with sync_playwright() as pw:
@@ -52,9 +52,11 @@ def screenshot(url: str, image: Path, out: Path, width: int, height: int) -> Non
         page.click("#submit")
         expect(page.locator("#result")).to_be_visible(timeout=60_000)
         expect(page.locator("#cam-box")).to_be_visible()
-        page.locator("#result").scroll_into_view_if_needed()
         out.parent.mkdir(parents=True, exist_ok=True)
-        page.screenshot(path=str(out), full_page=True)
+        if full_page:
+            page.screenshot(path=str(out), full_page=True)
+        else:  # the answer card: urgency, reasons, classes, heatmap
+            page.locator("#result").screenshot(path=str(out))
         browser.close()
 
 
@@ -64,6 +66,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("docs/app_screenshot.png"))
     parser.add_argument("--width", type=int, default=390)
     parser.add_argument("--height", type=int, default=844)
+    parser.add_argument("--full-page", action="store_true", help="the whole page, not only the answer card")
     parser.add_argument("--start-timeout-s", type=float, default=600, help="a first start fits the gates")
     parser.add_argument("overrides", nargs="*", help="lesionnet serve overrides (after --), e.g. ckpt=... scores=...")
     args = parser.parse_args()
@@ -76,7 +79,7 @@ def main() -> None:
     server = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         wait_until_up(f"http://127.0.0.1:{port}", server, args.start_timeout_s)
-        screenshot(f"http://127.0.0.1:{port}", args.image, args.out, args.width, args.height)
+        screenshot(f"http://127.0.0.1:{port}", args.image, args.out, args.width, args.height, args.full_page)
     finally:
         server.terminate()
         server.wait(timeout=30)
