@@ -36,6 +36,7 @@ import base64
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from statistics import NormalDist
 from typing import Any, Literal
@@ -166,6 +167,11 @@ class OodDetector:
         reference = self.references if self.method == "knn" else self.means
         return int(reference.shape[1])
 
+    @cached_property
+    def _float64_arrays(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The means and precision as float64 tensors, converted once (a 1280 x 1280 copy per request cost ~ms)."""
+        return torch.from_numpy(self.means.astype(np.float64)), torch.from_numpy(self.precision.astype(np.float64))
+
     def score(self, features: np.ndarray) -> np.ndarray:
         """(N,) OOD scores of pooled features (any scale: they are L2-normalised here); higher = stranger."""
         z = l2_normalise(features)
@@ -176,8 +182,7 @@ class OodDetector:
             )
         if self.method == "knn":
             return 1.0 - _kth_similarity(z, self.references.astype(np.float64), self.k)
-        precision = torch.from_numpy(self.precision.astype(np.float64))
-        means = torch.from_numpy(self.means.astype(np.float64))
+        means, precision = self._float64_arrays
         blocks = [
             mahalanobis_scores(torch.from_numpy(z[start : start + _MAHALANOBIS_CHUNK]), means, precision)
             for start in range(0, len(z), _MAHALANOBIS_CHUNK)
@@ -342,12 +347,24 @@ class OodGate:
 
     def refuses(self, features: np.ndarray) -> np.ndarray:
         """(N,) True where the image is to be refused as not a dermatoscope image."""
-        return self.score(features) > self.threshold
+        return self.refuses_score(self.score(features))
+
+    def refuses_score(self, scores: np.ndarray) -> np.ndarray:
+        """(N,) True where a score (:meth:`score`) is above the threshold: the one refusal rule."""
+        return np.asarray(scores) > self.threshold
+
+    @cached_property
+    def _sorted_validation_scores(self) -> np.ndarray:
+        return np.sort(self.validation_scores)
+
+    def percentile_of(self, scores: np.ndarray) -> np.ndarray:
+        """(N,) share of validation lesion images scoring at or below each score (1.0 = stranger than all)."""
+        ordered = self._sorted_validation_scores
+        return np.searchsorted(ordered, scores, side="right") / len(ordered)
 
     def percentile(self, features: np.ndarray) -> np.ndarray:
-        """(N,) share of validation lesion images scoring at or below each image (1.0 = stranger than all)."""
-        ordered = np.sort(self.validation_scores)
-        return np.searchsorted(ordered, self.score(features), side="right") / len(ordered)
+        """(N,) :meth:`percentile_of` the scores of pooled features."""
+        return self.percentile_of(self.score(features))
 
     def to_file(self) -> OodGateFile:
         d = self.detector

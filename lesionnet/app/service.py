@@ -242,13 +242,13 @@ class LesionService:
         """The feature-space gate's verdict on one image's pooled features (None when the gate is off)."""
         if self.ood is None:
             return None
-        batch = features[None]
+        score = self.ood.score(features[None])  # scored once: the percentile and the verdict come from it
         return {
             "method": self.ood.method,
-            "score": round(float(self.ood.score(batch)[0]), 4),
+            "score": round(float(score[0]), 4),
             "threshold": round(self.ood.threshold, 4),
-            "percentile": round(float(self.ood.percentile(batch)[0]), 4),
-            "refused": bool(self.ood.refuses(batch)[0]),
+            "percentile": round(float(self.ood.percentile_of(score)[0]), 4),
+            "refused": bool(self.ood.refuses_score(score)[0]),
             "source": self.ood.source,
         }
 
