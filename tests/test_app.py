@@ -30,6 +30,7 @@ from lesionnet.app.policy import ConfidenceGate, ReferralPolicy, fit_gate
 from lesionnet.app.schemas import ErrorResponse, HealthResponse, ModelCard, PredictResponse
 from lesionnet.app.service import LesionService
 from lesionnet.app.upload import UploadLimits, decode_image
+from lesionnet.classes import CLASS_NAMES
 from lesionnet.contract.files import ContractError
 from lesionnet.contract.run import RunFolder
 from lesionnet.contract.scores import ScoredModel, ScoresFile, write_scores
@@ -449,6 +450,18 @@ def test_low_confidence_is_unsure_and_never_reassures(run: Path) -> None:
     benign_unsure = stub_service(run, [0.02, 0.02, 0.35, 0.25, 0.02, 0.3, 0.04]).analyse(lesion_like())
     assert benign_unsure["status"] == "unsure"
     assert (benign_unsure["urgency"]["refer"], benign_unsure["urgency"]["level"]) == (None, "unknown")
+
+
+def test_with_a_temperature_the_reasons_do_not_call_the_raw_score_a_probability() -> None:
+    """The page shows calibrated percentages (temperature) beside the rule's raw score: "Melanoma 98%" next to
+    "Melanoma probability 0.85" read as a contradiction, so the reason names the raw score as such."""
+    probs = onehot("mel", 0.85)
+    calibrated = ReferralPolicy(melanoma_threshold=0.04, target_sensitivity=0.95, temperature=0.5)
+    reasons = calibrated.assess(probs, CLASS_NAMES)["reasons"]
+    assert reasons[0].startswith("Melanoma raw score (before the calibration of the percentages) 0.85 is at or above")
+    assert "The raw score (before the calibration of the percentages) of a skin cancer" in reasons[1]
+    plain = ReferralPolicy(melanoma_threshold=0.04, target_sensitivity=0.95).assess(probs, CLASS_NAMES)["reasons"]
+    assert plain[0].startswith("Melanoma probability 0.85 is at or above 0.04")
 
 
 @pytest.mark.parametrize(

@@ -65,16 +65,22 @@ class ReferralPolicy:
         z = np.exp(logits - logits.max())
         return z / z.sum()
 
+    @property
+    def _what(self) -> str:
+        """How a rule's number is named: with a temperature the page shows calibrated percentages, while the rules
+        compare the raw probabilities they were chosen on, so the answer must not call both "probability"."""
+        return "probability" if self.temperature == 1.0 else "raw score (before the calibration of the percentages)"
+
     def melanoma_reason(self, p_mel: str) -> str:
         """Why the melanoma rule refers, for a probability written as ``p_mel`` (the on-device page gets "{p}")."""
         return (
-            f"Melanoma probability {p_mel} is at or above {self.melanoma_threshold:.2f}, the level "
+            f"Melanoma {self._what} {p_mel} is at or above {self.melanoma_threshold:.2f}, the level "
             f"that caught {self.target_sensitivity:.0%} of melanomas in validation."
         )
 
     def malignant_reason(self, p_malignant: str) -> str:
         return (
-            f"Probability of a skin cancer or pre-cancer (melanoma, basal cell carcinoma, actinic "
+            f"The {self._what} of a skin cancer or pre-cancer (melanoma, basal cell carcinoma, actinic "
             f"keratosis) together is {p_malignant}, at or above {self.malignant_threshold:.2f}."
         )
 
