@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -110,6 +111,22 @@ def test_fitted_ensemble_weights_are_recorded_next_to_their_members(runs: dict[s
         + ", ".join(f"{n} ({w:.3f})" for n, w in zip(saved["members"], saved["weights"], strict=True))
         in report
     )
+
+
+def test_every_row_carries_its_validation_score_to_choose_by(runs: dict[str, Path], tmp_path: Path) -> None:
+    """Each model and the ensemble report their validation accuracy and balanced accuracy beside the test figures
+    (what members, recipes and ensembles are compared by): the same figures as scoring the validation split itself."""
+    both = f"ckpt=[{runs['baseline']},{runs['baseline_bn']}]"
+    result = evaluate(compose_eval([both, f"paths.output_dir={tmp_path / 'test'}"]))
+    in_sample = evaluate(
+        compose_eval([both, "data.split=val", "in_sample=true", f"paths.output_dir={tmp_path / 'val'}"])
+    )
+    assert set(result["scores"]) == set(in_sample["scores"]) == {*result["ensemble"]["members"], "ensemble"}
+    for name, row in result["scores"].items():
+        assert row["validation"]["accuracy"] == pytest.approx(in_sample["scores"][name]["accuracy"], abs=1e-6)
+        expected = in_sample["scores"][name]["balanced_accuracy"]
+        assert row["validation"]["balanced_accuracy"] == pytest.approx(expected, abs=1e-6)
+    assert re.search(r"\|\s*val balanced acc\s*\|", (tmp_path / "test" / "report.md").read_text())
 
 
 def test_in_sample_validation_is_titled_optimistic(runs: dict[str, Path], tmp_path: Path) -> None:

@@ -26,6 +26,7 @@ def summary_table(result: dict[str, Any]) -> pd.DataFrame:
         rows.append(
             {
                 "model": name,
+                "val balanced acc": _fmt(s.get("validation", {}).get("balanced_accuracy")),
                 "accuracy [95% CI]": _with_ci(s, "accuracy"),
                 "balanced acc [95% CI]": _with_ci(s, "balanced_accuracy"),
                 "macro F1": _fmt(s["macro_f1"]),

@@ -155,7 +155,11 @@ def score(
                 "target_sensitivity": cfg.mel_target_sensitivity,
                 **metrics.sensitivity_specificity(probs, targets, mel, threshold),
             }
-    if val_probs is not None:
+    if val_probs is not None:  # the figures to choose by (members, recipes, ensembles): never the scored set's
+        scores["validation"] = {
+            "accuracy": metrics.accuracy(val_probs, val_targets),
+            "balanced_accuracy": metrics.balanced_accuracy(val_probs, val_targets),
+        }
         temperature = metrics.fit_temperature(val_probs, val_targets)
         calibrated = metrics.classification_scores(metrics.apply_temperature(probs, temperature), targets, class_names)
         scores["temperature"] = temperature
