@@ -140,3 +140,16 @@ def browser() -> Iterator[Any]:
         b = pw.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
         yield b
         b.close()
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Long modules first: pytest-xdist (``--dist loadscope``) hands whole modules to the workers in collection order,
+    and a long module picked up last keeps one worker busy while the other idles. Modules with more tests marked
+    slow, then more tests, come first (a stable sort: each module's own order is kept)."""
+    slow: dict[str, int] = {}
+    count: dict[str, int] = {}
+    for item in items:
+        module = item.nodeid.split("::")[0]
+        count[module] = count.get(module, 0) + 1
+        slow[module] = slow.get(module, 0) + (item.get_closest_marker("slow") is not None)
+    items.sort(key=lambda item: (-slow[item.nodeid.split("::")[0]], -count[item.nodeid.split("::")[0]]))
