@@ -477,6 +477,15 @@ def test_posthoc_logit_adjustment_adds_rows_fitted_on_validation(runs: dict[str,
     assert (tmp_path / f"predictions_{row}.csv").is_file()
 
 
+def test_posthoc_logit_adjustment_of_an_ensemble_adds_its_own_row(runs: dict[str, Path], tmp_path: Path) -> None:
+    both = f"ckpt=[{runs['baseline']},{runs['baseline_bn']}]"
+    result = evaluate(compose_eval([both, "posthoc_logit_adjustment=true", f"paths.output_dir={tmp_path}"]))
+    rows = {name: s["logit_adjustment"] for name, s in result["scores"].items() if name.endswith("+posthoc-la")}
+    assert len(rows) == 3 and rows["ensemble+posthoc-la"]["of"] == "ensemble"
+    assert rows["ensemble+posthoc-la"]["prior"] == next(iter(rows.values()))["prior"]  # one split, one prior
+    assert "validation" in result["scores"]["ensemble+posthoc-la"]
+
+
 def test_legacy_split_scores_split_by_whether_the_lesion_was_seen(runs: dict[str, Path], tmp_path: Path) -> None:
     run = tmp_path / "legacy"
     train(

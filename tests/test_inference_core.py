@@ -14,8 +14,11 @@ import torch
 from PIL import Image
 
 from lesionnet.app.build import build_service
+from lesionnet.app.ondevice import OnDevice
 from lesionnet.app.upload import UploadLimits, decode_image
+from lesionnet.contract.files import ContractError
 from lesionnet.contract.run import RunFolder
+from lesionnet.contract.scores import POSTHOC_LA, read_scores
 from lesionnet.data.decode import read_rgb
 from lesionnet.evaluation.runner import evaluate
 from lesionnet.inference import Predictor, forward, load_member, resolve_checkpoints
@@ -142,3 +145,61 @@ def test_weights_change_the_ensemble_not_the_members(trained_run: Path) -> None:
     with pytest.raises(ValueError, match="one non-negative weight per model"):
         Predictor([member], weights=[1, 1])
     assert RunFolder(trained_run).metrics().schema_version == 1
+
+
+def test_the_app_serves_the_post_hoc_adjusted_row_evaluate_fitted(trained_run: Path, tmp_path: Path) -> None:
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for k in range(3):
+        Image.fromarray(lesion_like(seed=20 + k, size=(60, 45))).save(folder / f"new_{k}.png")
+    labels = tmp_path / "labels.csv"
+    labels.write_text("image_id,dx\nnew_0,mel\nnew_1,nv\nnew_2,bcc\n")
+    out = tmp_path / "eval"
+    evaluate(
+        compose_eval(
+            [
+                f"ckpt={trained_run}",
+                f"data.images={folder}",
+                f"data.labels={labels}",
+                "posthoc_logit_adjustment=true",
+                f"paths.output_dir={out}",
+                "bootstrap=10",
+            ]
+        )
+    )
+    document = read_scores(out / "scores.json")
+    (row,) = [name for name in document.scores if name.endswith(POSTHOC_LA)]
+    fitted = document.scores[row]["logit_adjustment"]
+    evaluated = pd.read_csv(out / f"predictions_{row}.csv").set_index("image")
+
+    serve = [f"ckpt={trained_run}", "device=cpu", "gradcam=false", "unsure.threshold=0"]
+    service = build_service(
+        compose_serve([*serve, f"scores={out / 'scores.json'}", "logit_adjustment=true", f"paths.output_dir={out}"])
+    )
+    assert service.predictor.logit_adjustment == {"tau": fitted["tau"], "prior": fitted["prior"]}
+    assert "post-hoc logit adjustment" in OnDevice(service, tmp_path / "on_device").unavailable  # the graph has none
+    assert service.referral.melanoma_threshold == document.scores[row]["melanoma"]["val_threshold"]["threshold"]
+    order = [c.upper() for c in service.predictor.class_names]
+    paths = sorted(folder.iterdir())
+    served = service.predictor.predict_paths(paths).probs
+    np.testing.assert_allclose(served, evaluated.loc[[p.stem for p in paths], order].to_numpy(float), atol=1e-6)
+
+    # the adjustment itself (whatever tau validation chose above): tau = 1 divides by the prior, then renormalises
+    member = service.predictor.members[0]
+    plain = Predictor([member]).predict_paths(paths)
+    adjusted = Predictor([member], logit_adjustment={"tau": 1.0, "prior": fitted["prior"]}).predict_paths(paths)
+    expected = plain.probs / np.asarray(fitted["prior"])
+    np.testing.assert_allclose(adjusted.probs, expected / expected.sum(1, keepdims=True), atol=1e-9)
+    np.testing.assert_allclose(adjusted.member_probs, plain.member_probs)  # members stay as they are
+    assert (
+        Predictor([member], logit_adjustment={"tau": 1.0, "prior": fitted["prior"]}).version
+        != Predictor([member]).version
+    )
+
+    unadjusted = tmp_path / "plain"
+    evaluate(compose_eval([f"ckpt={trained_run}", f"data.images={folder}", f"data.labels={labels}",
+                           f"paths.output_dir={unadjusted}", "bootstrap=10"]))  # fmt: skip
+    with pytest.raises(ContractError, match="posthoc_logit_adjustment=true"):
+        build_service(compose_serve([*serve, f"scores={unadjusted / 'scores.json'}", "logit_adjustment=true"]))
+    with pytest.raises(ContractError, match=r"pass its scores.json \(scores=...\)"):
+        build_service(compose_serve([*serve, "logit_adjustment=true"]))

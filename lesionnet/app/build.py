@@ -192,13 +192,21 @@ def build_service(cfg: DictConfig) -> LesionService:
     """Load the checkpoints; with a scores.json, serve exactly what it evaluated (same checkpoints, TTA, weights)."""
     members = load_members(cfg.ckpt, device=cfg.device)
     tta, weights, scores, evaluated = cfg.tta, None, None, None
+    adjusted = bool(cfg.get("logit_adjustment"))
+    if adjusted and not cfg.scores:
+        raise ContractError(
+            "logit_adjustment=true serves the post-hoc logit adjustment evaluate.py fitted on validation: pass its "
+            "scores.json (scores=...), written with posthoc_logit_adjustment=true."
+        )
     if cfg.scores:
         document = read_scores(cfg.scores)
         tta = tta or document.tta
-        _, scores, weights = scores_for(document, cfg.scores, [m.sha256 for m in members], tta)
+        _, scores, weights = scores_for(document, cfg.scores, [m.sha256 for m in members], tta, adjusted)
         evaluated = document.model_dump()
     tta = tta or "none"
-    predictor = Predictor(members, tta=tta, weights=weights)
+    predictor = Predictor(
+        members, tta=tta, weights=weights, logit_adjustment=scores.get("logit_adjustment") if adjusted else None
+    )
     referral = ReferralPolicy.from_scores(scores, cfg.referral.malignant_threshold)
     log.info("Serving %s (tta=%s); referral: %s", predictor.version, tta, referral.source)
     validation = ValidationPass(cfg, predictor)  # one pass over the validation split for both gates, if any

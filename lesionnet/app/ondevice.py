@@ -66,6 +66,7 @@ class OnDevice:
             (not self.enabled, "it is switched off on this server (on_device.enabled=false)"),
             (len(predictor.members) > 1, "this server runs an ensemble of models"),
             (predictor.tta != "none", f"this server averages test-time views (tta={predictor.tta})"),
+            (predictor.logit_adjustment is not None, "this server applies a post-hoc logit adjustment"),
             (interpolation not in INTERPOLATIONS, f"the model's {interpolation} resizing is not implemented"),
             (ood is not None and ood.method not in OOD_METHODS, f"the {ood and ood.method} OOD gate has no graph"),
             (importlib.util.find_spec("onnx") is None, "the ONNX exporter is not installed (pip install -e .[app])"),

@@ -142,12 +142,20 @@ class CheckpointInfo(Schema):
     sha256: str
 
 
+class LogitAdjustment(Schema):
+    tau: float = Field(description="softmax(log p - tau log prior): 0 changes nothing, 1 balances the classes.")
+    prior: list[float] = Field(description="Class frequencies of the training split, in class_names order.")
+
+
 class ModelInfo(Schema):
     version: str
     checkpoints: list[CheckpointInfo]
     weights: list[float] = Field(description="Ensemble weight of each checkpoint (fitted on validation, or equal).")
     class_names: list[str]
     tta: str
+    logit_adjustment: LogitAdjustment | None = Field(
+        description="Post-hoc logit adjustment of the averaged probabilities, fitted on validation (or none)."
+    )
     device: str
     input_sizes: list[list[int]] = Field(description="(channels, height, width) of each member.")
 

@@ -17,6 +17,7 @@ from lesionnet.contract.files import ContractError, read_json, write_json
 
 SCORES_VERSION = 1
 ENSEMBLE = "ensemble"
+POSTHOC_LA = "+posthoc-la"  # suffix of the rows evaluate.py posthoc_logit_adjustment=true adds (tau fitted on val)
 RE_EVALUATE = "Run evaluate.py on the checkpoints you serve (same TTA) and pass its scores.json."
 WEIGHT_TOLERANCE = 1e-6
 
@@ -72,9 +73,10 @@ def read_scores(path: str | Path) -> ScoresFile:
 
 
 def scores_for(
-    scores: ScoresFile, path: str | Path, sha256: Sequence[str], tta: str
+    scores: ScoresFile, path: str | Path, sha256: Sequence[str], tta: str, logit_adjusted: bool = False
 ) -> tuple[str, dict[str, Any], list[float]]:
-    """(row name, its scores, the ensemble weights aligned with ``sha256``) for exactly these served checkpoints.
+    """(row name, its scores, the ensemble weights aligned with ``sha256``) for exactly these served checkpoints;
+    ``logit_adjusted`` picks the row with evaluate.py's post-hoc logit adjustment (its ``logit_adjustment``).
 
     Refused with the file and the fix when the checkpoints, the TTA or (for an ensemble) the members differ from
     what was scored: a threshold fitted for one model means nothing for another.
@@ -91,7 +93,7 @@ def scores_for(
             f"{[m.file + '@' + m.sha256[:12] for m in scores.models]}). {RE_EVALUATE}"
         )
     if len(sha256) == 1:
-        name = by_sha[sha256[0]].name
+        name = _row(scores, path, by_sha[sha256[0]].name, logit_adjusted)
         return name, scores.scores[name], [1.0]
     names = [by_sha[digest].name for digest in sha256]
     if scores.ensemble is None or sorted(scores.ensemble.members) != sorted(names):
@@ -103,4 +105,17 @@ def scores_for(
     weights = [scores.ensemble.weights[scores.ensemble.members.index(name)] for name in names]
     if not np.isclose(sum(weights), 1.0, atol=WEIGHT_TOLERANCE):
         raise ContractError(f"{path}: ensemble weights {weights} do not sum to 1. {RE_EVALUATE}")
-    return ENSEMBLE, scores.scores[ENSEMBLE], weights
+    name = _row(scores, path, ENSEMBLE, logit_adjusted)
+    return name, scores.scores[name], weights
+
+
+def _row(scores: ScoresFile, path: str | Path, name: str, logit_adjusted: bool) -> str:
+    if not logit_adjusted:
+        return name
+    row = name + POSTHOC_LA
+    if "logit_adjustment" not in (scores.scores or {}).get(row, {}):
+        raise ContractError(
+            f"{path} has no post-hoc logit-adjusted row for {name}. Run evaluate.py on the served checkpoints with "
+            "posthoc_logit_adjustment=true (tau is fitted on validation), or serve without logit_adjustment=true."
+        )
+    return row

@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 from omegaconf import DictConfig
 
-from lesionnet.contract.scores import EnsembleRecord, ScoredModel, ScoresFile, write_scores
+from lesionnet.contract.scores import ENSEMBLE, POSTHOC_LA, EnsembleRecord, ScoredModel, ScoresFile, write_scores
 from lesionnet.evaluation import metrics, plots
 from lesionnet.evaluation.datasets import external_table, write_isic_ground_truth, write_isic_predictions
 from lesionnet.evaluation.guard import check_provenance
@@ -25,7 +25,6 @@ from lesionnet.evaluation.report import write_report
 from lesionnet.inference import CheckpointError, Member, Predictor, load_members
 
 log = logging.getLogger(__name__)
-ENSEMBLE = "ensemble"
 ENSEMBLE_MODES: tuple[str, ...] = ("none", "mean", "greedy", "fit")
 # What report.md and scores.json call each scorable split of a training run.
 SPLIT_TITLES: dict[str, str] = {"test": "test", "val": "validation (in-sample, optimistic)"}
@@ -218,23 +217,31 @@ def add_posthoc_adjusted(
     probs: dict[str, np.ndarray],
     val_probs: dict[str, np.ndarray],
     val_targets: np.ndarray | None,
+    ensemble: EnsembleRecord | None = None,
 ) -> dict[str, dict[str, Any]]:
-    """Rows ``<member>+posthoc-la``: each member's probabilities logit-adjusted with tau chosen on validation
-    balanced accuracy. Returns what was fitted, per row."""
+    """Rows ``<member>+posthoc-la`` (and ``ensemble+posthoc-la``): the probabilities logit-adjusted with tau chosen
+    on validation balanced accuracy. Returns what was fitted, per row: what the app serves with
+    ``logit_adjustment=true``."""
     if val_targets is None:
         raise CheckpointError(
             "posthoc_logit_adjustment=true fits tau on the validation split, which needs "
             "checkpoints from a train.py run folder."
         )
+    priors = {member.name: training_prior(member, class_names, cfg.data.root) for member in members}
+    if ensemble is not None:
+        ensemble_priors = np.array([priors[name] for name in ensemble.members])
+        if np.allclose(ensemble_priors, ensemble_priors[0], atol=1e-6):  # one split: one training prior
+            priors[ENSEMBLE] = list(ensemble_priors[0])
+        else:
+            log.warning("No post-hoc adjusted ensemble row: the members were trained on different class frequencies.")
     fitted = {}
-    for member in members:
-        prior = training_prior(member, class_names, cfg.data.root)
-        tau = metrics.fit_logit_adjustment(val_probs[member.name], val_targets, prior)
-        row = f"{member.name}+posthoc-la"
-        probs[row] = metrics.adjust_logits(probs[member.name], prior, tau)
-        val_probs[row] = metrics.adjust_logits(val_probs[member.name], prior, tau)
-        fitted[row] = {"tau": tau, "prior": prior, "of": member.name}
-        log.info("Post-hoc logit adjustment of %s: tau=%.1f (validation balanced accuracy)", member.name, tau)
+    for name, prior in priors.items():
+        tau = metrics.fit_logit_adjustment(val_probs[name], val_targets, prior)
+        row = name + POSTHOC_LA
+        probs[row] = metrics.adjust_logits(probs[name], prior, tau)
+        val_probs[row] = metrics.adjust_logits(val_probs[name], prior, tau)
+        fitted[row] = {"tau": tau, "prior": prior, "of": name}
+        log.info("Post-hoc logit adjustment of %s: tau=%.1f (validation balanced accuracy)", name, tau)
     return fitted
 
 
@@ -342,7 +349,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
 
     adjusted = {}
     if cfg.posthoc_logit_adjustment:
-        adjusted = add_posthoc_adjusted(cfg, members, class_names, probs, val_probs, val_targets)
+        adjusted = add_posthoc_adjusted(cfg, members, class_names, probs, val_probs, val_targets, ensemble)
 
     for name, model_probs in probs.items():
         write_isic_predictions(target.table["image_id"], model_probs, class_names, out / f"predictions_{name}.csv")

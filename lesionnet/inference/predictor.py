@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from lesionnet.data.dataset import LesionImageDataset
 from lesionnet.data.transforms import build_eval_transform
-from lesionnet.evaluation.metrics import average_probs
+from lesionnet.evaluation.metrics import adjust_logits, average_probs
 from lesionnet.inference.checkpoints import CheckpointError, Member, same_classes
 
 # Dermoscopy has no canonical orientation, so flips and 90-degree turns keep the label.
@@ -152,10 +152,35 @@ def normalise_weights(weights: Sequence[float] | None, n_members: int) -> np.nda
     return array / array.sum()
 
 
-class Predictor:
-    """Members loaded once, each with its own preprocessing; ``lock`` serialises passes that hook into modules."""
+def check_logit_adjustment(adjustment: Mapping[str, Any] | None, n_classes: int) -> dict[str, Any] | None:
+    """``{"tau": t, "prior": [...]}`` as evaluate.py fits it (scores.json ``logit_adjustment``), checked once here."""
+    if adjustment is None:
+        return None
+    tau, prior = adjustment.get("tau"), adjustment.get("prior")
+    if not isinstance(tau, int | float) or not isinstance(prior, Sequence) or len(prior) != n_classes:
+        raise CheckpointError(
+            f"Post-hoc logit adjustment {dict(adjustment)} needs a number tau and a prior of {n_classes} class "
+            "frequencies, as evaluate.py posthoc_logit_adjustment=true writes them in scores.json."
+        )
+    if any(float(p) <= 0 for p in prior):
+        raise CheckpointError(f"Post-hoc logit adjustment: every class frequency must be positive, got {list(prior)}.")
+    return {"tau": float(tau), "prior": [float(p) for p in prior]}
 
-    def __init__(self, members: Sequence[Member], tta: str = "none", weights: Sequence[float] | None = None) -> None:
+
+class Predictor:
+    """Members loaded once, each with its own preprocessing; ``lock`` serialises passes that hook into modules.
+
+    ``logit_adjustment`` (tau and training prior, fitted on validation by evaluate.py) turns the averaged probabilities
+    into softmax(log p - tau log prior): the reading of the model its scores.json row was measured with.
+    """
+
+    def __init__(
+        self,
+        members: Sequence[Member],
+        tta: str = "none",
+        weights: Sequence[float] | None = None,
+        logit_adjustment: Mapping[str, Any] | None = None,
+    ) -> None:
         if not members:
             raise CheckpointError("No model to predict with.")
         tta_views(torch.zeros(1, 3, 2, 2), tta)  # validates the mode now, not at the first image
@@ -163,6 +188,7 @@ class Predictor:
         self.class_names = same_classes(self.members)
         self.tta = tta
         self.weights = normalise_weights(weights, len(self.members))
+        self.logit_adjustment = check_logit_adjustment(logit_adjustment, len(self.class_names))
         self.transforms = [build_eval_transform(m.data_config) for m in self.members]
         self.device = next(self.members[0].model.parameters()).device
         self.lock = threading.Lock()
@@ -195,6 +221,8 @@ class Predictor:
     def _combine(self, passes: list[tuple[torch.Tensor, ...]]) -> Prediction:
         member_probs = torch.stack([p[0] for p in passes]).numpy()
         probs = average_probs(list(member_probs), self.weights)
+        if self.logit_adjustment is not None:
+            probs = adjust_logits(probs, self.logit_adjustment["prior"], self.logit_adjustment["tau"])
         energy = torch.stack([p[1] for p in passes]).mean(0).numpy()
         cams = passes[0][3].numpy() if len(passes[0]) > 3 else None
         return Prediction(
@@ -230,6 +258,10 @@ class Predictor:
     def version(self) -> str:
         """The served model's identity: member names, then a hash of their checkpoints' sha256 and weights."""
         identity = "".join(m.sha256 for m in self.members) + ",".join(f"{w:.6f}" for w in self.weights)
+        if self.logit_adjustment is not None:  # another reading of the same weights: gates fitted for it differ
+            identity += f"la{self.logit_adjustment['tau']:.4f}:" + ",".join(
+                f"{p:.6f}" for p in self.logit_adjustment["prior"]
+            )
         return f"{'+'.join(m.name for m in self.members)}@{hashlib.sha256(identity.encode()).hexdigest()[:12]}"
 
     def describe(self) -> dict[str, Any]:
@@ -239,10 +271,11 @@ class Predictor:
             "weights": [round(float(w), 6) for w in self.weights],
             "class_names": self.class_names,
             "tta": self.tta,
+            "logit_adjustment": self.logit_adjustment,
             "device": str(self.device),
             "input_sizes": [list(m.data_config["input_size"]) for m in self.members],
         }
 
     def with_weights(self, weights: Sequence[float] | None) -> Predictor:
         """The same loaded members with other ensemble weights (no reload)."""
-        return Predictor(self.members, tta=self.tta, weights=weights)
+        return Predictor(self.members, tta=self.tta, weights=weights, logit_adjustment=self.logit_adjustment)
