@@ -19,6 +19,8 @@ from lesionnet.contract.provenance import (
 )
 from lesionnet.data.datamodule import embedded_sample_root
 from lesionnet.data.metadata import load_ham10000
+from lesionnet.evaluation.guard import check_provenance
+from lesionnet.inference import Member
 
 
 @pytest.fixture(scope="module")
@@ -77,3 +79,26 @@ def test_provenance_of_another_version_is_refused() -> None:
         Provenance.from_checkpoint(stored, "model.ckpt")
     assert Provenance.from_checkpoint({}, "old.ckpt") is None
     np.testing.assert_array_equal(nearest_distances(["00" * 32], []), [np.iinfo(np.int32).max])
+
+
+def test_a_byte_identical_copy_under_another_id_is_a_dataset_duplicate_only_on_the_runs_own_split(
+    sample: pd.DataFrame, tmp_path: Path
+) -> None:
+    member = Member("m", tmp_path / "m.ckpt", None, "0" * 64, Provenance.from_table(sample.head(10)), None)
+    copy = tmp_path / "ISIC_copy.jpg"  # HAM10000 files some photos twice under two ids, byte for byte
+    copy.write_bytes(Path(sample["path"].iloc[0]).read_bytes())
+    fresh = sample.iloc[20]
+    target = pd.DataFrame(
+        {
+            "image_id": ["ISIC_copy", fresh["image_id"]],
+            "lesion_id": ["HAM_other", fresh["lesion_id"]],
+            "path": [str(copy), fresh["path"]],
+        }
+    )
+    _, counts, duplicates = check_provenance([member], target, "test split", None, None, run_split=True)
+    assert duplicates["target"] == ["ISIC_copy"] and counts["m"]["target_images"] == 0
+    with pytest.raises(ProvenanceError, match="same file content: 1"):  # an external set: a renamed copy is refused
+        check_provenance([member], target, "external set", None, None, run_split=False)
+    same_id = target.assign(image_id=[sample["image_id"].iloc[0], fresh["image_id"]])
+    with pytest.raises(ProvenanceError, match="same id: 1"):  # an id match is never excused
+        check_provenance([member], same_id, "test split", None, None, run_split=True)

@@ -57,7 +57,7 @@ class ScoresFile(BaseModel):
     validation: str | None = None
     bootstrap: dict[str, Any] | None = None
     training_overlap: dict[str, dict[str, int]] = {}
-    # left out: the same picture as a training image under another lesion id ("target" = scored, "selection" = val)
+    # left out: a training image's file or picture under another image id ("target" = scored, "selection" = val)
     excluded_duplicates: dict[str, list[str]] = {}
     scores: dict[str, dict[str, Any]] | None = None
     final: str | None = None

@@ -59,9 +59,10 @@ def check_provenance(
 ) -> tuple[dict[str, str], dict[str, dict[str, int]], dict[str, list[str]]]:
     """Refuse any overlap; returns each member's provenance status, the overlap counts (lesions may be shared
     only on the seed's image-level legacy split, and are reported) and the dataset duplicates to leave out: on
-    a run's own split (``run_split``; the selection set always is one) an image that matches a training image
-    only by picture is the same photo filed under another lesion id in the dataset (HAM10000 has such pairs);
-    it is excluded from scoring and listed, where an external set with such an image is refused. ``in_sample``
+    a run's own split (``run_split``; the selection set always is one) ids are disjoint by construction, so an
+    image that matches a training image by content or picture under another id is the same photo filed twice in
+    the dataset (HAM10000 has such pairs, some byte-identical); it is excluded from scoring and listed, where an
+    external set with such an image is refused. ``in_sample``
     (scoring the validation split on purpose, titled optimistic) checks the scored set against the training
     images only."""
     status: dict[str, str] = {}
@@ -83,14 +84,14 @@ def check_provenance(
             continue
         record = only(member.provenance, ("train",)) if in_sample else member.provenance
         overlap = record.overlap(target, *target_prints)
-        if run_split:  # the run's own split: ids are disjoint by construction, a picture match is a dataset duplicate
-            duplicates["target"] += picture_only(overlap)
+        if run_split:  # the run's own split: ids are disjoint by construction, a content match is a dataset duplicate
+            duplicates["target"] += dataset_duplicates(overlap)
             overlap = without(overlap, duplicates["target"])
         refuse(member, overlap, target_description, "was trained on" if in_sample else "was trained or validated on")
         counts[member.name] = {"target_images": len(overlap.images), "target_lesions": len(overlap.same_lesion)}
         if selection is not None and selection_prints is not None:
             trained = only(member.provenance, ("train",)).overlap(selection, *selection_prints)
-            duplicates["selection"] += picture_only(trained)
+            duplicates["selection"] += dataset_duplicates(trained)
             trained = without(trained, duplicates["selection"])
             refuse(
                 member, trained, f"{selection_description} (used to choose thresholds and weights)", "was trained on"
@@ -100,13 +101,17 @@ def check_provenance(
     return status, counts, {key: sorted(set(ids)) for key, ids in duplicates.items()}
 
 
-def picture_only(overlap: Overlap) -> list[str]:
-    """Images that match only by picture (another id, other bytes): near-duplicates under two lesion ids."""
-    return sorted(set(overlap.same_picture) - set(overlap.same_id) - set(overlap.same_bytes))
+def dataset_duplicates(overlap: Overlap) -> list[str]:
+    """Images that match by bytes or picture under another id: one photo filed twice in the dataset."""
+    return sorted((set(overlap.same_bytes) | set(overlap.same_picture)) - set(overlap.same_id))
 
 
 def without(overlap: Overlap, excluded: Sequence[str]) -> Overlap:
+    """The overlap less the excluded images' content matches (an id match is never excused)."""
     drop = set(excluded)
     return Overlap(
-        overlap.same_id, overlap.same_bytes, [i for i in overlap.same_picture if i not in drop], overlap.same_lesion
+        overlap.same_id,
+        [i for i in overlap.same_bytes if i not in drop],
+        [i for i in overlap.same_picture if i not in drop],
+        overlap.same_lesion,
     )

@@ -320,8 +320,8 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     for eval_set, dropped in ((target, duplicates["target"]), (val, duplicates["selection"])):
         if eval_set is not None and dropped:
             log.warning(
-                "Leaving out of the %s %d image(s) that are the same picture as a training image under "
-                "another lesion id (dataset duplicates): %s",
+                "Leaving out of the %s %d image(s) that are the same file or picture as a training image "
+                "under another image id (dataset duplicates): %s",
                 eval_set.description,
                 len(dropped),
                 dropped,
