@@ -105,6 +105,7 @@ def preprocessing_metadata(member: Member) -> dict[str, Any]:
         "resize": "shorter side to floor(size / crop_pct) then centre crop (square inputs); both sides to "
         "floor(size / crop_pct) then centre crop (non-square)",
         "pixel_scale": "RGB uint8 / 255, then (x - mean) / std",
+        "colour_constancy": cfg.get("colour_constancy"),  # applied inside the graph: feed it as above
         "output": "logits; apply softmax",
     }
 
@@ -116,7 +117,8 @@ def sample_batch(member: Member, paths: Sequence[str | Path] | None = None, n: i
 
 
 def _network(member: Member) -> torch.nn.Module:
-    return member.model.model.eval().cpu()  # the timm backbone: logits from a normalised NCHW batch
+    # logits from a normalised NCHW batch: the colour constancy layer (identity if none) and the timm backbone
+    return torch.nn.Sequential(member.model.colour_constancy, member.model.model).eval().cpu()
 
 
 def export_onnx(member: Member, out: Path, opset: int = 18, ood: OodGate | None = None) -> Path:

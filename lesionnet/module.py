@@ -27,6 +27,7 @@ from lesionnet.classes import CLASS_NAMES
 from lesionnet.contract.provenance import CHECKPOINT_KEY as PROVENANCE_KEY
 from lesionnet.contract.provenance import Provenance
 from lesionnet.finetune import apply_finetune
+from lesionnet.models.colour import build_colour_constancy
 from lesionnet.models.factory import create_backbone
 
 DEFAULT_OPTIMIZER: dict[str, Any] = {
@@ -205,6 +206,8 @@ class LesionClassifier(L.LightningModule):
         )
         if pretrained:
             init_new_classifier(self.model.get_classifier())
+        # The data config's colour constancy is the network's first layer (identity when it asks for none).
+        self.colour_constancy = build_colour_constancy(self.hparams.data_config)
         # Freezing happens here, so a checkpoint rebuilt from its hparams has the same frozen parts.
         self.frozen_modules = apply_finetune(self.model, **self.hparams.finetune)
         if channels_last:  # NHWC: ~1.5x faster convolutions on CPU for EfficientNet-style nets
@@ -243,6 +246,7 @@ class LesionClassifier(L.LightningModule):
         return getattr(self, f"{stage}_metrics")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.colour_constancy(x)
         if self.hparams.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         return self.model(x)

@@ -131,6 +131,18 @@ def trained_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def trained_run_cc(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """As ``trained_run``, with Shades of Gray colour constancy as the model's first layer."""
+    from lesionnet.training import train
+
+    base = tmp_path_factory.mktemp("trained_run_cc")
+    out = base / "run"
+    overrides = [f"data.root={make_ham_dir(base / 'ham')}", f"paths.output_dir={out}", "trainer.max_epochs=1"]
+    train(compose_train([*overrides, *FAST, "data.colour_constancy={method:shades_of_gray,power:6}"]))
+    return out
+
+
 @pytest.fixture(scope="module")
 def browser() -> Iterator[Any]:
     """Headless Chromium for the browser tests (tests/test_app_browser.py skips the module without it)."""

@@ -115,6 +115,22 @@ def test_identical_tensors_give_the_servers_probabilities_energy_and_ood_score_i
     assert ((np.asarray(got["oodScore"]) > service.ood.threshold) == service.ood.refuses(expected.features)).all()
 
 
+def test_a_colour_constancy_model_gives_the_servers_probabilities_in_the_browser(
+    trained_run_cc: Path, browser: sync_api.Browser, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """Shades of Gray runs inside the exported graph: the page feeds it the same tensors as for any model."""
+    for url, service in served(trained_run_cc, tmp_path_factory.mktemp("on_device_cc")):
+        assert service.predictor.members[0].data_config["colour_constancy"]["method"] == "shades_of_gray"
+        images = [lesion_like(seed=s, size=(60 + 7 * s, 45 + 5 * s)) for s in range(8)]
+        tensors = service.predictor.preprocess(0, images).cpu().numpy()
+        expected = service.predictor.predict_arrays(images)
+        context, page, errors = open_page(browser, url)
+        got = page.evaluate(RUN_TENSORS, {"data": tensors.ravel().tolist(), "dims": list(tensors.shape)})
+        context.close()
+        assert not errors, errors
+        assert np.abs(np.asarray(got["probs"]) - expected.probs).max() < 1e-4
+
+
 def image_files(folder: Path) -> list[Path]:
     """Lesion-like pictures of many sizes (each resize path: up, down, non-integer, exact 2x), as PNG and JPEG, and the
     patterns the image check refuses."""

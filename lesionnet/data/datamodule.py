@@ -66,6 +66,7 @@ class HAM10000DataModule(L.LightningDataModule):
         root: str | None = None,
         image_size: int | Sequence[int] | None = None,
         crop_pct: float | None = None,
+        colour_constancy: Mapping[str, Any] | None = None,
         split: str = "lesion",
         split_fractions: Mapping[str, float] | None = None,
         split_seed: int = 42,
@@ -110,7 +111,9 @@ class HAM10000DataModule(L.LightningDataModule):
         self.augment = dict(augment or {})
         self.check_headers = check_headers
         self.class_names = CLASS_NAMES
-        self.data_config = resolve_data_config(backbone, image_size=image_size, crop_pct=crop_pct)
+        self.data_config = resolve_data_config(
+            backbone, image_size=image_size, crop_pct=crop_pct, colour_constancy=colour_constancy
+        )
         self.table: pd.DataFrame | None = None
         self.datasets: dict[str, LesionImageDataset] = {}
 

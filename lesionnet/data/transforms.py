@@ -15,6 +15,8 @@ import cv2
 import timm
 from albumentations.pytorch import ToTensorV2
 
+from lesionnet.data.vignette import DermatoscopeField
+
 INTERPOLATIONS: dict[str, int] = {
     "nearest": cv2.INTER_NEAREST,
     "bilinear": cv2.INTER_LINEAR,
@@ -22,6 +24,9 @@ INTERPOLATIONS: dict[str, int] = {
     "area": cv2.INTER_AREA,
     "lanczos": cv2.INTER_LANCZOS4,
 }
+
+
+COLOUR_CONSTANCY_METHODS: tuple[str, ...] = ("shades_of_gray",)
 
 
 def to_hw(image_size: int | Sequence[int]) -> tuple[int, int]:
@@ -36,12 +41,40 @@ def to_hw(image_size: int | Sequence[int]) -> tuple[int, int]:
     return size[0], size[1]
 
 
+def check_colour_constancy(config: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    """``{method: shades_of_gray, power: 6, gamma: null}`` checked and completed; None/empty = off."""
+    if not config:
+        return None
+    unknown = sorted(set(config) - {"method", "power", "gamma"})
+    if unknown:
+        raise ValueError(f"data.colour_constancy: unknown keys {unknown}; use method, power and gamma.")
+    method = config.get("method", "shades_of_gray")
+    if method not in COLOUR_CONSTANCY_METHODS:
+        raise ValueError(
+            f"data.colour_constancy.method must be one of {list(COLOUR_CONSTANCY_METHODS)}, got '{method}'."
+        )
+    power = float(config.get("power", 6.0))
+    if not 1.0 <= power <= 16.0:
+        raise ValueError(
+            f"data.colour_constancy.power must be in [1, 16] (1 = grey world, 6 = the ISIC entries), got {power}."
+        )
+    gamma = config.get("gamma")
+    if gamma is not None and not 0.1 <= float(gamma) <= 10.0:
+        raise ValueError(f"data.colour_constancy.gamma must be null or in [0.1, 10], got {gamma}.")
+    return {"method": method, "power": power, "gamma": None if gamma is None else float(gamma)}
+
+
 def resolve_data_config(
-    backbone: str, image_size: int | Sequence[int] | None = None, crop_pct: float | None = None
+    backbone: str,
+    image_size: int | Sequence[int] | None = None,
+    crop_pct: float | None = None,
+    colour_constancy: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The backbone's timm pretrained data config (size, mean/std, interpolation, crop_pct), with overrides.
 
     Read from timm's registry without building the model, so data and model agree by construction.
+    ``colour_constancy`` is recorded here (and only when set) because the model's first layer applies it
+    (``lesionnet.models.colour``): a checkpoint's data config is its whole preprocessing.
     """
     try:
         pretrained_cfg = timm.models.get_pretrained_cfg(backbone, allow_unregistered=False)
@@ -57,6 +90,9 @@ def resolve_data_config(
     cfg["input_size"] = tuple(int(s) for s in cfg["input_size"])
     cfg["mean"] = tuple(float(m) for m in cfg["mean"])
     cfg["std"] = tuple(float(s) for s in cfg["std"])
+    colour = check_colour_constancy(colour_constancy)
+    if colour is not None:
+        cfg["colour_constancy"] = colour
     return cfg
 
 
@@ -96,6 +132,48 @@ def build_eval_transform(data_config: Mapping[str, Any]) -> A.Compose:
     return A.Compose([resize, A.CenterCrop(h, w), *_normalize(data_config)])
 
 
+ACQUISITION_KEYS: tuple[str, ...] = ("gamma", "field", "downscale", "blur", "jpeg")
+
+
+def _range(value: Sequence[float]) -> tuple[float, float]:
+    low, high = (float(v) for v in value)
+    return low, high
+
+
+def acquisition_ops(acquisition: Mapping[str, Mapping[str, Any]]) -> list[A.BasicTransform]:
+    """What another dermatoscope, camera or upload path does to an image, as albumentations transforms, in the order
+    light and optics act before the file is written: gamma, the dark circular field, lower resolution (down- then
+    up-scaled), Gaussian or motion blur, JPEG re-encoding. Each entry is ``{p: ..., <its range>: [low, high]}``."""
+    unknown = sorted(set(acquisition) - set(ACQUISITION_KEYS))
+    if unknown:
+        raise ValueError(f"data.augment.acquisition: unknown entries {unknown}; use {list(ACQUISITION_KEYS)}.")
+    ops: list[A.BasicTransform] = []
+    for name in ACQUISITION_KEYS:
+        settings = dict(acquisition.get(name) or {})
+        if not settings:
+            continue
+        p = float(settings.pop("p", 0.5))
+        try:
+            if name == "gamma":
+                ops.append(A.RandomGamma(gamma_limit=_range(settings.pop("limit", (70, 150))), p=p))
+            elif name == "field":
+                ops.append(DermatoscopeField(**settings, p=p))  # radius_range, edge_range, outside_range, centre_shift
+                settings = {}
+            elif name == "downscale":
+                ops.append(A.Downscale(scale_range=_range(settings.pop("scale", (0.35, 0.9))), p=p))
+            elif name == "blur":
+                limit = tuple(int(v) for v in settings.pop("limit", (3, 7)))
+                ops.append(A.OneOf([A.GaussianBlur(blur_limit=limit), A.MotionBlur(blur_limit=limit)], p=p))
+            elif name == "jpeg":
+                quality = tuple(int(v) for v in settings.pop("quality", (30, 95)))
+                ops.append(A.ImageCompression(quality_range=quality, p=p))
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"data.augment.acquisition.{name}: {err}") from err
+        if settings:
+            raise ValueError(f"data.augment.acquisition.{name}: unknown settings {sorted(settings)}.")
+    return ops
+
+
 def build_train_transform(
     data_config: Mapping[str, Any],
     scale: Sequence[float] = (0.5, 1.0),
@@ -104,10 +182,12 @@ def build_train_transform(
     rot90: float = 0.5,
     rotate_degrees: float = 0.0,
     color_jitter: Mapping[str, float] | None = None,
+    acquisition: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> A.Compose:
-    """Random resized crop to the model's input size plus orientation and colour augmentation.
+    """Random resized crop to the model's input size plus orientation, colour and acquisition augmentation.
 
     Rotations come first (a 90-degree turn of a 4:3 image changes its shape; the crop then fixes it).
+    ``acquisition`` (:func:`acquisition_ops`) imitates other dermatoscopes and cameras.
     """
     h, w = to_hw(data_config["input_size"])
     interp = _interp(data_config)
@@ -144,4 +224,5 @@ def build_train_transform(
                 p=jitter.get("p", 0.8),
             )
         )
+    ops.extend(acquisition_ops(acquisition or {}))
     return A.Compose([*ops, *_normalize(data_config)])

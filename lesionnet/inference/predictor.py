@@ -61,6 +61,7 @@ class ForwardOutput:
 def forward(member: Member, images: torch.Tensor) -> ForwardOutput:
     """The member's network on a preprocessed batch; ``logits`` equal ``member.model(images)`` in eval mode."""
     classifier = member.model
+    images = classifier.colour_constancy(images)
     if classifier.hparams.channels_last:
         images = images.contiguous(memory_format=torch.channels_last)
     network = classifier.model
