@@ -15,8 +15,9 @@ from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 
+from lesionnet.contract.files import ContractError
 from lesionnet.contract.provenance import ProvenanceError, file_sha256
-from lesionnet.contract.scores import read_scores
+from lesionnet.contract.scores import ScoresFile, read_scores, write_scores
 from lesionnet.data.metadata import DatasetError
 from lesionnet.evaluation.datasets import ISIC_COLUMNS, read_labels
 from lesionnet.evaluation.report import write_report
@@ -506,3 +507,148 @@ def test_legacy_split_scores_split_by_whether_the_lesion_was_seen(runs: dict[str
     assert seen["n_images"] > 0 and seen["n_images"] + unseen["n_images"] == result["n_images"]
     plain = evaluate(compose_eval([f"ckpt={runs['baseline']}", f"paths.output_dir={tmp_path / 'plain'}"]))
     assert all("seen_lesions" not in s for s in plain["scores"].values())  # lesion split: no lesion is shared
+
+
+def _external_set(runs: dict[str, Path], folder: Path, drop: tuple[str, ...] = ()) -> tuple[Path, Path]:
+    """The baseline run's test images (never trained or validated on) as an external folder with an image_id,dx
+    labels file, less the classes in ``drop``."""
+    split = pd.read_csv(runs["baseline"] / "split.csv")
+    test = split[(split.split == "test") & ~split.dx.isin(drop)]
+    images = folder / "images"
+    images.mkdir(parents=True)
+    for image_id in test.image_id:
+        shutil.copy(runs["data"] / "images" / f"{image_id}.jpg", images / f"{image_id}.jpg")
+    test[["image_id", "dx"]].to_csv(folder / "labels.csv", index=False)
+    return images, folder / "labels.csv"
+
+
+def test_two_external_sets_in_one_run_give_one_report_with_a_column_group_each(
+    runs: dict[str, Path], tmp_path: Path
+) -> None:
+    """external=[derm7pt] (moved to a local folder) and an ad-hoc set, scored by every row (members, ensemble,
+    post-hoc rows) with the thresholds chosen on validation: one scores.json, one table."""
+    first = _external_set(runs, tmp_path / "first")
+    second = _external_set(runs, tmp_path / "second", drop=("akiec",))
+    out = tmp_path / "out"
+    result = evaluate(
+        compose_eval(
+            [
+                f"ckpt=[{runs['baseline']},{runs['baseline_bn']}]",
+                "posthoc_logit_adjustment=true",
+                "external=[derm7pt]",
+                f"external.derm7pt.images={first[0]}",
+                f"external.derm7pt.labels={first[1]}",
+                f"+external.second={{images:{second[0]},labels:{second[1]}}}",
+                f"paths.output_dir={out}",
+            ]
+        )
+    )
+    saved = read_scores(out / "scores.json")
+    assert saved.schema_version == 2 and [e.name for e in saved.external] == ["derm7pt", "second"]
+    rows = list(result["scores"])
+    assert "ensemble" in rows and sum(r.endswith("+posthoc-la") for r in rows) == 3
+    for external in saved.external:
+        assert list(external.scores) == rows and external.bootstrap["unit"] == "images"
+        folder = out / external.predictions
+        assert external.predictions == f"external/{external.name}" and (folder / "ground_truth_isic.csv").is_file()
+        for row in rows:
+            preds = pd.read_csv(folder / f"predictions_{row}.csv")
+            assert list(preds.columns) == ["image", *ISIC_COLUMNS] and len(preds) == external.n_images
+            s, main = external.scores[row], result["scores"][row]
+            assert set(s["ci95"]) == {
+                "accuracy",
+                "balanced_accuracy",
+                "mel_auroc",
+                "mel_sensitivity",
+                "mel_specificity",
+            }
+            # the referral threshold is the one chosen on validation, the same for every set
+            assert s["melanoma"]["val_threshold"]["threshold"] == main["melanoma"]["val_threshold"]["threshold"]
+    derm7pt = saved.external[0]
+    for row in rows:  # derm7pt here holds exactly the run's test images: the same figures as the test group
+        for key in ("accuracy", "balanced_accuracy"):
+            assert derm7pt.scores[row][key] == pytest.approx(result["scores"][row][key], abs=1e-6)
+        assert derm7pt.scores[row]["melanoma"]["auroc"] == pytest.approx(result["scores"][row]["melanoma"]["auroc"])
+    report = (out / "report.md").read_text()
+    header = next(line for line in report.splitlines() if "mel threshold (val)" in line)
+    groups = [header.index(f"| {name}: accuracy") for name in ("test", "derm7pt", "second")]
+    assert groups == sorted(groups) and all(f"{g}: mel spec" in header for g in ("test", "derm7pt", "second"))
+    assert "bootstrap over images: lesion ids unknown" in report
+    second_line = rf"- \*\*second\*\*: {saved.external[1].n_images} images, external set second .*; predictions in"
+    n_present = len(saved.external[1].classes_present)
+    assert re.search(second_line + rf" external/second/; {n_present} of the 7 classes, \*\*no akiec\*\*", report)
+    assert result["bootstrap"]["unit"] == "lesions"  # the run's split: lesions; external sets: images
+    assert f"- **test**: {result['n_images']} images; " in report and result["bootstrap"]["description"] in report
+
+
+def test_an_external_set_without_a_class_is_balanced_over_the_classes_it_has(
+    runs: dict[str, Path], tmp_path: Path
+) -> None:
+    split = pd.read_csv(runs["baseline"] / "split.csv")
+    assert "akiec" in set(split.loc[split.split == "test", "dx"])  # so leaving it out is a change
+    images, labels = _external_set(runs, tmp_path / "noakiec", drop=("akiec",))
+    out = tmp_path / "out"
+    result = evaluate(
+        compose_eval(
+            [
+                f"ckpt={runs['baseline']}",
+                f"+external.noakiec={{images:{images},labels:{labels}}}",
+                f"paths.output_dir={out}",
+            ]
+        )
+    )
+    (external,) = result["external"]
+    truth = pd.read_csv(labels)
+    present = sorted(set(truth.dx))
+    assert "akiec" not in present and sorted(external["classes_present"]) == present
+    (row,) = external["scores"]
+    preds = pd.read_csv(out / external["predictions"] / f"predictions_{row}.csv").set_index("image")
+    predicted = preds.loc[truth.image_id, list(ISIC_COLUMNS)].to_numpy().argmax(axis=1)
+    predicted_dx = np.array([c.lower() for c in ISIC_COLUMNS])[predicted]
+    recalls = [np.mean(predicted_dx[truth.dx.to_numpy() == c] == c) for c in present]  # akiec: no recall at all
+    s = external["scores"][row]
+    assert s["balanced_accuracy"] == pytest.approx(np.mean(recalls), abs=1e-6)
+    assert s["per_class"]["akiec"]["recall"] is None and s["per_class"]["akiec"]["support"] == 0
+    assert f"{len(present)} of the 7 classes, **no akiec**" in (out / "report.md").read_text()
+
+
+def test_unknown_external_sets_and_missing_folders_are_refused_with_the_fix(tmp_path: Path) -> None:
+    # Refused before any checkpoint is read: no model is needed to get the messages.
+    ckpt = f"ckpt={tmp_path / 'any.ckpt'}"
+    with pytest.raises(Exception, match="external/nope"):  # Hydra: no lesionnet/conf/external/nope.yaml
+        compose_eval([ckpt, "external=[nope]"])
+    cfg = compose_eval([ckpt, "external=[derm7pt]", f"paths.output_dir={tmp_path}"])
+    assert cfg.external.derm7pt.images == "../shared/data/derm7pt/images"  # relative to where evaluate.py runs
+    missing = tmp_path / "missing"
+    with pytest.raises(DatasetError, match=r"derm7pt: image folder not found: .*external\.derm7pt\.images=FOLDER"):
+        evaluate(compose_eval([ckpt, "external=[derm7pt]", f"external.derm7pt.images={missing}"]))
+    (tmp_path / "images").mkdir()
+    with pytest.raises(DatasetError, match=r"labels file not found: .*external\.derm7pt\.labels=CSV"):
+        evaluate(
+            compose_eval(
+                [
+                    ckpt,
+                    "external=[derm7pt]",
+                    f"external.derm7pt.images={tmp_path / 'images'}",
+                    f"external.derm7pt.labels={tmp_path / 'x.csv'}",
+                ]
+            )
+        )
+    with pytest.raises(ValueError, match=r"external\.test: the name 'test' .*external\.test\.name=NAME"):
+        evaluate(compose_eval([ckpt, f"+external.test={{images:{tmp_path / 'images'},labels:null}}"]))
+    # an override of a set that was not selected, e.g. a mistyped name given with '+': no labels entry
+    with pytest.raises(ValueError, match=r"external\.derm7p has no labels entry: select .*external=\[derm7pt\]"):
+        evaluate(compose_eval([ckpt, f"+external.derm7p.images={tmp_path / 'images'}"]))
+
+
+def test_scores_files_of_version_1_are_still_read(tmp_path: Path) -> None:
+    """Version 2 added the external sets; a version 1 file is the same document without them."""
+    written = ScoresFile(evaluated="test split", set="test", n_images=3, models=[], tta="none")
+    path = write_scores(written, tmp_path / "s.json")
+    document = json.loads(path.read_text())
+    del document["external"], document["classes_present"]
+    path.write_text(json.dumps({**document, "schema_version": 1}))
+    assert read_scores(path).external == [] and read_scores(path).schema_version == 1
+    path.write_text(json.dumps({**document, "schema_version": 0}))
+    with pytest.raises(ContractError, match="schema version 0"):
+        read_scores(path)

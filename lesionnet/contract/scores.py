@@ -2,10 +2,14 @@
 
 Written once by evaluate.py (:func:`write_scores`), read by the app (:func:`read_scores`), which serves a scores file
 only for exactly the checkpoints, TTA and ensemble weights it was computed with (:func:`scores_for`).
+
+Version 2 adds ``external`` (the external sets scored in the same run, each with its own rows) and
+``classes_present``; a version 1 file is the same document without them and is still read.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -15,7 +19,8 @@ from pydantic import BaseModel, ConfigDict
 
 from lesionnet.contract.files import ContractError, read_json, write_json
 
-SCORES_VERSION = 1
+SCORES_VERSION = 2
+READABLE_SCORES_VERSIONS: tuple[int, ...] = (1, SCORES_VERSION)  # 1: before external sets (a subset of 2)
 ENSEMBLE = "ensemble"
 POSTHOC_LA = "+posthoc-la"  # suffix of the rows evaluate.py posthoc_logit_adjustment=true adds (tau fitted on val)
 RE_EVALUATE = "Run evaluate.py on the checkpoints you serve (same TTA) and pass its scores.json."
@@ -41,6 +46,21 @@ class EnsembleRecord(BaseModel):
     weights: list[float]  # aligned with ``members``, summing to 1
 
 
+class ExternalSetScores(BaseModel):
+    """One external set (``external=[...]``) scored in the same run, by the same rows as the main set."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str  # external.<key>.name, else <key> (lesionnet/conf/external/<key>.yaml): its folder and column group
+    evaluated: str  # where its images and labels come from
+    n_images: int
+    predictions: str  # folder (relative to scores.json) with predictions_<row>.csv and ground_truth_isic.csv
+    classes_present: list[str] | None = None  # the classes its labels have: balanced accuracy averages over these
+    bootstrap: dict[str, Any] | None = None
+    training_overlap: dict[str, dict[str, int]] = {}
+    scores: dict[str, dict[str, Any]] | None = None  # None: unlabelled, predictions only
+
+
 class ScoresFile(BaseModel):
     """The whole ``scores.json``."""
 
@@ -60,8 +80,10 @@ class ScoresFile(BaseModel):
     # left out: a training image's file or picture under another image id ("target" = scored, "selection" = val)
     excluded_duplicates: dict[str, list[str]] = {}
     scores: dict[str, dict[str, Any]] | None = None
+    classes_present: list[str] | None = None  # the classes the scored labels have (balanced accuracy's classes)
     final: str | None = None
     plots: dict[str, str] | None = None
+    external: list[ExternalSetScores] = []  # further sets scored by the same rows, in the order they were given
 
 
 def write_scores(scores: ScoresFile, path: str | Path) -> Path:
@@ -69,7 +91,13 @@ def write_scores(scores: ScoresFile, path: str | Path) -> Path:
 
 
 def read_scores(path: str | Path) -> ScoresFile:
-    return read_json(ScoresFile, path, SCORES_VERSION, "scores file", RE_EVALUATE)
+    """The scores file at ``path``, of the current version or of an older one it extends (see the module doc)."""
+    try:
+        found = json.loads(Path(path).read_text()).get("schema_version")
+    except (OSError, ValueError, AttributeError):
+        found = None  # read_json reports the problem with the path and the fix
+    version = found if found in READABLE_SCORES_VERSIONS else SCORES_VERSION
+    return read_json(ScoresFile, path, version, "scores file", RE_EVALUATE)
 
 
 def scores_for(

@@ -7,6 +7,7 @@ Task 3 submission format so the official scorer (``isic-challenge-scoring``) can
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from lesionnet.classes import CLASS_NAMES
 from lesionnet.data.isic import ISIC_COLUMNS, is_isic_ground_truth, isic_onehot_to_dx
 from lesionnet.data.metadata import DatasetError, preview_items
 
+log = logging.getLogger(__name__)
 IMAGE_SUFFIXES: tuple[str, ...] = (".jpg", ".jpeg", ".png")
 
 
@@ -64,6 +66,9 @@ def external_table(images: str | Path, labels: str | Path | None, class_names: S
         return found
     labelled = read_labels(labels, class_names)
     table = labelled.merge(found, on="image_id", how="left")
+    unlabelled = len(found) - int(found["image_id"].isin(labelled["image_id"]).sum())
+    if unlabelled:
+        log.info("%d image(s) in %s have no row in %s and are not scored.", unlabelled, images, labels)
     missing = table["path"].isna()
     if missing.any():
         raise DatasetError(

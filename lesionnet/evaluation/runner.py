@@ -3,13 +3,21 @@
 Everything chosen from data (ensemble members and weights, the melanoma referral threshold, the temperature) is
 chosen on the training run's validation split and only then applied to the evaluated set. Scoring that validation
 split itself is refused unless asked for explicitly (``in_sample=true``), and is then titled as optimistic.
+
+External sets (``external=[derm7pt,...]``, see :func:`external_specs`) are scored in the same run by the same rows
+(members, ensemble, post-hoc rows), with the same validation-chosen members, weights, tau and threshold: nothing is
+fitted on them. Each is checked against the checkpoints' provenance like the main set, its predictions go to
+``external/<name>/`` and its scores to ``scores.json``'s ``external``; report.md puts every set side by side.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+import math
+import re
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +25,16 @@ import numpy as np
 import pandas as pd
 from omegaconf import DictConfig
 
-from lesionnet.contract.scores import ENSEMBLE, POSTHOC_LA, EnsembleRecord, ScoredModel, ScoresFile, write_scores
+from lesionnet.contract.scores import (
+    ENSEMBLE,
+    POSTHOC_LA,
+    EnsembleRecord,
+    ExternalSetScores,
+    ScoredModel,
+    ScoresFile,
+    write_scores,
+)
+from lesionnet.data.metadata import DatasetError
 from lesionnet.evaluation import metrics, plots
 from lesionnet.evaluation.datasets import external_table, write_isic_ground_truth, write_isic_predictions
 from lesionnet.evaluation.guard import check_provenance
@@ -28,6 +45,9 @@ log = logging.getLogger(__name__)
 ENSEMBLE_MODES: tuple[str, ...] = ("none", "mean", "greedy", "fit")
 # What report.md and scores.json call each scorable split of a training run.
 SPLIT_TITLES: dict[str, str] = {"test": "test", "val": "validation (in-sample, optimistic)"}
+EXTERNAL_DIR = "external"  # external/<name>/: each external set's predictions and ground truth
+SET_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")  # external set names become folder names and column groups
+RESERVED_SET_NAMES: tuple[str, ...] = ("test", "external")  # the main set's column group (its title)
 
 
 @dataclass
@@ -55,6 +75,79 @@ class EvalSet:
 
     def targets(self, class_names: Sequence[str]) -> np.ndarray:
         return self.table["dx"].map({c: i for i, c in enumerate(class_names)}).to_numpy()
+
+
+@dataclass(frozen=True)
+class ExternalSpec:
+    """One external set as configured: ``name`` (its folder and column group), an image folder and its labels
+    (None: predictions only). Paths are as given: relative ones are from the directory evaluate.py runs in."""
+
+    name: str
+    images: str
+    labels: str | None
+
+    @property
+    def description(self) -> str:
+        labels = f", labels {self.labels}" if self.labels else ", unlabelled"
+        return f"external set {self.name} ({self.images}{labels})"
+
+
+def configured_external_sets() -> list[str]:
+    """The names ``external=[...]`` can pick: the files of the config group lesionnet/conf/external/."""
+    folder = resources.files("lesionnet.conf").joinpath(EXTERNAL_DIR)
+    return sorted(p.name.removesuffix(".yaml") for p in folder.iterdir() if p.name.endswith(".yaml"))
+
+
+def external_specs(cfg: DictConfig) -> list[ExternalSpec]:
+    """The external sets to score beside the main set, checked before any model is loaded.
+
+    ``cfg.external`` maps a key to ``{name, images, labels}``: what ``external=[derm7pt]`` composes from
+    lesionnet/conf/external/derm7pt.yaml (``external.derm7pt.images=FOLDER`` moves it), or an ad-hoc
+    ``+external.NAME={images:FOLDER,labels:CSV}``. Every image folder and labels file must exist; errors say
+    which setting to change.
+    """
+    entries = cfg.get("external") or {}
+    if not isinstance(entries, Mapping):
+        raise ValueError(
+            f"external must map set names to {{name, images, labels}}, got {entries!r}: pick configured sets with "
+            f"external=[{','.join(configured_external_sets())}] (lesionnet/conf/external/<name>.yaml)."
+        )
+    specs = []
+    for key, entry in entries.items():
+        pick = (
+            f"select a configured set with external=[{','.join(configured_external_sets())}] "
+            "(lesionnet/conf/external/<name>.yaml), or give a whole entry: "
+            f"'+external.{key}={{images:FOLDER,labels:CSV}}'"
+        )
+        if not isinstance(entry, Mapping) or not entry.get("images"):
+            raise ValueError(f"external.{key} has no image folder (images): {pick}.")
+        if "labels" not in entry:
+            raise ValueError(
+                f"external.{key} has no labels entry: {pick} (labels: null scores nothing, predictions only)."
+            )
+        name = str(entry.get("name") or key)
+        if not SET_NAME.fullmatch(name) or name in RESERVED_SET_NAMES:
+            raise ValueError(
+                f"external.{key}: the name {name!r} becomes a folder and a column group; use letters, digits, "
+                f"'_', '-' and '.' only, and none of {', '.join(RESERVED_SET_NAMES)} (the main set's column group): "
+                f"external.{key}.name=NAME."
+            )
+        spec = ExternalSpec(name, str(entry["images"]), str(entry["labels"]) if entry["labels"] else None)
+        if name in {other.name for other in specs}:
+            raise ValueError(f"Two external sets are named {name!r}; give each its own name (external.{key}.name).")
+        where = f"relative paths are from the directory evaluate.py is started in, {Path.cwd()}"
+        if not Path(spec.images).is_dir():
+            raise DatasetError(
+                f"External set {name}: image folder not found: {spec.images} ({where}). Put the images there or "
+                f"point to them with external.{key}.images=FOLDER."
+            )
+        if spec.labels is not None and not Path(spec.labels).is_file():
+            raise DatasetError(
+                f"External set {name}: labels file not found: {spec.labels} ({where}). Put it there or point to "
+                f"it with external.{key}.labels=CSV (external.{key}.labels=null: predictions only)."
+            )
+        specs.append(spec)
+    return specs
 
 
 def check_config(cfg: DictConfig) -> None:
@@ -101,7 +194,8 @@ def build_sets(cfg: DictConfig, members: Sequence[Member], class_names: list[str
     else:
         raise CheckpointError(
             "The checkpoint is not inside a train.py run folder (no split.csv beside checkpoints/), so it has no "
-            "split to score: give an external set with data.images=FOLDER [data.labels=CSV]."
+            "split to score: give an external set with data.images=FOLDER [data.labels=CSV] (sets of external=[...] "
+            "are scored beside it)."
         )
     if target.table.empty:
         raise CheckpointError(f"Nothing to evaluate: the {target.description} is empty.")
@@ -129,6 +223,30 @@ def bootstrap_unit(eval_set: EvalSet, n_boot: int) -> dict[str, Any]:
     }
 
 
+def _or_nan(value: float | None) -> float:
+    return math.nan if value is None else float(value)
+
+
+def melanoma_metrics(mel: int, threshold: float | None) -> dict[str, metrics.Metric]:
+    """The melanoma figures whose intervals are drawn (``ci95`` keys): one-vs-rest AUROC and, at a threshold fixed
+    beforehand (chosen on validation), sensitivity and specificity. NaN where a resample leaves one undefined
+    (no melanoma drawn), which the bootstrap skips."""
+
+    def auroc(probs: np.ndarray, targets: np.ndarray) -> float:
+        # P(mel) against the rest as a two-column problem: the melanoma AUROC of per_class_auroc, at a third the cost
+        two = np.stack([1.0 - probs[:, mel], probs[:, mel]], axis=1)
+        return _or_nan(metrics.per_class_auroc(two, (targets == mel).astype(np.int64))[1])
+
+    def at_threshold(key: str) -> metrics.Metric:
+        return lambda p, t: _or_nan(metrics.sensitivity_specificity(p, t, mel, threshold)[key])
+
+    found: dict[str, metrics.Metric] = {"mel_auroc": auroc}
+    if threshold is not None:
+        found["mel_sensitivity"] = at_threshold("sensitivity")
+        found["mel_specificity"] = at_threshold("specificity")
+    return found
+
+
 def score(
     probs: np.ndarray,
     targets: np.ndarray,
@@ -138,22 +256,42 @@ def score(
     val_targets: np.ndarray | None = None,
     lesion_ids: np.ndarray | None = None,
 ) -> dict[str, Any]:
-    """All metrics of one model (or ensemble), with CIs (resampling lesions when ``lesion_ids`` are given) and the
-    validation-chosen operating points."""
+    """All metrics of one model (or ensemble), with CIs (resampling lesions when ``lesion_ids`` are given, images
+    otherwise) and the validation-chosen operating points.
+
+    ``ci95`` holds accuracy and balanced accuracy (mean recall over the classes ``targets`` has) and, where defined,
+    melanoma AUROC and sensitivity/specificity at the validation threshold (``mel_auroc``, ``mel_sensitivity``,
+    ``mel_specificity``). Only ``val_probs``/``val_targets`` choose anything; ``probs``/``targets`` are only scored.
+    """
     scores = metrics.classification_scores(probs, targets, class_names)
-    scores["ci95"] = {
-        key: list(metrics.bootstrap_ci(probs, targets, metric, n_boot=cfg.bootstrap, seed=cfg.seed, groups=lesion_ids))
-        for key, metric in (("accuracy", metrics.accuracy), ("balanced_accuracy", metrics.balanced_accuracy))
+    intervals: dict[str, metrics.Metric] = {
+        "accuracy": metrics.accuracy,
+        "balanced_accuracy": metrics.balanced_accuracy,
     }
     if "mel" in class_names:
         mel = class_names.index("mel")
-        scores["melanoma"] = {"argmax": metrics.sensitivity_specificity(probs, targets, mel)}
+        scores["melanoma"] = {
+            "argmax": metrics.sensitivity_specificity(probs, targets, mel),
+            "auroc": scores["per_class"]["mel"]["auroc"],
+        }
+        threshold = None
         if val_probs is not None and (val_targets == mel).any():
             threshold = metrics.threshold_for_sensitivity(val_probs, val_targets, mel, cfg.mel_target_sensitivity)
             scores["melanoma"]["val_threshold"] = {
                 "target_sensitivity": cfg.mel_target_sensitivity,
                 **metrics.sensitivity_specificity(probs, targets, mel, threshold),
             }
+        at_threshold = scores["melanoma"].get("val_threshold", {})
+        defined = {
+            "mel_auroc": scores["melanoma"]["auroc"],
+            "mel_sensitivity": at_threshold.get("sensitivity"),
+            "mel_specificity": at_threshold.get("specificity"),
+        }
+        intervals |= {key: m for key, m in melanoma_metrics(mel, threshold).items() if defined[key] is not None}
+    scores["ci95"] = {
+        key: list(metrics.bootstrap_ci(probs, targets, metric, n_boot=cfg.bootstrap, seed=cfg.seed, groups=lesion_ids))
+        for key, metric in intervals.items()
+    }
     if val_probs is not None:  # the figures to choose by (members, recipes, ensembles): never the scored set's
         scores["validation"] = {
             "accuracy": metrics.accuracy(val_probs, val_targets),
@@ -245,6 +383,61 @@ def add_posthoc_adjusted(
     return fitted
 
 
+def apply_chosen(
+    probs: dict[str, np.ndarray], ensemble: EnsembleRecord | None, adjusted: dict[str, dict[str, Any]]
+) -> dict[str, np.ndarray]:
+    """Another set's rows from its members' probabilities, with what validation chose for the main set: the
+    ensemble's members and weights, each post-hoc row's prior and tau. Nothing is fitted here."""
+    rows = dict(probs)
+    if ensemble is not None:
+        rows[ENSEMBLE] = metrics.average_probs([rows[name] for name in ensemble.members], ensemble.weights)
+    for row, fitted in adjusted.items():
+        rows[row] = metrics.adjust_logits(rows[fitted["of"]], fitted["prior"], fitted["tau"])
+    return rows
+
+
+def classes_present(targets: np.ndarray, class_names: Sequence[str]) -> list[str]:
+    """The classes a set's labels have: balanced accuracy is the mean recall over these (Derm7pt has no akiec)."""
+    return [name for k, name in enumerate(class_names) if (targets == k).any()]
+
+
+def score_external(
+    eval_set: EvalSet,
+    probs: dict[str, np.ndarray],
+    class_names: list[str],
+    cfg: DictConfig,
+    val_probs: dict[str, np.ndarray],
+    val_targets: np.ndarray | None,
+    out: Path,
+    overlap: dict[str, dict[str, int]],
+) -> ExternalSetScores:
+    """One external set's predictions (``external/<name>/``, ISIC 2018 format) and scores, every row with the
+    thresholds and temperature chosen on validation; the intervals resample images (external sets have no lesion
+    ids)."""
+    folder = out / EXTERNAL_DIR / eval_set.title
+    folder.mkdir(parents=True, exist_ok=True)
+    image_ids = eval_set.table["image_id"]
+    for name, model_probs in probs.items():
+        write_isic_predictions(image_ids, model_probs, class_names, folder / f"predictions_{name}.csv")
+    record = ExternalSetScores(
+        name=eval_set.title,
+        evaluated=eval_set.description,
+        n_images=len(eval_set.table),
+        predictions=folder.relative_to(out).as_posix(),
+        training_overlap=overlap,
+    )
+    if eval_set.labelled:
+        write_isic_ground_truth(image_ids, eval_set.table["dx"], folder / "ground_truth_isic.csv")
+        targets = eval_set.targets(class_names)
+        record.classes_present = classes_present(targets, class_names)
+        record.bootstrap = bootstrap_unit(eval_set, cfg.bootstrap)
+        record.scores = {
+            name: score(model_probs, targets, class_names, cfg, val_probs.get(name), val_targets, eval_set.lesion_ids)
+            for name, model_probs in probs.items()
+        }
+    return record
+
+
 def seen_lesion_breakdown(
     members: Sequence[Member], eval_set: EvalSet, probs: dict[str, np.ndarray], targets: np.ndarray
 ) -> dict[str, dict[str, Any]]:
@@ -301,6 +494,7 @@ def write_plots(
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
     """Score checkpoints (and their ensemble) and write predictions, scores.json, plots and report.md."""
     check_config(cfg)
+    specs = external_specs(cfg)
     out = Path(cfg.paths.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     members = load_members(cfg.ckpt, device=cfg.device)
@@ -327,6 +521,21 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
                 dropped,
             )
             eval_set.table = eval_set.table[~eval_set.table["image_id"].isin(dropped)].reset_index(drop=True)
+    externals: list[tuple[EvalSet, dict[str, dict[str, int]]]] = []
+    for spec in specs:  # each checked against what the models learnt from, before anything is predicted
+        external = EvalSet(external_table(spec.images, spec.labels, class_names), spec.description, spec.name)
+        if external.table.empty:
+            raise CheckpointError(f"Nothing to evaluate: the {external.description} has no labelled image.")
+        _, external_overlap, _ = check_provenance(
+            members,
+            external.table,
+            external.description,
+            None,
+            None,
+            allow_unknown=cfg.allow_unknown_provenance,
+            run_split=False,
+        )
+        externals.append((external, external_overlap))
     names = [m.name for m in members]
     log.info("Evaluating %s on the %s (%d images)", names, target.description, len(target.table))
 
@@ -369,6 +578,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         write_isic_ground_truth(target.table["image_id"], target.table["dx"], out / "ground_truth_isic.csv")
         targets = target.targets(class_names)
         result.bootstrap = bootstrap_unit(target, cfg.bootstrap)
+        result.classes_present = classes_present(targets, class_names)
         result.scores = {
             name: score(model_probs, targets, class_names, cfg, val_probs.get(name), val_targets, target.lesion_ids)
             for name, model_probs in probs.items()
@@ -380,6 +590,12 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         result.final = ENSEMBLE if ENSEMBLE in probs else names[0]
         result.plots = write_plots(
             out, probs[result.final], targets, class_names, result.scores[result.final].get("temperature")
+        )
+    for external, external_overlap in externals:
+        log.info("Evaluating %s on the %s (%d images)", names, external.description, len(external.table))
+        external_probs = apply_chosen(predict(external.table, external.title), ensemble, adjusted)
+        result.external.append(
+            score_external(external, external_probs, class_names, cfg, val_probs, val_targets, out, external_overlap)
         )
     write_scores(result, out / "scores.json")
     summary = result.model_dump()
