@@ -1,4 +1,4 @@
-"""The README's app screenshot, reproducible: serve a model, upload one image in a phone-sized Chromium, save the page.
+"""The app screenshot in docs/app.md, reproducible: serve a model, upload an image in a phone-sized Chromium, save it.
 
     python scripts/app_screenshot.py --image <lesion image> --out docs/app_screenshot.png -- \
         ckpt=logs/train/runs/<run> scores=logs/eval/runs/<eval>/scores.json
@@ -75,7 +75,7 @@ def main() -> None:
     if not CHROMIUM.is_file():
         raise SystemExit(f"No Chromium at {CHROMIUM}: run bash scripts/install_browser.sh (or set LESIONNET_CHROMIUM).")
     port = free_port()
-    command = [sys.executable, "-m", "lesionnet.app", f"port={port}", "host=127.0.0.1", *args.overrides]
+    command = [sys.executable, "-m", "lesionnet.cli.serve", f"port={port}", "host=127.0.0.1", *args.overrides]
     server = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         wait_until_up(f"http://127.0.0.1:{port}", server, args.start_timeout_s)

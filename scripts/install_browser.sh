@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Install what tests/test_app_browser.py (and the README screenshot) need: Debian's Chromium and Playwright for
+# Install what tests/test_app_browser.py (and docs/app.md's screenshot) need: Debian's Chromium and Playwright for
 # Python in .venv. Playwright drives /usr/bin/chromium directly; `playwright install` (a browser download) is not used.
 # Without them the browser test skips itself. Run as root (or with sudo) on Debian/Ubuntu.
 set -euo pipefail
