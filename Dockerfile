@@ -17,7 +17,7 @@
 #   docker run --rm -v /data/HAM10000:/data:ro -v "$PWD/logs:/app/logs" lesionnet \
 #       python evaluate.py ckpt=logs/train/runs/<run>
 #   docker run --rm -p 8000:8000 -v /data/HAM10000:/data:ro -v "$PWD/logs:/app/logs" lesionnet \
-#       python -m lesionnet.app ckpt=logs/train/runs/<run> host=0.0.0.0
+#       lesionnet serve ckpt=logs/train/runs/<run> host=0.0.0.0
 ARG BASE_IMAGE=python:3.11-slim
 FROM ${BASE_IMAGE}
 

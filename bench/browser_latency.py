@@ -25,9 +25,8 @@ from urllib.parse import urlsplit
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from load_app import LOOPBACK, TYPES, percentile  # noqa: E402
+from load_app import DEFAULT_IMAGES, LOOPBACK, TYPES, percentile  # noqa: E402
 
-DEFAULT_IMAGES = REPO / "lesionnet" / "data" / "sample" / "images"
 LOAD = """async () => {
   const start = performance.now();
   window.onDevice = await (await import("/static/ondevice.js")).load();

@@ -1,4 +1,4 @@
-"""Load a running LesionNet server (``python -m lesionnet.app ...``) with N image uploads and report what came back.
+"""Load a running LesionNet server (``lesionnet serve ...``) with N image uploads and report what came back.
 
     python bench/load_app.py                                  # 200 requests, 8 at a time, at http://127.0.0.1:8000
     python bench/load_app.py --requests 30 --concurrency 1    # sequential: per-image latency
@@ -28,8 +28,9 @@ from urllib.parse import urlsplit
 
 import httpx
 
-REPO = Path(__file__).resolve().parents[1]
-DEFAULT_IMAGES = REPO / "lesionnet" / "data" / "sample" / "images"
+from lesionnet.data.metadata import embedded_sample_images
+
+DEFAULT_IMAGES = embedded_sample_images()
 MAX_REQUESTS = 10_000
 LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 TYPES = {".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".png": "image/png", ".webp": "image/webp"}
@@ -104,7 +105,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         except (httpx.HTTPError, ValueError) as err:
             sys.exit(
                 f"No LesionNet server answers at {base}/healthz ({type(err).__name__}: {err}). Start one with "
-                "python -m lesionnet.app ckpt=..."
+                "lesionnet serve ckpt=..."
             )
         for _ in range(args.warmup):  # first requests pay one-off costs (allocations, lazy imports)
             await one(client, base + "/api/v1/predict", images[0])

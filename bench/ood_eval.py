@@ -8,9 +8,10 @@ photos, report on the other.
 Protocol (nothing that reports was used to choose):
 1. Features of the run's checkpoint (``--ckpt``, default the run's best) for ``--max-val`` validation images,
    ``--max-test`` test images (random samples with ``--seed``) and every photo of ``--photos`` (its manifest.csv).
-   Cap validation only to save CPU: with a few hundred images the threshold under-covers (see lesionnet.app.ood).
-2. Each candidate of lesionnet.app.ood (Mahalanobis with one mean or class means, kNN with k=1 and k=5) is fitted on
-   the validation features (class means from the true dx, folds grouped by lesion); its threshold is the
+   Cap validation only to save CPU: with a few hundred images the threshold under-covers (see
+   lesionnet.inference.decision.ood).
+2. Each candidate of lesionnet.inference.decision.ood (Mahalanobis with one mean or class means, kNN with k=1 and k=5)
+   is fitted on the validation features (class means from the true dx, folds grouped by lesion); its threshold is the
    ``--quantile`` of the out-of-sample validation scores. Baselines on the classifier's output (negative energy,
    max softmax) get the same quantile rule but cannot be chosen: they are not feature-space gates.
 3. Choice, on the "choose" half of the photos only: the most photos refused at the threshold, then the higher OOD
@@ -39,8 +40,11 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from lesionnet.app.image_check import check_image
-from lesionnet.app.ood import (
+from lesionnet.contract.files import ContractError
+from lesionnet.contract.run import RunFolder
+from lesionnet.inference import Prediction, Predictor, load_members, read_rgb
+from lesionnet.inference.decision.image_check import check_image
+from lesionnet.inference.decision.ood import (
     DEFAULT_QUANTILE,
     OodGate,
     fit_ood_features,
@@ -48,9 +52,6 @@ from lesionnet.app.ood import (
     quantile_threshold,
     wilson_interval,
 )
-from lesionnet.contract.files import ContractError
-from lesionnet.contract.run import RunFolder
-from lesionnet.inference import Prediction, Predictor, load_members, read_rgb
 
 HALVES = ("choose", "report")
 
@@ -209,7 +210,7 @@ def choose(results: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def image_check_refusals(paths: Sequence[str]) -> np.ndarray:
-    """Today's model-free image check (lesionnet.app.image_check) on each file: True = refused."""
+    """Today's model-free image check (lesionnet.inference.decision.image_check) on each file: True = refused."""
     return np.array([not check_image(read_rgb(p)).passed for p in paths], dtype=bool)
 
 

@@ -15,3 +15,6 @@ CLASS_LONG_NAMES: dict[str, str] = {
 }
 
 CLASS_TO_INDEX: dict[str, int] = {name: i for i, name in enumerate(CLASS_NAMES)}
+
+# The malignant or pre-malignant classes: the referral rule sums their probabilities; the page marks them.
+MALIGNANT: frozenset[str] = frozenset({"mel", "bcc", "akiec"})

@@ -8,9 +8,9 @@ The TorchScript file outputs logits. The ONNX graph (:class:`OnDeviceGraph`, wha
 the browser) outputs, from one forward pass, ``logits``, ``probs`` (softmax), ``neg_energy`` (logsumexp of the
 logits, the energy gate's score), ``cam_grid`` (the top class's activation map, ReLU'd and scaled to [0, 1] as the
 app's heatmap; only for global-average-pool + linear heads) and, given the app's fitted OOD gate, ``ood_score``
-(computed by ``lesionnet.app.ood.mahalanobis_scores`` from the gate's stored means and precision), so a runtime only
-compares them with thresholds. At export every output is compared with PyTorch's on real images; a mismatch above
-``atol`` stops with an error instead of writing a model that silently disagrees.
+(computed by ``lesionnet.inference.decision.ood.mahalanobis_scores`` from the gate's stored means and precision),
+so a runtime only compares them with thresholds. At export every output is compared with PyTorch's on real images; a
+mismatch above ``atol`` stops with an error instead of writing a model that silently disagrees.
 """
 
 from __future__ import annotations
@@ -24,13 +24,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from lesionnet.app.ood import OodDetector, OodGate, mahalanobis_scores
+from lesionnet.data.metadata import embedded_sample_images
 from lesionnet.data.transforms import to_hw
 from lesionnet.inference import Member, Predictor, forward, read_rgb
+from lesionnet.inference.decision.ood import OodDetector, OodGate, mahalanobis_scores
 from lesionnet.inference.predictor import class_activation_maps, has_linear_gap_head
 
 log = logging.getLogger(__name__)
-SAMPLE_IMAGES = Path(__file__).parent / "data" / "sample" / "images"
 FORMATS: dict[str, str] = {"onnx": ".onnx", "torchscript": ".pt"}
 
 
@@ -112,7 +112,7 @@ def preprocessing_metadata(member: Member) -> dict[str, Any]:
 
 def sample_batch(member: Member, paths: Sequence[str | Path] | None = None, n: int = 4) -> torch.Tensor:
     """Preprocessed real images for the parity check (the embedded HAM10000 sample by default)."""
-    paths = list(paths) if paths else sorted(SAMPLE_IMAGES.glob("*.jpg"))[:n]
+    paths = list(paths) if paths else sorted(embedded_sample_images().glob("*.jpg"))[:n]
     return Predictor([member]).preprocess(0, [read_rgb(p) for p in paths]).cpu()
 
 
@@ -175,7 +175,7 @@ def run_exported(path: Path, images: torch.Tensor) -> dict[str, np.ndarray]:
 def reference_outputs(member: Member, images: torch.Tensor, ood: OodGate | None = None) -> dict[str, np.ndarray]:
     """What the app computes for a preprocessed batch, by its own code: the inference core's forward pass and class
     activation maps, the heatmap's scaling (``unit_grid``) and the OOD gate's score (float64)."""
-    from lesionnet.app.gradcam import unit_grid
+    from lesionnet.inference.explain import unit_grid  # Grad-CAM's module: the app extra, as onnx
 
     with torch.inference_mode():
         out = forward(member, images.to(next(member.model.parameters()).device))
@@ -258,9 +258,3 @@ def export(
     path.with_suffix(".json").write_text(json.dumps(sidecar, indent=2))
     log.info("Exported %s -> %s (parity: %s)", member.path, path, check)
     return sidecar
-
-
-if __name__ == "__main__":  # ``python -m lesionnet.export``: the Hydra app is ``lesionnet export`` (lesionnet.cli)
-    from lesionnet.cli.export import main
-
-    main()

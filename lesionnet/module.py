@@ -8,7 +8,7 @@ with ``torch.load(weights_only=True)``; optimizer and scheduler are instantiated
 from __future__ import annotations
 
 import random
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import lightning as L
@@ -65,7 +65,7 @@ def build_metrics(class_names: Sequence[str], prefix: str) -> tm.MetricCollectio
     )
 
 
-def check_logit_adjustment(
+def check_logit_adjust_tau(
     tau: float, class_prior: Sequence[float] | None, class_weights: Sequence[float] | None, num_classes: int
 ) -> None:
     """Logit adjustment already balances the classes: it needs the training prior and no class weights on top."""
@@ -90,49 +90,6 @@ def check_distill(distill: Mapping[str, Any]) -> None:
         raise ValueError(f"model.distill.weight must be in (0, 1], got {distill.get('weight')}.")
     if float(distill.get("temperature", 1.0)) <= 0:
         raise ValueError(f"model.distill.temperature must be positive, got {distill.get('temperature')}.")
-
-
-def resize_views(images: torch.Tensor, data_config: Mapping[str, Any]) -> torch.Tensor:
-    """The student's batch at a teacher's input size (same views, same normalisation: checked when loading)."""
-    size = tuple(data_config["input_size"][1:])
-    if tuple(images.shape[-2:]) == size:
-        return images
-    return F.interpolate(images, size=size, mode="bilinear", align_corners=False, antialias=True)
-
-
-def load_teachers(distill: Mapping[str, Any], student: L.LightningModule) -> list[Any]:
-    """The teacher checkpoints (through the inference core), on the student's device, checked for leaks: a teacher
-    that trained on the student's validation or test images would carry them into the student."""
-    from lesionnet.inference import load_members
-
-    teachers = load_members(list(distill["teachers"]), device=str(student.device))
-    mean, std = student.hparams.data_config["mean"], student.hparams.data_config["std"]
-    datamodule = getattr(student.trainer, "datamodule", None)
-    held_out = set()
-    if datamodule is not None and getattr(datamodule, "table", None) is not None:
-        table = datamodule.table
-        held_out = set(table.loc[table["split"].isin(["val", "test"]), "image_id"])
-    for teacher in teachers:
-        if list(teacher.data_config["mean"]) != list(mean) or list(teacher.data_config["std"]) != list(std):
-            raise ValueError(
-                f"Teacher {teacher.path} normalises with mean/std {teacher.data_config['mean']}/"
-                f"{teacher.data_config['std']}, the student with {mean}/{std}: distil between models that share "
-                "them (e.g. the EfficientNet-Lite family)."
-            )
-        if teacher.provenance is None:
-            raise ValueError(f"Teacher {teacher.path} has no provenance record: cannot check what it trained on.")
-        trained = {
-            i
-            for i, split in zip(teacher.provenance.image_id, teacher.provenance.split, strict=True)
-            if split == "train"
-        }
-        if trained & held_out:
-            raise ValueError(
-                f"Teacher {teacher.path} trained on {len(trained & held_out)} of the student's validation/test "
-                "images: train teachers on the same split (data.split_seed / data.split_file) as the student."
-            )
-        teacher.model.requires_grad_(False).eval()
-    return teachers
 
 
 def init_new_classifier(classifier: torch.nn.Module) -> None:
@@ -179,7 +136,7 @@ class LesionClassifier(L.LightningModule):
         if class_weights is not None and len(class_weights) != len(class_names):
             raise ValueError(f"{len(class_weights)} class weights for {len(class_names)} classes.")
         if logit_adjust_tau:
-            check_logit_adjustment(logit_adjust_tau, class_prior, class_weights, len(class_names))
+            check_logit_adjust_tau(logit_adjust_tau, class_prior, class_weights, len(class_names))
         self.save_hyperparameters(
             {
                 "backbone": backbone,
@@ -224,7 +181,9 @@ class LesionClassifier(L.LightningModule):
         )
         if distill:
             check_distill(distill)
-        self.teachers: list[Any] = []  # loaded at fit time (plain list: never trained, never in the checkpoint)
+        # Each teacher maps the student's batch to its logits: handed over at fit start by lesionnet.training, which
+        # loads them (plain list: never trained, never in the checkpoint).
+        self.teachers: list[Callable[[torch.Tensor], torch.Tensor]] = []
         # Separate attributes (not a ModuleDict keyed "train": that name is nn.Module.train).
         self.train_metrics = build_metrics(class_names, "train")
         self.val_metrics = build_metrics(class_names, "val")
@@ -282,24 +241,20 @@ class LesionClassifier(L.LightningModule):
     def _distillation_loss(self, images: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
         """KL(teachers' mean softmax || student softmax) at temperature T, on the very views the student sees
         (consistent teaching, Beyer et al. 2022), scaled by T^2 so its gradients keep their size."""
-        from lesionnet.inference import forward  # the inference core imports this module
-
         temperature = float(self.hparams.distill.get("temperature", 1.0))
         with torch.no_grad():
             teacher_probs = torch.stack(
-                [
-                    (forward(teacher, resize_views(images, teacher.data_config)).logits.float() / temperature).softmax(
-                        -1
-                    )
-                    for teacher in self.teachers
-                ]
+                [(teacher(images).float() / temperature).softmax(-1) for teacher in self.teachers]
             ).mean(0)
         student = F.log_softmax(logits.float() / temperature, dim=-1)
         return F.kl_div(student, teacher_probs, reduction="batchmean") * temperature**2
 
     def on_fit_start(self) -> None:
-        if self.hparams.distill and not self.teachers:
-            self.teachers = load_teachers(self.hparams.distill, self)
+        if self.hparams.distill and not self.teachers:  # lesionnet.training's callbacks run before this hook
+            raise RuntimeError(
+                "model.distill is set but no teacher was handed to the model: fit it with a Trainer from "
+                "lesionnet.training.build_trainer, whose Teachers callback loads them."
+            )
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         return self._shared_step(batch, "train")

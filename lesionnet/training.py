@@ -1,22 +1,29 @@
-"""The training pipeline behind train.py: data -> model -> fit -> validate/test the best checkpoint."""
+"""The training pipeline behind train.py: data -> model -> fit -> validate/test the best checkpoint.
+
+Distillation teachers are trained checkpoints, so they are loaded here through the inference core and handed to the
+LightningModule (:class:`Teachers`): the module itself never loads a checkpoint nor imports ``lesionnet.inference``.
+"""
 
 from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
+import torch.nn.functional as F
 from hydra.utils import instantiate
-from lightning.pytorch.callbacks import WeightAveraging
+from lightning.pytorch.callbacks import Callback, WeightAveraging
 from lightning.pytorch.plugins import TorchSyncBatchNorm
 from omegaconf import DictConfig, OmegaConf
 from timm.layers import BatchNormAct2d, SyncBatchNormAct, convert_sync_batchnorm
 
 from lesionnet.contract.provenance import Provenance
 from lesionnet.contract.run import RunFolder, RunMetrics
+from lesionnet.inference import Member, forward, load_members
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +55,67 @@ class TimmSyncBatchNorm(TorchSyncBatchNorm):
         return reverted
 
 
+def resize_views(images: torch.Tensor, data_config: Mapping[str, Any]) -> torch.Tensor:
+    """The student's batch at a teacher's input size (same views, same normalisation: checked when loading)."""
+    size = tuple(data_config["input_size"][1:])
+    if tuple(images.shape[-2:]) == size:
+        return images
+    return F.interpolate(images, size=size, mode="bilinear", align_corners=False, antialias=True)
+
+
+def load_teachers(distill: Mapping[str, Any], student: L.LightningModule, datamodule: Any = None) -> list[Member]:
+    """The teacher checkpoints (through the inference core), on the student's device, checked for leaks: a teacher
+    that trained on the student's validation or test images would carry them into the student."""
+    teachers = load_members(list(distill["teachers"]), device=str(student.device))
+    mean, std = student.hparams.data_config["mean"], student.hparams.data_config["std"]
+    held_out = set()
+    if datamodule is not None and getattr(datamodule, "table", None) is not None:
+        table = datamodule.table
+        held_out = set(table.loc[table["split"].isin(["val", "test"]), "image_id"])
+    for teacher in teachers:
+        if list(teacher.data_config["mean"]) != list(mean) or list(teacher.data_config["std"]) != list(std):
+            raise ValueError(
+                f"Teacher {teacher.path} normalises with mean/std {teacher.data_config['mean']}/"
+                f"{teacher.data_config['std']}, the student with {mean}/{std}: distil between models that share "
+                "them (e.g. the EfficientNet-Lite family)."
+            )
+        if teacher.provenance is None:
+            raise ValueError(f"Teacher {teacher.path} has no provenance record: cannot check what it trained on.")
+        trained = {
+            i
+            for i, split in zip(teacher.provenance.image_id, teacher.provenance.split, strict=True)
+            if split == "train"
+        }
+        if trained & held_out:
+            raise ValueError(
+                f"Teacher {teacher.path} trained on {len(trained & held_out)} of the student's validation/test "
+                "images: train teachers on the same split (data.split_seed / data.split_file) as the student."
+            )
+        teacher.model.requires_grad_(False).eval()
+    return teachers
+
+
+def teacher_logits(teacher: Member) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The teacher as the student uses it: the student's batch (resized to the teacher's input) -> the teacher's
+    logits, by the inference core's forward pass."""
+
+    def logits(images: torch.Tensor) -> torch.Tensor:
+        return forward(teacher, resize_views(images, teacher.data_config)).logits
+
+    return logits
+
+
+class Teachers(Callback):
+    """Hands ``model.distill``'s teachers to the student when the fit starts, on the student's device (each DDP rank
+    its own), checked against the datamodule's held-out images (:func:`load_teachers`)."""
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        distill = pl_module.hparams.get("distill")
+        if distill and not pl_module.teachers:
+            members = load_teachers(distill, pl_module, getattr(trainer, "datamodule", None))
+            pl_module.teachers = [teacher_logits(member) for member in members]
+
+
 def resolve_ckpt_path(ckpt_path: str | None, cfg: DictConfig) -> str | None:
     """``ckpt_path=last`` = this run folder's ``last.ckpt`` (resume a crashed run with ``hydra.run.dir=<run>``).
 
@@ -74,13 +142,17 @@ def instantiate_group(cfg: DictConfig | None) -> list[Any]:
 
 
 def build_trainer(cfg: DictConfig) -> L.Trainer:
-    """The Lightning Trainer of ``cfg.trainer`` with the callbacks and loggers groups."""
+    """The Lightning Trainer of ``cfg.trainer`` with the callbacks and loggers groups (and :class:`Teachers` when the
+    model distils)."""
     plugins = list(instantiate(cfg.trainer.get("plugins")) or [])
     if cfg.trainer.get("sync_batchnorm"):
         plugins.append(TimmSyncBatchNorm())  # replaces Lightning's converter, which breaks timm's BatchNormAct2d
+    callbacks = instantiate_group(cfg.get("callbacks"))
+    if OmegaConf.select(cfg, "model.distill"):
+        callbacks.append(Teachers())
     return instantiate(
         cfg.trainer,
-        callbacks=instantiate_group(cfg.get("callbacks")),
+        callbacks=callbacks,
         logger=instantiate_group(cfg.get("logger")) or False,
         plugins=plugins or None,
     )

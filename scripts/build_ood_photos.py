@@ -1,4 +1,5 @@
-"""Build, offline, a folder of ordinary photos (not skin lesions) to measure the OOD gate of lesionnet.app.ood.
+"""Build, offline, a folder of ordinary photos (not skin lesions) to measure the OOD gate of
+lesionnet.inference.decision.ood.
 
 Why these: the machines reach no image site, but some Python packages ship real photographs as sample data. The
 photos are listed by hand (below) after a scan of the venv's site-packages for *.jpg/*.png: scikit-image's

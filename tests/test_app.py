@@ -24,9 +24,6 @@ from PIL import Image
 from lesionnet.app import build
 from lesionnet.app.api import create_app
 from lesionnet.app.build import build_app, build_service
-from lesionnet.app.gradcam import find_target_layer
-from lesionnet.app.image_check import check_image
-from lesionnet.app.policy import ConfidenceGate, ReferralPolicy, fit_gate
 from lesionnet.app.schemas import ErrorResponse, HealthResponse, ModelCard, PredictResponse
 from lesionnet.app.service import LesionService
 from lesionnet.app.upload import UploadLimits, decode_image
@@ -34,6 +31,7 @@ from lesionnet.classes import CLASS_NAMES
 from lesionnet.contract.files import ContractError
 from lesionnet.contract.run import RunFolder
 from lesionnet.contract.scores import ScoredModel, ScoresFile, write_scores
+from lesionnet.data.metadata import embedded_sample_images
 from lesionnet.inference import (
     CheckpointError,
     Prediction,
@@ -42,9 +40,12 @@ from lesionnet.inference import (
     load_member,
     resolve_checkpoints,
 )
+from lesionnet.inference.decision.image_check import check_image
+from lesionnet.inference.decision.policy import ConfidenceGate, ReferralPolicy, fit_gate
+from lesionnet.inference.explain import find_target_layer
 from tests.test_train import CONF
 
-SAMPLE_IMAGES = Path(__file__).resolve().parents[1] / "lesionnet" / "data" / "sample" / "images"
+SAMPLE_IMAGES = embedded_sample_images()
 
 
 def jpeg(pixels: np.ndarray, quality: int = 90) -> bytes:

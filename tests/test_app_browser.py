@@ -29,6 +29,7 @@ sync_api = pytest.importorskip("playwright.sync_api", reason="Playwright is not 
 import uvicorn  # noqa: E402
 
 from lesionnet.app.build import build_app  # noqa: E402
+from lesionnet.data.metadata import embedded_sample_images  # noqa: E402
 from tests.test_app import compose_serve  # noqa: E402
 
 CHROMIUM_ARGS = [
@@ -40,7 +41,7 @@ CHROMIUM_ARGS = [
     "--disable-sync",
     "--no-first-run",
 ]
-SAMPLE = Path(__file__).resolve().parents[1] / "lesionnet" / "data" / "sample" / "images" / "ISIC_0024372.jpg"
+SAMPLE = embedded_sample_images() / "ISIC_0024372.jpg"
 TIMEOUT_MS = 15_000
 
 

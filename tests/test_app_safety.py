@@ -29,10 +29,11 @@ from lesionnet.app import service as service_module
 from lesionnet.app.api import create_app
 from lesionnet.app.build import build_app
 from lesionnet.app.schemas import HealthResponse, ModelCard, PredictResponse
+from lesionnet.app.server import server_options
 from lesionnet.app.service import DEMO_MAX_TRAIN_IMAGES, LesionService, demo_reason, member_training
 from lesionnet.app.upload import UploadLimits, decode_image
-from lesionnet.cli.serve import server_options
 from lesionnet.contract.run import RunFolder
+from lesionnet.data.metadata import embedded_sample_images
 from lesionnet.inference import load_member, resolve_checkpoints
 from tests.conftest import REPO_ROOT
 from tests.test_app import compose_serve, jpeg, lesion_like, scores_file, stub_service  # noqa: F401 (a fixture)
@@ -393,7 +394,7 @@ def test_the_page_shows_the_demo_banner_and_whether_the_rule_was_checked(
     if not chromium.is_file():
         pytest.skip("no Chromium at /usr/bin/chromium (scripts/install_browser.sh)")
     cfg = serve_cfg(run, tmp_path, f"scores={full_scores}")
-    sample = REPO_ROOT / "lesionnet" / "data" / "sample" / "images" / "ISIC_0024372.jpg"
+    sample = embedded_sample_images() / "ISIC_0024372.jpg"
     with serving(build_app(cfg), server_options(cfg)) as port, sync_api.sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=str(chromium), args=["--headless", "--no-sandbox"])
         page = browser.new_page(viewport={"width": 390, "height": 844})

@@ -12,9 +12,9 @@ from pytorch_grad_cam import GradCAM
 from pytorch_grad_cam.utils.image import scale_cam_image
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
-from lesionnet.app.gradcam import find_target_layer
 from lesionnet.data.transforms import resolve_data_config
 from lesionnet.inference import Member, Predictor
+from lesionnet.inference.explain import find_target_layer
 from lesionnet.module import LesionClassifier
 from tests.test_app import lesion_like
 
@@ -74,8 +74,8 @@ def test_heads_that_are_not_gap_linear_keep_gradcam() -> None:
 
 
 def test_the_app_sends_the_forward_pass_cam_for_a_gap_linear_head() -> None:
-    from lesionnet.app.policy import ConfidenceGate
     from lesionnet.app.service import LesionService
+    from lesionnet.inference.decision.policy import ConfidenceGate
 
     member = member_of("tf_efficientnet_lite0", 96)
     service = LesionService(Predictor([member]), gate=ConfidenceGate("msp", 0.0))

@@ -103,14 +103,12 @@ def test_package_configs_compose_with_experiments_and_launchers() -> None:
     assert get_class(cfg.hydra.launcher._target_).__name__ == "LocalLauncher"
 
 
-def test_old_python_m_forms_run_the_cli_apps() -> None:
-    """``python -m lesionnet.app`` / ``lesionnet.eda`` / ``lesionnet.export`` stay as thin wrappers of lesionnet.cli."""
-    from lesionnet.app import __main__ as app_main
-    from lesionnet.cli import eda, serve
-    from lesionnet.eda import __main__ as eda_main
-
-    assert app_main.main is serve.main and eda_main.main is eda.main
-    assert "from lesionnet.cli.export import main" in (PACKAGE / "export.py").read_text()
+def test_the_commands_have_one_way_in() -> None:
+    """``lesionnet serve`` / ``eda`` / ``export`` (or ``python -m lesionnet.cli.<command>``): the old ``python -m
+    lesionnet.app`` / ``lesionnet.eda`` / ``lesionnet.export`` shims imported the CLI from below it and are gone."""
+    assert not (PACKAGE / "app" / "__main__.py").exists() and not (PACKAGE / "eda" / "__main__.py").exists()
+    assert "__main__" not in (PACKAGE / "export.py").read_text()
+    assert {"serve", "eda", "export"} <= set(COMMANDS)
 
 
 def test_serve_composes_its_config_from_any_folder(tmp_path: Path) -> None:

@@ -139,7 +139,7 @@ def test_the_commands_the_image_runs_exist() -> None:
     assert argv == ["python", "train.py"] and "train.py" in copy_sources()
     for path in (
         "evaluate.py",
-        "lesionnet/app/__main__.py",
+        "lesionnet/app/server.py",
         "lesionnet/cli/serve.py",
         "lesionnet/conf/train.yaml",
         "lesionnet/conf/eval.yaml",
@@ -147,7 +147,7 @@ def test_the_commands_the_image_runs_exist() -> None:
     ):
         assert (REPO_ROOT / path).is_file(), path
     header = DOCKERFILE.read_text()
-    assert "python evaluate.py" in header and "python -m lesionnet.app" in header and "host=0.0.0.0" in header
+    assert "python evaluate.py" in header and "lesionnet serve" in header and "host=0.0.0.0" in header
 
 
 def test_the_build_installs_pinned_versions() -> None:

@@ -15,6 +15,7 @@ from torchmetrics.functional.classification import multiclass_accuracy, multicla
 
 from lesionnet.classes import CLASS_NAMES
 from lesionnet.evaluation import metrics, plots
+from lesionnet.inference.decision import combine
 
 torch.set_num_threads(1)  # tiny tensors; leave the cores to whatever else runs on the machine
 
@@ -213,7 +214,7 @@ def test_threshold_for_sensitivity_is_not_moved_by_an_ensemble_score_just_above_
     )  # 24 of 25 at >= 0.224: the threshold for 0.95
     negatives = np.linspace(0.0, 0.5, 25)
     mel_scores = np.concatenate([positives, negatives])
-    ensemble = metrics.average_probs([np.stack([mel_scores, 1.0 - mel_scores], axis=1)] * 3, [0.299, 0.396, 0.379])
+    ensemble = combine.average_probs([np.stack([mel_scores, 1.0 - mel_scores], axis=1)] * 3, [0.299, 0.396, 0.379])
     ensemble[0] = [just_above_one, 1.0 - just_above_one]  # the saturated row as the weighted mean rounded it
     targets = np.array([0] * 25 + [1] * 25)
     assert ensemble.max() > 1.0  # the reproduction holds: one score above 1
@@ -233,10 +234,10 @@ def test_threshold_for_sensitivity_without_positives_raises() -> None:
 
 def test_temperature_softens_overconfident_predictions() -> None:
     probs, targets = calibrated_predictions(2000, 3, seed=2)
-    overconfident = metrics.apply_temperature(probs, 0.5)  # logits doubled: the fitted T should undo it
+    overconfident = combine.apply_temperature(probs, 0.5)  # logits doubled: the fitted T should undo it
     temperature = metrics.fit_temperature(overconfident, targets)
     assert temperature == pytest.approx(2.0, rel=0.15)
-    calibrated = metrics.apply_temperature(overconfident, temperature)
+    calibrated = combine.apply_temperature(overconfident, temperature)
     assert metrics.log_loss(calibrated, targets) < metrics.log_loss(overconfident, targets)
     ece = metrics.expected_calibration_error
     assert ece(calibrated, targets) < ece(overconfident, targets)
@@ -246,7 +247,7 @@ def test_temperature_softens_overconfident_predictions() -> None:
 def test_temperature_is_near_one_for_calibrated_predictions_and_one_is_identity() -> None:
     probs, targets = calibrated_predictions(2000, 3, seed=3)
     assert metrics.fit_temperature(probs, targets) == pytest.approx(1.0, abs=0.15)
-    np.testing.assert_allclose(metrics.apply_temperature(probs, 1.0), probs, atol=1e-12)
+    np.testing.assert_allclose(combine.apply_temperature(probs, 1.0), probs, atol=1e-12)
 
 
 # ----------------------------------------------------------------------------- bootstrap
@@ -330,11 +331,11 @@ def test_bootstrap_needs_one_group_per_image() -> None:
 
 def test_average_probs_equals_the_hand_average_and_normalises_weights() -> None:
     a, b = np.array([[0.8, 0.2], [0.4, 0.6]]), np.array([[0.2, 0.8], [0.0, 1.0]])
-    np.testing.assert_allclose(metrics.average_probs([a, b]), [[0.5, 0.5], [0.2, 0.8]])
+    np.testing.assert_allclose(combine.average_probs([a, b]), [[0.5, 0.5], [0.2, 0.8]])
     # weights 1:3 -> 0.25 a + 0.75 b, however they are scaled
     expected = [[0.35, 0.65], [0.1, 0.9]]
-    np.testing.assert_allclose(metrics.average_probs([a, b], [1, 3]), expected)
-    np.testing.assert_allclose(metrics.average_probs([a, b], [0.5, 1.5]), expected)
+    np.testing.assert_allclose(combine.average_probs([a, b], [1, 3]), expected)
+    np.testing.assert_allclose(combine.average_probs([a, b], [0.5, 1.5]), expected)
 
 
 @pytest.mark.parametrize(
@@ -350,7 +351,7 @@ def test_average_probs_equals_the_hand_average_and_normalises_weights() -> None:
 )
 def test_average_probs_rejects_mismatched_inputs(members: list[np.ndarray], weights: list[float] | None) -> None:
     with pytest.raises(ValueError):
-        metrics.average_probs(members, weights)
+        combine.average_probs(members, weights)
 
 
 def test_fit_ensemble_weights_matches_the_hand_optimum() -> None:
@@ -369,9 +370,9 @@ def test_fit_ensemble_weights_zeroes_useless_members_and_beats_every_fixed_mix(
     weights = metrics.fit_ensemble_weights(list(members.values()), targets)
     assert weights.sum() == pytest.approx(1.0) and (weights >= 0).all()
     assert dict(zip(members, weights.round(4), strict=True)) == {"wrong": 0.0, "uniform": 0.0, "B": 0.5, "A": 0.5}
-    fitted = metrics.log_loss(metrics.average_probs(list(members.values()), weights), targets)
+    fitted = metrics.log_loss(combine.average_probs(list(members.values()), weights), targets)
     for mix in ([1, 1, 1, 1], [0, 0, 1, 1], [0, 1, 2, 2], [0, 0, 1, 2]):
-        assert fitted <= metrics.log_loss(metrics.average_probs(list(members.values()), mix), targets) + 1e-9
+        assert fitted <= metrics.log_loss(combine.average_probs(list(members.values()), mix), targets) + 1e-9
 
 
 def test_fit_ensemble_weights_of_one_member_is_one_and_mismatches_raise() -> None:
@@ -515,7 +516,7 @@ def test_plots_write_small_valid_pngs(tmp_path: Path) -> None:
         plots.plot_roc_curves(probs, targets, CLASS_NAMES, tmp_path / "roc.png"),
         plots.plot_reliability_diagram(probs, targets, tmp_path / "nested" / "reliability.png"),
         plots.plot_reliability_diagram(
-            probs, targets, tmp_path / "reliability_both.png", calibrated=metrics.apply_temperature(probs, 1.5)
+            probs, targets, tmp_path / "reliability_both.png", calibrated=combine.apply_temperature(probs, 1.5)
         ),
     ]
     for path in written:
@@ -542,10 +543,10 @@ def test_posthoc_logit_adjustment_recovers_rare_classes_and_tau_zero_changes_not
     signal = np.where(targets[:, None] == np.arange(2), 1.0, 0.0) + rng.normal(0, 0.6, (100, 2))
     logits = signal + np.log(prior)
     probs = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
-    np.testing.assert_allclose(metrics.adjust_logits(probs, prior, 0.0), probs, atol=1e-9)
+    np.testing.assert_allclose(combine.adjust_logits(probs, prior, 0.0), probs, atol=1e-9)
     tau = metrics.fit_logit_adjustment(probs, targets, prior)
     assert tau > 0.5
-    adjusted = metrics.adjust_logits(probs, prior, tau)
+    adjusted = combine.adjust_logits(probs, prior, tau)
     assert metrics.balanced_accuracy(adjusted, targets) > metrics.balanced_accuracy(probs, targets)
     with pytest.raises(ValueError, match="positive class frequencies"):
-        metrics.adjust_logits(probs, [1.0, 0.0], 1.0)
+        combine.adjust_logits(probs, [1.0, 0.0], 1.0)

@@ -54,7 +54,14 @@ def test_torchscript_export_and_a_failing_parity_check(ckpt: Path, tmp_path: Pat
 def test_cli(ckpt: Path, tmp_path: Path) -> None:
     out = tmp_path / "cli.onnx"
     subprocess.run(
-        [sys.executable, "-m", "lesionnet.export", f"ckpt={ckpt}", f"out={out}", f"hydra.run.dir={tmp_path / 'hydra'}"],
+        [
+            sys.executable,
+            "-m",
+            "lesionnet.cli.export",
+            f"ckpt={ckpt}",
+            f"out={out}",
+            f"hydra.run.dir={tmp_path / 'hydra'}",
+        ],
         check=True,
         cwd=REPO_ROOT,
         capture_output=True,
@@ -66,8 +73,8 @@ def test_cli(ckpt: Path, tmp_path: Path) -> None:
 def test_onnx_outputs_the_apps_cam_grid_and_ood_score_for_a_gap_linear_head(tmp_path: Path) -> None:
     """The on-device graph: probabilities, energy, the top class's CAM grid and the OOD gate's score, each checked
     against the app's own computation at export (parity raises otherwise) and again here on other images."""
-    from lesionnet.app.ood import fit_ood_features
     from lesionnet.export import reference_outputs, run_exported
+    from lesionnet.inference.decision.ood import fit_ood_features
     from tests.test_cam import member_of
 
     member = member_of("tf_efficientnet_lite0", 64)

@@ -1,4 +1,4 @@
-"""The feature-space OOD gate (lesionnet.app.ood), the photo builder and the OOD benchmark.
+"""The feature-space OOD gate (lesionnet.inference.decision.ood), the photo builder and the OOD benchmark.
 
 Synthetic features stand in for a model: a Gaussian cloud of "lesions" and points off it, so each property (ranking,
 threshold, file round trip, version check) is checked exactly and in milliseconds. The builder and the benchmark
@@ -17,7 +17,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from lesionnet.app.ood import (
+from lesionnet.contract.files import ContractError
+from lesionnet.contract.run import RunFolder
+from lesionnet.inference import Predictor, load_members
+from lesionnet.inference.decision.ood import (
     OOD_METHODS,
     OodGate,
     fit_detector,
@@ -28,9 +31,6 @@ from lesionnet.app.ood import (
     out_of_sample_scores,
     wilson_interval,
 )
-from lesionnet.contract.files import ContractError
-from lesionnet.contract.run import RunFolder
-from lesionnet.inference import Predictor, load_members
 from tests.conftest import REPO_ROOT
 
 DIM = 24

@@ -17,8 +17,7 @@ from lesionnet.contract.provenance import (
     nearest_distances,
     perceptual_hash,
 )
-from lesionnet.data.datamodule import embedded_sample_root
-from lesionnet.data.metadata import load_ham10000
+from lesionnet.data.metadata import embedded_sample_root, load_ham10000
 from lesionnet.evaluation.guard import check_provenance
 from lesionnet.inference import Member
 

@@ -1,7 +1,9 @@
-"""The repository stays ``ruff check`` and ``ruff format`` clean (CI runs this with the rest of the suite)."""
+"""The repository stays ``ruff check`` and ``ruff format`` clean and keeps its layers (``lint-imports``); CI runs this
+with the rest of the suite."""
 
 from __future__ import annotations
 
+import ast
 import shutil
 import subprocess
 import sys
@@ -12,6 +14,8 @@ import pytest
 from tests.conftest import REPO_ROOT
 
 RUFF = shutil.which("ruff", path=str(Path(sys.executable).parent)) or shutil.which("ruff")
+LINT_IMPORTS = shutil.which("lint-imports", path=str(Path(sys.executable).parent)) or shutil.which("lint-imports")
+PACKAGE = REPO_ROOT / "lesionnet"
 
 
 @pytest.mark.skipif(RUFF is None, reason="ruff is installed by the dev extra")
@@ -19,3 +23,34 @@ RUFF = shutil.which("ruff", path=str(Path(sys.executable).parent)) or shutil.whi
 def test_repository_is_ruff_clean(command: list[str]) -> None:
     result = subprocess.run([RUFF, *command], cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-1000:]
+
+
+@pytest.mark.skipif(LINT_IMPORTS is None, reason="import-linter is installed by the dev extra")
+def test_imports_keep_the_layers() -> None:
+    """The contracts of pyproject.toml's [tool.importlinter]: the layers, nothing importing the CLI from below, evaluate
+    and export apart, no cycles between sibling modules."""
+    result = subprocess.run([LINT_IMPORTS, "--no-cache"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-5000:] + result.stderr[-2000:]
+
+
+def uses_hydra_main(path: Path) -> bool:
+    """Whether a file decorates with (or imports) ``hydra.main``: ``@hydra.main``, ``from hydra import main``."""
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Attribute) and node.attr == "main" and getattr(node.value, "id", None) == "hydra":
+            return True
+        if isinstance(node, ast.ImportFrom) and (
+            node.module == "hydra.main" or (node.module == "hydra" and any(a.name == "main" for a in node.names))
+        ):
+            return True
+    return False
+
+
+def test_only_the_cli_is_a_hydra_app() -> None:
+    """Library modules are functions of a config; ``hydra.main`` (argv, the working directory, logging) is the entry
+    points' alone (import-linter sees packages, not ``hydra.main``, hence this check)."""
+    offenders = [
+        str(path.relative_to(REPO_ROOT))
+        for path in sorted(PACKAGE.rglob("*.py"))
+        if PACKAGE / "cli" not in path.parents and uses_hydra_main(path)
+    ]
+    assert not offenders, f"hydra.main outside lesionnet/cli: {offenders}"

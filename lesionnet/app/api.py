@@ -5,7 +5,7 @@ Inference runs in a fixed thread pool (``workers``) and at most ``max_pending`` 
 Starlette's spooled copy of its upload (at most 1 MB in memory, the rest in a temporary file) and is read and
 decoded by the worker that takes it, so at most ``workers`` images are decoded at once. An upload that stalls (no
 data for ``UploadLimits.body_timeout_s``) is answered 408 and its connection closed: uvicorn has only a keep-alive
-timeout (the header timeout is in ``lesionnet.cli.serve``). Responses are typed (``schemas``) so /openapi.json
+timeout (the header timeout is in ``lesionnet.app.server``). Responses are typed (``schemas``) so /openapi.json
 documents them; /docs is Swagger UI on assets served by the app (no CDN).
 """
 

@@ -17,14 +17,14 @@ from omegaconf import DictConfig
 
 from lesionnet.app.api import create_app
 from lesionnet.app.ondevice import OnDevice
-from lesionnet.app.ood import OodGate, fit_ood
-from lesionnet.app.policy import DEFAULT_MSP_THRESHOLD, ConfidenceGate, ReferralPolicy, fit_gate
 from lesionnet.app.service import LesionService
 from lesionnet.app.upload import UploadLimits
 from lesionnet.contract.files import ContractError
 from lesionnet.contract.run import RunFolder
 from lesionnet.contract.scores import read_scores, scores_for
 from lesionnet.inference import CheckpointError, Prediction, Predictor, load_members
+from lesionnet.inference.decision.ood import OodGate, fit_ood
+from lesionnet.inference.decision.policy import DEFAULT_MSP_THRESHOLD, ConfidenceGate, ReferralPolicy, fit_gate
 
 log = logging.getLogger(__name__)
 
@@ -151,7 +151,8 @@ def build_gate(cfg: DictConfig, predictor: Predictor, validation: ValidationPass
 
 def build_ood_gate(cfg: DictConfig, predictor: Predictor, validation: ValidationPass | None = None) -> OodGate | None:
     """The feature-space "not a dermatoscope image" gate: from ood.gate_file, or fitted on the run's whole validation
-    split (cached like the confidence gate; a capped set gives a too-low threshold, see lesionnet.app.ood)."""
+    split (cached like the confidence gate; a capped set gives a too-low threshold, see
+    lesionnet.inference.decision.ood)."""
     o = cfg.ood
     if not o.enabled:
         return None

@@ -12,7 +12,8 @@ DISCLAIMER = (
     "the skin can tell what a lesion is. If a spot is new, changing, bleeding, itching or worries you, see a doctor."
 )
 
-# HAM10000 codes -> (plain name, one-sentence description). Malignant or pre-malignant classes are in MALIGNANT.
+# HAM10000 codes -> (plain name, one-sentence description). Malignant or pre-malignant classes are in
+# lesionnet.classes.MALIGNANT.
 PLAIN_CLASSES: dict[str, tuple[str, str]] = {
     "akiec": (
         "Actinic keratosis or early skin cancer",
@@ -32,7 +33,6 @@ PLAIN_CLASSES: dict[str, tuple[str, str]] = {
     "nv": ("Mole (melanocytic nevus)", "A common, harmless mole."),
     "vasc": ("Vascular lesion", "Harmless blood-vessel spots such as cherry angiomas or angiokeratomas."),
 }
-MALIGNANT: frozenset[str] = frozenset({"mel", "bcc", "akiec"})
 
 
 def plain_name(code: str) -> str:

@@ -33,8 +33,9 @@ from typing import Any
 import numpy as np
 
 from lesionnet.app import content
-from lesionnet.app.image_check import check_spec
 from lesionnet.app.service import LesionService
+from lesionnet.classes import MALIGNANT
+from lesionnet.inference.decision.image_check import check_spec
 
 log = logging.getLogger(__name__)
 ON_DEVICE_VERSION = 1
@@ -147,7 +148,7 @@ class OnDevice:
             },
             "referral": {
                 **asdict(referral),
-                "malignant_classes": sorted(content.MALIGNANT),
+                "malignant_classes": sorted(MALIGNANT),
                 "reasons": {  # the server's sentences, with "{p}" where the probability goes (2 decimals)
                     "melanoma": referral.melanoma_reason("{p}") if referral.melanoma_threshold is not None else None,
                     "malignant": referral.malignant_reason("{p}"),

@@ -1,5 +1,4 @@
-"""``lesionnet serve ckpt=... [scores=.../scores.json] [host=...] [port=...] [ssl_certfile=... ssl_keyfile=...]``
-(= ``python -m lesionnet.app``).
+"""The HTTP server behind ``lesionnet serve`` (lesionnet.cli.serve): uvicorn with TLS and two deadlines.
 
 uvicorn closes only idle keep-alive connections: one that opens and sends half its headers, or whose answer went out
 before its body was read and that keeps trickling the rest, is held for ever. The server here runs uvicorn's h11
@@ -15,10 +14,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-import hydra
 from omegaconf import DictConfig
-
-from lesionnet.cli import CONF_DIR
 
 log = logging.getLogger(__name__)
 HEADER_TIMEOUT_TEXT = b"The request headers did not arrive in time; send the request again."
@@ -135,15 +131,11 @@ def server_options(cfg: DictConfig) -> dict[str, Any]:
     }
 
 
-@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="serve")
-def main(cfg: DictConfig) -> None:
+def serve(cfg: DictConfig) -> None:
+    """Load the model and serve it until stopped (``lesionnet serve``, serve.yaml)."""
     import uvicorn  # the app extra; imported here so `lesionnet serve --help` works without it
 
     from lesionnet.app.build import build_app
 
     options = server_options(cfg)  # a wrong TLS setting fails before the model is loaded
     uvicorn.run(build_app(cfg), log_level="info", **options)
-
-
-if __name__ == "__main__":
-    main()

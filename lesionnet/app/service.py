@@ -15,14 +15,15 @@ from typing import Any
 import numpy as np
 
 from lesionnet.app import content
-from lesionnet.app.gradcam import GradCamExplainer, cam_heatmap
-from lesionnet.app.image_check import CheckThresholds, check_image, thresholds_dict
-from lesionnet.app.ood import OodGate
-from lesionnet.app.policy import ConfidenceGate, ReferralPolicy
+from lesionnet.classes import MALIGNANT
 from lesionnet.contract.files import ContractError
 from lesionnet.contract.run import RunMetrics
-from lesionnet.data.datamodule import embedded_sample_root
+from lesionnet.data.metadata import embedded_sample_root
 from lesionnet.inference import Member, Predictor
+from lesionnet.inference.decision.image_check import CheckThresholds, check_image, thresholds_dict
+from lesionnet.inference.decision.ood import OodGate
+from lesionnet.inference.decision.policy import ConfidenceGate, ReferralPolicy
+from lesionnet.inference.explain import GradCamExplainer, cam_heatmap
 
 log = logging.getLogger(__name__)
 DEMO_MAX_TRAIN_IMAGES = 1_000  # the full HAM10000 lesion-level split trains on ~7,000 images, the sample on ~200
@@ -158,7 +159,7 @@ class LesionService:
                 "code": c,
                 "name": content.plain_name(c),
                 "description": content.description(c),
-                "malignant": c in content.MALIGNANT,
+                "malignant": c in MALIGNANT,
             }
             for c in self.predictor.class_names
         ]

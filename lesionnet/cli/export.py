@@ -6,10 +6,10 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-from lesionnet.app.ood import OodGate
 from lesionnet.cli import CONF_DIR
 from lesionnet.export import ExportError, export
 from lesionnet.inference import Predictor, load_member, resolve_checkpoints
+from lesionnet.inference.decision.ood import OodGate
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="export")

@@ -20,14 +20,20 @@ class ContractError(ValueError):
     """A run's file is missing, of another version, or does not belong with the other inputs; says how to fix it."""
 
 
-def write_json(document: BaseModel, path: str | Path) -> Path:
-    """Atomically write ``document`` (a reader starting at the same time never sees half a file)."""
+def write_text_atomic(path: str | Path, text: str) -> Path:
+    """Write ``text`` through a temporary file and a rename: a reader starting at the same time never sees half a
+    file. Creates the folder."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(document.model_dump_json(indent=2))
+    tmp.write_text(text)
     os.replace(tmp, path)
     return path
+
+
+def write_json(document: BaseModel, path: str | Path) -> Path:
+    """Atomically write ``document`` (a reader starting at the same time never sees half a file)."""
+    return write_text_atomic(path, document.model_dump_json(indent=2))
 
 
 def read_json(schema: type[Schema], path: str | Path, version: int, what: str, fix: str) -> Schema:

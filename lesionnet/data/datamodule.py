@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +15,7 @@ from torch.utils.data import DataLoader, WeightedRandomSampler
 
 from lesionnet.classes import CLASS_NAMES
 from lesionnet.data.dataset import LesionImageDataset
-from lesionnet.data.metadata import load_ham10000
+from lesionnet.data.metadata import embedded_sample_root, load_ham10000
 from lesionnet.data.split import (
     SPLITS,
     assign_folds,
@@ -35,11 +34,6 @@ log = logging.getLogger(__name__)
 
 IMBALANCE_MODES: tuple[str, ...] = ("none", "loss", "sampler")
 SPLIT_MODES: tuple[str, ...] = ("lesion", "legacy")
-
-
-def embedded_sample_root() -> Path:
-    """The small real HAM10000 sample shipped inside the package (the default when data.root is unset)."""
-    return Path(str(resources.files("lesionnet.data") / "sample"))
 
 
 def class_weights(labels: Sequence[int], num_classes: int, power: float = 1.0) -> torch.Tensor:

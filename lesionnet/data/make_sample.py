@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from lesionnet.data.metadata import METADATA_FILE, load_ham10000
+from lesionnet.data.metadata import METADATA_FILE, embedded_sample_root, load_ham10000
 
 ATTRIBUTION = """# Embedded HAM10000 sample
 
@@ -66,7 +66,7 @@ def make_sample(src: Path, dest: Path, per_class: int = 40, seed: int = 0) -> pd
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--src", type=Path, required=True, help="a full HAM10000 folder")
-    parser.add_argument("--dest", type=Path, default=Path(__file__).parent / "sample")
+    parser.add_argument("--dest", type=Path, default=embedded_sample_root())
     parser.add_argument("--per-class", type=int, default=40)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()

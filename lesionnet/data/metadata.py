@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable, Sequence
+from importlib import resources
 from pathlib import Path
 
 import pandas as pd
@@ -27,6 +28,16 @@ GET_DATA_HINT = (
     "(lesionnet download dest=DIR fetches the full set), "
     "or leave data.root unset to use the embedded sample."
 )
+
+
+def embedded_sample_root() -> Path:
+    """The small real HAM10000 sample shipped inside the package (the default when data.root is unset)."""
+    return Path(str(resources.files("lesionnet.data") / "sample"))
+
+
+def embedded_sample_images() -> Path:
+    """The embedded sample's image folder (export's parity images, the benchmarks' default uploads, tests)."""
+    return embedded_sample_root() / IMAGE_DIRS[0]
 
 
 class DatasetError(ValueError):

@@ -25,7 +25,7 @@ DX_TYPE_MEANING: dict[str, str] = {
 
 def section_overview(table: pd.DataFrame, title: str, details: Mapping[str, object]) -> str:
     """Title, provenance and the image/lesion distinction every later number depends on."""
-    lines = [f"# {title}", "", "Written by `python -m lesionnet.eda`.", ""]
+    lines = [f"# {title}", "", "Written by `lesionnet eda`.", ""]
     lines += [f"- {key}: {value}" for key, value in details.items()]
     lines += [
         f"- images: {len(table):,}; lesions (`lesion_id`): {table['lesion_id'].nunique():,}; "

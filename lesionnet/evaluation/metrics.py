@@ -1,11 +1,12 @@
 """Evaluation metrics on predicted probabilities: pure functions of ``probs (N, K)`` and ``targets (N,)``.
 
 Everything torchmetrics provides (accuracy, per-class/macro precision, recall, F1, AUROC, ROC, calibration error,
-confusion matrix) comes from torchmetrics; numpy/scipy cover the rest (log loss, temperature scaling, bootstrap,
-ensembling). Functions take softmax *probabilities*, not logits, so single models and ensembles are treated alike.
-Every array reaches torchmetrics through :func:`_tensor`, which clips scores to [0, 1]: torchmetrics applies a
-sigmoid or softmax to *all* scores as soon as one lies outside [0, 1], and a weighted ensemble mean can reach
-1.0000000000000002.
+confusion matrix) comes from torchmetrics; numpy/scipy cover the rest (log loss, the fits of the temperature, the
+logit adjustment and the ensemble weights, bootstrap). Applying what is fitted (ensemble mean, logit adjustment,
+temperature) is ``lesionnet.inference.decision.combine``'s, the one implementation the app serves with. Functions
+take softmax *probabilities*, not logits, so single models and ensembles are treated alike. Every array reaches
+torchmetrics through :func:`_tensor`, which clips scores to [0, 1]: torchmetrics applies a sigmoid or softmax to *all*
+scores as soon as one lies outside [0, 1], and a weighted ensemble mean can reach 1.0000000000000002.
 
 Macro averages run over the classes present in ``targets``, which is what the official ISIC 2018 Task 3 scorer
 (``isic-challenge-scoring``) does: its balanced accuracy and per-class AUC are NaN for an absent class and pandas'
@@ -22,7 +23,7 @@ from collections.abc import Callable, Mapping, Sequence
 import numpy as np
 import torch
 from scipy.optimize import minimize, minimize_scalar
-from scipy.special import log_softmax, softmax
+from scipy.special import log_softmax
 from torchmetrics.functional.classification import (
     binary_recall,
     binary_roc,
@@ -36,6 +37,10 @@ from torchmetrics.functional.classification import (
     multiclass_recall,
     multiclass_roc,
 )
+
+# apply_temperature and average_probs are re-exported for evaluation/runner.py, which calls them as metrics.*: import
+# them from lesionnet.inference.decision.combine there and drop them here.
+from lesionnet.inference.decision.combine import adjust_logits, apply_temperature, as_logits, average_probs
 
 __all__ = [
     "accuracy",
@@ -282,11 +287,6 @@ def threshold_for_sensitivity(
 # ----------------------------------------------------------------------------- calibration
 
 
-def _logits(probs: np.ndarray) -> np.ndarray:
-    """log p as logits: softmax(log p) = p, so scaling works on any probabilities, ensembles included."""
-    return np.log(np.clip(probs, 1e-12, 1.0))
-
-
 def _nll_at(logits: np.ndarray, targets: np.ndarray, temperature: float) -> float:
     return float(-np.mean(log_softmax(logits / temperature, axis=1)[np.arange(len(targets)), targets]))
 
@@ -298,7 +298,7 @@ def fit_temperature(probs: np.ndarray, targets: np.ndarray, bounds: tuple[float,
     predictions run to the upper bound (the flattest allowed). Fit on validation data, apply to test.
     """
     probs, targets = check_inputs(probs, targets)
-    logits = _logits(probs)
+    logits = as_logits(probs)
     result = minimize_scalar(
         lambda log_t: _nll_at(logits, targets, math.exp(log_t)),
         bounds=(math.log(bounds[0]), math.log(bounds[1])),
@@ -311,15 +311,6 @@ def fit_temperature(probs: np.ndarray, targets: np.ndarray, bounds: tuple[float,
 LOGIT_ADJUSTMENT_GRID: tuple[float, ...] = tuple(np.round(np.arange(0.0, 2.01, 0.1), 2))
 
 
-def adjust_logits(probs: np.ndarray, prior: Sequence[float], tau: float) -> np.ndarray:
-    """Post-hoc logit adjustment (Menon et al., ICLR 2021): softmax(log p - tau * log prior). tau = 1 turns a
-    classifier of the training distribution into one of balanced classes; tau = 0 changes nothing."""
-    prior_array = np.asarray(prior, dtype=np.float64)
-    if prior_array.shape != (probs.shape[1],) or (prior_array <= 0).any():
-        raise ValueError(f"prior needs {probs.shape[1]} positive class frequencies, got {list(prior)}")
-    return softmax(_logits(probs) - tau * np.log(prior_array), axis=1)
-
-
 def fit_logit_adjustment(
     probs: np.ndarray, targets: np.ndarray, prior: Sequence[float], grid: Sequence[float] = LOGIT_ADJUSTMENT_GRID
 ) -> float:
@@ -328,13 +319,6 @@ def fit_logit_adjustment(
     probs, targets = check_inputs(probs, targets)
     scores = [balanced_accuracy(adjust_logits(probs, prior, tau), targets) for tau in grid]
     return float(grid[int(np.argmax(scores))])
-
-
-def apply_temperature(probs: np.ndarray, temperature: float) -> np.ndarray:
-    """softmax(log p / T): the calibrated probabilities; argmax (hence accuracy) is unchanged."""
-    if temperature <= 0:
-        raise ValueError(f"temperature must be positive, got {temperature}")
-    return softmax(_logits(np.asarray(probs)) / temperature, axis=1)
 
 
 # ----------------------------------------------------------------------------- uncertainty
@@ -393,20 +377,6 @@ def bootstrap_ci(
 
 
 # ----------------------------------------------------------------------------- ensembles
-
-
-def average_probs(members: Sequence[np.ndarray], weights: Sequence[float] | None = None) -> np.ndarray:
-    """Weighted mean of members' softmax probabilities (weights are normalised to sum to 1)."""
-    if len(members) == 0:
-        raise ValueError("No ensemble members to average")
-    shapes = {np.shape(m) for m in members}
-    if len(shapes) != 1 or len(next(iter(shapes))) != 2:
-        raise ValueError(f"All members must share one (N, K) shape, got {[np.shape(m) for m in members]}")
-    w = np.ones(len(members)) if weights is None else np.asarray(weights, dtype=np.float64)
-    if w.shape != (len(members),) or np.any(w < 0) or w.sum() <= 0:
-        raise ValueError(f"Need {len(members)} non-negative weights with a positive sum, got {weights}")
-    stack = np.stack([np.asarray(m, dtype=np.float64) for m in members])
-    return np.tensordot(w / w.sum(), stack, axes=1)
 
 
 def _true_class_probs(members: Sequence[np.ndarray], targets: np.ndarray) -> np.ndarray:

@@ -3,6 +3,12 @@
 Everything that turns a checkpoint and images into probabilities goes through here: evaluate.py, the app, export and
 the benchmarks. ``tests/test_inference_core.py`` checks that nothing else calls ``torch.load`` on a checkpoint or runs
 the prediction forward pass.
+
+Modules: ``checkpoints`` (find and load), ``predictor`` (forward pass, TTA, :class:`Predictor`), ``explain`` (class
+activation maps and Grad-CAM as heatmaps) and the ``decision`` package: what turns the outputs into an answer (the
+ensemble combine, logit adjustment and temperature; the confidence gate and referral policy; the OOD detector; the
+image check). Import those from their modules (``lesionnet.inference.decision.policy``, ...): this ``__init__`` only
+re-exports the core.
 """
 
 from lesionnet.data.decode import pil_to_rgb, read_rgb

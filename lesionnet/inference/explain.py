@@ -1,8 +1,11 @@
-"""Grad-CAM heatmaps (pytorch-grad-cam) on the last spatial feature map of any timm backbone, as PNGs.
+"""Heatmaps of what the model looked at, as small grids in [0, 1]: the class activation map of the forward pass
+(``Prediction.cams``, heads that are average-pool + linear) or Grad-CAM (pytorch-grad-cam, the app extra) on the last
+spatial feature map of any timm backbone. :func:`unit_grid` is also the exported ONNX graph's reference
+(``lesionnet.export``), so the on-device heatmap is scaled as the server's.
 
-The target layer is found by tracing one forward pass rather than by model-specific names, so the baseline CNN,
-EfficientNet-Lite and the other timm backbones all work: it is the last module, in execution order, whose output is
-a feature map larger than 1x1 (pooling layers excluded, since they only resample the map before them).
+For Grad-CAM the target layer is found by tracing one forward pass rather than by model-specific names, so the
+baseline CNN, EfficientNet-Lite and the other timm backbones all work: it is the last module, in execution order,
+whose output is a feature map larger than 1x1 (pooling layers excluded, since they only resample the map before them).
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from pytorch_grad_cam import GradCAM
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 from torch import nn
 
-from lesionnet.inference import eval_crop_box
+from lesionnet.data.transforms import eval_crop_box
 
 
 def find_target_layer(model: nn.Module, input_size: tuple[int, int, int] | list[int]) -> tuple[str, nn.Module]:

@@ -22,8 +22,8 @@ from tqdm.auto import tqdm
 
 from lesionnet.data.dataset import LesionImageDataset
 from lesionnet.data.transforms import build_eval_transform
-from lesionnet.evaluation.metrics import adjust_logits, average_probs
 from lesionnet.inference.checkpoints import CheckpointError, Member, same_classes
+from lesionnet.inference.decision.combine import combine
 
 # Dermoscopy has no canonical orientation, so flips and 90-degree turns keep the label.
 TTA_MODES: dict[str, tuple[Callable[[torch.Tensor], torch.Tensor], ...]] = {
@@ -221,9 +221,7 @@ class Predictor:
 
     def _combine(self, passes: list[tuple[torch.Tensor, ...]]) -> Prediction:
         member_probs = torch.stack([p[0] for p in passes]).numpy()
-        probs = average_probs(list(member_probs), self.weights)
-        if self.logit_adjustment is not None:
-            probs = adjust_logits(probs, self.logit_adjustment["prior"], self.logit_adjustment["tau"])
+        probs = combine(list(member_probs), self.weights, self.logit_adjustment)
         energy = torch.stack([p[1] for p in passes]).mean(0).numpy()
         cams = passes[0][3].numpy() if len(passes[0]) > 3 else None
         return Prediction(
@@ -276,7 +274,3 @@ class Predictor:
             "device": str(self.device),
             "input_sizes": [list(m.data_config["input_size"]) for m in self.members],
         }
-
-    def with_weights(self, weights: Sequence[float] | None) -> Predictor:
-        """The same loaded members with other ensemble weights (no reload)."""
-        return Predictor(self.members, tta=self.tta, weights=weights, logit_adjustment=self.logit_adjustment)

@@ -2,7 +2,8 @@
 // Every threshold, rule, class name and sentence applied here comes from the server's /on-device/policy.json
 // (lesionnet/app/ondevice.py, built from the objects the server answers with); the model file is the served checkpoint
 // exported with its OOD gate (lesionnet/export.py). This file only computes what the server computes with OpenCV: the
-// image check's statistics (lesionnet/app/image_check.py) and the eval resize and crop (lesionnet/data/transforms.py).
+// image check's statistics (lesionnet/inference/decision/image_check.py) and the eval resize and crop
+// (lesionnet/data/transforms.py).
 // The answer has the shape of the server's /api/v1/predict answer, so the page shows both alike.
 
 const COEF_BITS = 11; // OpenCV's fixed-point resize: coefficients x 2048, rows and columns combined with 22 bits
@@ -156,7 +157,7 @@ function neighbourCorr(grey, width, height, dx, dy) {
   return denom > 0 ? ab / denom : 1;
 }
 
-// The statistics of lesionnet.app.image_check.image_stats, with its parameters from the policy
+// The statistics of lesionnet.inference.decision.image_check.image_stats, with its parameters from the policy
 export function imageStats(img, params) {
   const scale = Math.min(1, params.max_side / Math.max(img.width, img.height));
   const small = resize(img, Math.max(1, roundHalfEven(img.width * scale)), Math.max(1, roundHalfEven(img.height * scale)), "area");

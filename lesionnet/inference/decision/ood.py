@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 from statistics import NormalDist
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import torch
@@ -48,13 +48,18 @@ from scipy.linalg import cho_factor, cho_solve
 from scipy.stats import rankdata
 
 from lesionnet.contract.files import ContractError, read_json, write_json
-from lesionnet.inference import Prediction, Predictor
+
+if TYPE_CHECKING:  # the core's outputs, read here; the core imports this package's combine (see __init__)
+    from lesionnet.inference.predictor import Prediction, Predictor
 
 OOD_GATE_VERSION = 1
 OOD_METHODS: tuple[str, ...] = ("mahalanobis", "mahalanobis_class", "knn")
 OodMethod = Literal["mahalanobis", "mahalanobis_class", "knn"]
 DEFAULT_QUANTILE = 0.95
-REFIT = "Refit the gate for this model: lesionnet.app.ood.fit_ood(predictor, validation paths) or bench/ood_eval.py."
+REFIT = (
+    "Refit the gate for this model: lesionnet.inference.decision.ood.fit_ood(predictor, validation paths) or "
+    "bench/ood_eval.py."
+)
 _KNN_CHUNK = 1024  # query rows per similarity block: bounds memory at chunk x N floats
 _MAHALANOBIS_CHUNK = 256  # rows per block: the differences to the class means take chunk x C x D floats
 

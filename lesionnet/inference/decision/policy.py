@@ -16,17 +16,22 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from lesionnet.app.content import MALIGNANT
-from lesionnet.app.image_check import CheckThresholds, check_image
-from lesionnet.inference import CheckpointError, ImageOutput, Prediction, Predictor, read_rgb
+from lesionnet.classes import MALIGNANT
+from lesionnet.contract.files import write_text_atomic
+from lesionnet.data.decode import read_rgb
+from lesionnet.inference.checkpoints import CheckpointError
+from lesionnet.inference.decision.combine import apply_temperature
+from lesionnet.inference.decision.image_check import CheckThresholds, check_image
+
+if TYPE_CHECKING:  # the core's outputs, read here; the core imports this package's combine (see __init__)
+    from lesionnet.inference.predictor import ImageOutput, Prediction, Predictor
 
 log = logging.getLogger(__name__)
 DEFAULT_MSP_THRESHOLD = 0.4  # unvalidated fallback: below it no class has even 40%
@@ -60,10 +65,8 @@ class ReferralPolicy:
         )
 
     def calibrate(self, probs: np.ndarray) -> np.ndarray:
-        """softmax(log p / T), as evaluate.py's temperature scaling."""
-        logits = np.log(np.clip(probs, 1e-12, 1.0)) / self.temperature
-        z = np.exp(logits - logits.max())
-        return z / z.sum()
+        """softmax(log p / T) with the temperature evaluate.py fitted: the percentages shown."""
+        return apply_temperature(probs, self.temperature)
 
     @property
     def _what(self) -> str:
@@ -134,11 +137,7 @@ class ConfidenceGate:
 
     def save(self, path: Path) -> Path:
         """Write atomically, so a server starting at the same time never reads half a file."""
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(asdict(self), indent=2))
-        os.replace(tmp, path)
-        return path
+        return write_text_atomic(path, json.dumps(asdict(self), indent=2))
 
     @classmethod
     def load(cls, path: Path, model_version: str, fitted_on: dict[str, Any] | None = None) -> ConfidenceGate:
