@@ -34,7 +34,14 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import train_throughput as tt  # the sibling script: config composition, Clock, the plain train step)
+# bench/throughput, the parts of train_throughput.py: config composition, Clock, the plain train step, the report
+from throughput.arms import DEFAULT_CONFIGS
+from throughput.config import base_parser, compose_config, set_threads
+from throughput.markdown_report import finish_report
+from throughput.plain_loop import model_only_throughput
+from throughput.probes import Clock, load_average
+from throughput.run_info import cpu_info, run_metadata
+from throughput.summary import median
 
 TARGET = 3.0
 
@@ -43,7 +50,7 @@ def loader_throughput(datamodule: Any, num_workers: int, warmup: int, batches: i
     """Iterate the train loader with ``num_workers`` workers (epochs wrap around); time ``batches`` batches."""
     datamodule.num_workers = num_workers
     loader = datamodule.train_dataloader()
-    clock = tt.Clock(warmup, batches)
+    clock = Clock(warmup, batches)
     while not clock.done:
         for images, _ in loader:
             clock.step_end(int(images.shape[0]))
@@ -87,9 +94,9 @@ def measure_config(args: argparse.Namespace, config: str) -> dict[str, Any]:
     from hydra.utils import instantiate
     from omegaconf import OmegaConf
 
-    tt.set_threads(args.threads)
+    set_threads(args.threads)
     with tempfile.TemporaryDirectory(prefix="lesionnet-data-bench-") as tmp:
-        cfg = tt.compose_config(config, tmp, args.root, args.override, pretrained=False, loggers=False)
+        cfg = compose_config(config, tmp, args.root, args.override, pretrained=False, loggers=False)
     L.seed_everything(cfg.seed, workers=True)
     dm = instantiate(cfg.data)
     start = time.perf_counter()
@@ -99,7 +106,7 @@ def measure_config(args: argparse.Namespace, config: str) -> dict[str, Any]:
     runs = []
     for r in range(1, args.rounds + 1):
         for nw in args.workers:
-            run = {"round": r, "load_before": tt.load_average(), **loader_throughput(dm, nw, args.warmup, args.batches)}
+            run = {"round": r, "load_before": load_average(), **loader_throughput(dm, nw, args.warmup, args.batches)}
             runs.append(run)
             print(
                 f"{config} round {r} workers {nw}: {run['images_per_s']:.0f} img/s, "
@@ -107,19 +114,19 @@ def measure_config(args: argparse.Namespace, config: str) -> dict[str, Any]:
                 file=sys.stderr,
                 flush=True,
             )
-    per_workers = {nw: tt.median([x["images_per_s"] for x in runs if x["num_workers"] == nw]) for nw in args.workers}
-    cpu_ms = {nw: tt.median([x["cpu_ms_per_image"] for x in runs if x["num_workers"] == nw]) for nw in args.workers}
+    per_workers = {nw: median([x["images_per_s"] for x in runs if x["num_workers"] == nw]) for nw in args.workers}
+    cpu_ms = {nw: median([x["cpu_ms_per_image"] for x in runs if x["num_workers"] == nw]) for nw in args.workers}
     dm.num_workers = configured_workers
     model = (
         None
         if args.no_model
         else {
-            "load_before": tt.load_average(),
-            **tt.model_only_throughput(cfg, dm, args.model_warmup, args.model_steps),
+            "load_before": load_average(),
+            **model_only_throughput(cfg, dm, args.model_warmup, args.model_steps),
         }
     )
     train = train_figures(args.train_json, config)
-    cpus = tt.cpu_info()["usable_cpus"]
+    cpus = cpu_info()["usable_cpus"]
     comparisons = {}
     for name, ips in (
         ("model_only", model and model["images_per_s"]),
@@ -187,8 +194,8 @@ def markdown(report: dict[str, Any]) -> str:
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    p = tt.base_parser(__doc__)
-    p.add_argument("--configs", nargs="+", default=list(tt.DEFAULT_CONFIGS))
+    p = base_parser(__doc__)
+    p.add_argument("--configs", nargs="+", default=list(DEFAULT_CONFIGS))
     p.add_argument("--workers", nargs="+", type=int, default=[0, 1, 2], help="num_workers values")
     p.add_argument("--rounds", type=int, default=2, help="repeat the workers sweep (median reported)")
     p.add_argument("--warmup", type=int, default=5, help="batches not counted (worker start-up)")
@@ -214,15 +221,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     report: dict[str, Any] = {
         "benchmark": "data_throughput",
-        **tt.run_metadata(),
+        **run_metadata(),
         "target_data_over_model": TARGET,
-        "load_before": tt.load_average(),
+        "load_before": load_average(),
         "configs": {},
     }
     report["settings"] = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
     for config in args.configs:
         report["configs"][config] = measure_config(args, config)
-    return tt.finish_report(report, markdown, args.json)
+    return finish_report(report, markdown, args.json)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ import json
 import logging
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -50,6 +50,9 @@ OUTPUTS: dict[str, str] = {
 class OnDeviceGraph(torch.nn.Module):
     """One member's forward pass and everything the app derives from it, as one exportable module."""
 
+    ood_means: torch.Tensor  # buffers, registered in __init__ when a detector is given
+    ood_precision: torch.Tensor
+
     def __init__(self, member: Member, detector: OodDetector | None = None) -> None:
         super().__init__()
         self.member = member
@@ -62,8 +65,9 @@ class OnDeviceGraph(torch.nn.Module):
                     f"The OOD method '{detector.method}' cannot go into the graph (kNN needs every reference "
                     "feature); fit the gate with ood.method=mahalanobis_class."
                 )
-            self.register_buffer("ood_means", torch.from_numpy(detector.means.astype(np.float32)))
-            self.register_buffer("ood_precision", torch.from_numpy(detector.precision.astype(np.float32)))
+            means, precision = cast(np.ndarray, detector.means), cast(np.ndarray, detector.precision)  # Mahalanobis
+            self.register_buffer("ood_means", torch.from_numpy(means.astype(np.float32)))
+            self.register_buffer("ood_precision", torch.from_numpy(precision.astype(np.float32)))
 
     @property
     def output_names(self) -> list[str]:
@@ -92,7 +96,8 @@ def preprocessing_metadata(member: Member) -> dict[str, Any]:
     return {
         "lesionnet_format": 1,
         "model_name": member.name,
-        "backbone": member.model.hparams.backbone,
+        # hparams is typed AttributeDict | MutableMapping until module.py narrows it (issue 24 item 3)
+        "backbone": member.model.hparams.backbone,  # type: ignore[attr-defined]
         "class_names": member.class_names,
         "input_name": "image",
         "output_name": "logits",

@@ -25,7 +25,8 @@ def _under(name: str, prefix: str) -> bool:
 
 def classifier_parameter_names(model: nn.Module) -> set[str]:
     """Names of the parameters of the timm model's classifier (``get_classifier()``)."""
-    classifier = model.get_classifier()
+    # timm models define get_classifier; nn.Module's __getattr__ types any attribute as Tensor | Module
+    classifier: nn.Module = model.get_classifier()  # type: ignore[operator]
     ids = {id(p) for p in classifier.parameters()}
     return {n for n, p in model.named_parameters() if id(p) in ids}
 

@@ -28,7 +28,7 @@ from lesionnet.contract.provenance import CHECKPOINT_KEY as PROVENANCE_KEY
 from lesionnet.contract.provenance import Provenance
 from lesionnet.finetune import apply_finetune
 from lesionnet.models.colour import build_colour_constancy
-from lesionnet.models.factory import create_backbone
+from lesionnet.models.factory import build_backbone
 
 DEFAULT_OPTIMIZER: dict[str, Any] = {
     "_target_": "timm.optim.create_optimizer_v2",
@@ -158,7 +158,7 @@ class LesionClassifier(L.LightningModule):
                 "distill": plain(distill),
             }
         )
-        self.model = create_backbone(
+        self.model = build_backbone(
             backbone, len(class_names), pretrained, self.hparams.pretrained_file, **self.hparams.model_kwargs
         )
         if pretrained:

@@ -14,13 +14,13 @@ from __future__ import annotations
 import logging
 import math
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.utils import JobReturn, JobStatus
 from hydra.experimental.callback import Callback as HydraCallback
 from lightning.pytorch import LightningModule, Trainer
-from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import MLFlowLogger
 from omegaconf import DictConfig, OmegaConf
 
@@ -80,7 +80,8 @@ class MLflowRunInfo(Callback):
         loggers = self._mlflow_loggers(trainer)
         if not loggers or not trainer.is_global_zero:
             return
-        checkpoint = trainer.checkpoint_callback  # the checkpoint train() validates and tests
+        # the checkpoint train() validates and tests (the configs' checkpoint callbacks are ModelCheckpoints)
+        checkpoint = cast("ModelCheckpoint | None", trainer.checkpoint_callback)
         best = str(Path(checkpoint.best_model_path).resolve()) if checkpoint and checkpoint.best_model_path else ""
         score = getattr(checkpoint, "best_model_score", None)  # None without a monitored checkpoint
         for logger in loggers:

@@ -10,13 +10,13 @@ import logging
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import lightning as L
 import torch
 import torch.nn.functional as F
 from hydra.utils import instantiate
-from lightning.pytorch.callbacks import Callback, WeightAveraging
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint, WeightAveraging
 from lightning.pytorch.plugins import TorchSyncBatchNorm
 from omegaconf import DictConfig, OmegaConf
 from timm.layers import BatchNormAct2d, SyncBatchNormAct, convert_sync_batchnorm
@@ -24,6 +24,9 @@ from timm.layers import BatchNormAct2d, SyncBatchNormAct, convert_sync_batchnorm
 from lesionnet.contract.provenance import Provenance
 from lesionnet.contract.run import RunFolder, RunMetrics
 from lesionnet.inference import Member, forward, load_members
+
+if TYPE_CHECKING:
+    from lesionnet.module import LesionClassifier
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +48,12 @@ class TimmSyncBatchNorm(TorchSyncBatchNorm):
         if not isinstance(model, SyncBatchNormAct):
             return super().revert(model)
         reverted = BatchNormAct2d(
-            model.num_features, model.eps, model.momentum, model.affine, model.track_running_stats, apply_act=False
+            model.num_features,
+            model.eps,
+            model.momentum,  # type: ignore[arg-type]  # timm annotates float; None (cumulative average) passes through
+            model.affine,
+            model.track_running_stats,
+            apply_act=False,
         )
         for name in ("weight", "bias", "running_mean", "running_var", "num_batches_tracked"):
             setattr(reverted, name, getattr(model, name))  # the same tensors, as the base class does
@@ -63,11 +71,13 @@ def resize_views(images: torch.Tensor, data_config: Mapping[str, Any]) -> torch.
     return F.interpolate(images, size=size, mode="bilinear", align_corners=False, antialias=True)
 
 
-def load_teachers(distill: Mapping[str, Any], student: L.LightningModule, datamodule: Any = None) -> list[Member]:
+def load_teachers(distill: Mapping[str, Any], student: LesionClassifier, datamodule: Any = None) -> list[Member]:
     """The teacher checkpoints (through the inference core), on the student's device, checked for leaks: a teacher
     that trained on the student's validation or test images would carry them into the student."""
     teachers = load_members(list(distill["teachers"]), device=str(student.device))
-    mean, std = student.hparams.data_config["mean"], student.hparams.data_config["std"]
+    # hparams is typed AttributeDict | MutableMapping until module.py narrows it (issue 24 item 3)
+    data_config = student.hparams.data_config  # type: ignore[attr-defined]
+    mean, std = data_config["mean"], data_config["std"]
     held_out = set()
     if datamodule is not None and getattr(datamodule, "table", None) is not None:
         table = datamodule.table
@@ -110,10 +120,11 @@ class Teachers(Callback):
     its own), checked against the datamodule's held-out images (:func:`load_teachers`)."""
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        distill = pl_module.hparams.get("distill")
-        if distill and not pl_module.teachers:
-            members = load_teachers(distill, pl_module, getattr(trainer, "datamodule", None))
-            pl_module.teachers = [teacher_logits(member) for member in members]
+        student = cast("LesionClassifier", pl_module)  # build_trainer adds this callback for model.distill only
+        distill = student.hparams.get("distill")
+        if distill and not student.teachers:
+            members = load_teachers(distill, student, getattr(trainer, "datamodule", None))
+            student.teachers = [teacher_logits(member) for member in members]
 
 
 def resolve_ckpt_path(ckpt_path: str | None, cfg: DictConfig) -> str | None:
@@ -175,7 +186,7 @@ def build_model(cfg: DictConfig, datamodule: Any) -> Any:
     )
 
 
-def _scalars(metrics: dict[str, Any]) -> dict[str, float]:
+def _scalars(metrics: Mapping[str, Any]) -> dict[str, float]:
     return {k: float(v) for k, v in sorted(metrics.items())}
 
 
@@ -209,13 +220,15 @@ def train(cfg: DictConfig) -> float | None:
     trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
     fit_seconds = time.perf_counter() - start
 
-    best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
+    checkpoint = cast("ModelCheckpoint | None", trainer.checkpoint_callback)  # the configs' checkpoints are these
+    best = checkpoint.best_model_path if checkpoint else ""
     if not best:
         log.warning("No best checkpoint (checkpointing off or fast_dev_run): scoring the final weights.")
     ckpt = best or None
     # Weight-averaging (EMA) callbacks load the non-averaged weights back when a checkpoint is restored in
     # this Trainer; the checkpoint's own state_dict (what validation selected) is what must be scored.
-    trainer.callbacks[:] = [c for c in trainer.callbacks if not isinstance(c, WeightAveraging)]
+    callbacks: list[Callback] = trainer.callbacks  # type: ignore[attr-defined]  # set by Lightning's CallbackConnector
+    callbacks[:] = [c for c in callbacks if not isinstance(c, WeightAveraging)]
     val = _scalars(trainer.validate(model, datamodule=datamodule, ckpt_path=ckpt, verbose=False)[0])
     test = {}
     if cfg.get("test"):
@@ -235,7 +248,7 @@ def train(cfg: DictConfig) -> float | None:
         fold=cfg.data.get("fold"),
         val=val,
         test=test,
-        config=OmegaConf.to_container(cfg, resolve=True),
+        config=cast(dict[str, Any], OmegaConf.to_container(cfg, resolve=True)),  # a DictConfig gives a dict
     )
     if trainer.is_global_zero:
         log.info("Metrics written to %s", RunFolder(output_dir).write_metrics(summary))

@@ -29,11 +29,11 @@ from pathlib import Path
 names = set(zipfile.ZipFile(sys.argv[1]).namelist())
 src = Path(sys.argv[2])
 need = sorted(str(p.relative_to(src)) for p in (src / "lesionnet" / "conf").rglob("*") if p.is_file())
-need += ["lesionnet/data/sample/HAM10000_metadata.csv"]
+need += ["lesionnet/data/sample/HAM10000_metadata.csv", "lesionnet/py.typed"]  # py.typed: typed for type checkers
 missing = [n for n in need if n not in names]
 if missing:
     sys.exit(f"check_wheel: the wheel lacks {missing}; add them to [tool.setuptools.package-data] in pyproject.toml")
-print(f"check_wheel: {Path(sys.argv[1]).name} has {len(names)} files, all {len(need) - 1} of lesionnet/conf among them")
+print(f"check_wheel: {Path(sys.argv[1]).name} has {len(names)} files, all {len(need) - 2} of lesionnet/conf among them")
 EOF
 
 # 2. A venv that reuses .venv's packages through a .pth, with the wheel (and nothing else) installed into it.

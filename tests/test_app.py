@@ -22,7 +22,7 @@ from omegaconf import DictConfig
 from PIL import Image
 
 from lesionnet.app import build
-from lesionnet.app.api import create_app
+from lesionnet.app.api import build_api
 from lesionnet.app.build import build_app, build_service
 from lesionnet.app.schemas import ErrorResponse, HealthResponse, ModelCard, PredictResponse
 from lesionnet.app.service import LesionService
@@ -369,7 +369,7 @@ def test_200_concurrent_uploads_all_answer_with_at_most_workers_analysing_at_onc
                 seen["now"] -= 1
 
     service.analyse = tracked
-    app = create_app(service, workers=2)  # the default max_pending
+    app = build_api(service, workers=2)  # the default max_pending
     images = [jpeg(lesion_like(seed)) for seed in range(8)]
 
     async def fire() -> list[httpx.Response]:

@@ -26,7 +26,7 @@ from PIL import Image
 
 from lesionnet.app import content
 from lesionnet.app import service as service_module
-from lesionnet.app.api import create_app
+from lesionnet.app.api import build_api
 from lesionnet.app.build import build_app
 from lesionnet.app.schemas import HealthResponse, ModelCard, PredictResponse
 from lesionnet.app.server import server_options
@@ -323,7 +323,7 @@ def test_stalled_connections_are_closed_after_the_timeouts(run: Path, tmp_path: 
 
 def test_without_a_body_timeout_a_streamed_body_is_still_size_limited(client: TestClient) -> None:
     """limits.body_timeout_s=null turns the timeout off, not the size limit of a body without Content-Length."""
-    app = create_app(client.app.state.service, UploadLimits(max_bytes=2**20, body_timeout_s=None))
+    app = build_api(client.app.state.service, UploadLimits(max_bytes=2**20, body_timeout_s=None))
     chunks = iter([MULTIPART_HEAD, *[b"\0" * 100_000] * 13, b"\r\n--b--\r\n"])  # 1.3 MB, sent chunked
     with TestClient(app) as streamed:
         r = streamed.post(

@@ -1,4 +1,5 @@
-"""Smoke tests of the throughput benchmarks (bench/train_throughput.py, bench/data_throughput.py).
+"""Smoke tests of the throughput benchmarks (bench/train_throughput.py and its parts in bench/throughput/,
+bench/data_throughput.py).
 
 Tiny settings on the embedded sample: they check that every arm runs and that the JSON holds positive numbers
 under the expected keys, never the timings themselves.
@@ -37,10 +38,19 @@ def run_script(script: str, *args: str) -> subprocess.CompletedProcess:
 
 
 def load_bench_module() -> Any:
+    """The script bench/train_throughput.py as a module (its command line: ``main``)."""
     spec = importlib.util.spec_from_file_location("train_throughput", BENCH / "train_throughput.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def bench_module(name: str) -> Any:
+    """``throughput.<name>``: a part of bench/train_throughput.py, imported with bench/ on sys.path as the script
+    imports it."""
+    if str(BENCH) not in sys.path:
+        sys.path.insert(0, str(BENCH))
+    return importlib.import_module(f"throughput.{name}")
 
 
 def positive(*values: Any) -> bool:
@@ -122,7 +132,7 @@ def table_rows(markdown_text: str) -> dict[tuple[str, str, str, str], dict[str, 
 def test_gpu_check_dry_run_writes_the_table_between_the_markers(tmp_path: Path) -> None:
     """The GPU check's --dry-run: every cell of the real matrix at tiny sizes on the CPU, its table written into a
     copy of docs/PERFORMANCE.md between the markers (replaced, not added), the rest of the file untouched."""
-    tt = load_bench_module()
+    gpu_cells, markdown_report = bench_module("gpu_cells"), bench_module("markdown_report")
     doc, out, table = tmp_path / "PERFORMANCE.md", tmp_path / "gpu_check.json", tmp_path / "gpu_check.md"
     original = (REPO_ROOT / "docs" / "PERFORMANCE.md").read_text()
     doc.write_text(original)
@@ -130,25 +140,30 @@ def test_gpu_check_dry_run_writes_the_table_between_the_markers(tmp_path: Path) 
 
     gpu = json.loads(out.read_text())["gpu"]
     assert gpu["on_cpu"] is True and gpu["synthetic_data"] is True
-    planned = tt.plan_gpu_cells(
-        tt.GPU_MODELS, tt.DRY_RUN_VARIANTS, tt.GPU_COMPILE_MODELS, tt.GPU_DDP_MODELS, tt.GPU_DDP_VARIANTS, True
+    planned = gpu_cells.plan_gpu_cells(
+        gpu_cells.GPU_MODELS,
+        gpu_cells.DRY_RUN_VARIANTS,
+        gpu_cells.GPU_COMPILE_MODELS,
+        gpu_cells.GPU_DDP_MODELS,
+        gpu_cells.GPU_DDP_VARIANTS,
+        True,
     )
-    assert [tt.cell_key(c) for c in gpu["cells"]] == [tt.cell_key(c) for c in planned]
-    assert {c["model"] for c in planned} == {item.split(":")[0] for item in tt.GPU_MODELS}
+    assert [gpu_cells.cell_key(c) for c in gpu["cells"]] == [gpu_cells.cell_key(c) for c in planned]
+    assert {c["model"] for c in planned} == {item.split(":")[0] for item in gpu_cells.GPU_MODELS}
 
     text = doc.read_text()
-    assert text.count(tt.GPU_CHECK_START) == 1 and text.count(tt.GPU_CHECK_END) == 1
-    before, after = tt.split_at_markers(text, doc)
-    assert (before, after) == tt.split_at_markers(original, doc)  # the rest of the file is untouched
+    assert text.count(markdown_report.GPU_CHECK_START) == 1 and text.count(markdown_report.GPU_CHECK_END) == 1
+    before, after = markdown_report.split_at_markers(text, doc)
+    assert (before, after) == markdown_report.split_at_markers(original, doc)  # the rest of the file is untouched
     block = table.read_text().strip()
-    assert text == f"{before}{tt.GPU_CHECK_START}\n\n{block}\n\n{after}"
+    assert text == f"{before}{markdown_report.GPU_CHECK_START}\n\n{block}\n\n{after}"
     assert "Not yet measured" not in block and "Dry run on the CPU" in block and "--dry-run" in block
     rows = table_rows(block)
     assert len(rows) == len(planned)
     for cell in planned:
         trainer = "DDP, 1 device" if cell["ddp"] else "single device"
-        row = rows[cell["model"], cell["input"], trainer, tt.VARIANT_LABELS[cell["variant"]]]
-        if tt.GPU_VARIANTS[cell["variant"]][2]:
+        row = rows[cell["model"], cell["input"], trainer, markdown_report.VARIANT_LABELS[cell["variant"]]]
+        if gpu_cells.GPU_VARIANTS[cell["variant"]][2]:
             assert row["note"].startswith("skipped: torch.compile"), row
         elif cell["variant"] == "fp32":  # fp32 runs on any CPU
             assert float(row["train img/s"]) > 0 and float(row["ms/step"]) > 0, row
@@ -156,18 +171,20 @@ def test_gpu_check_dry_run_writes_the_table_between_the_markers(tmp_path: Path) 
             assert row["note"].startswith("failed: ") or float(row["train img/s"]) > 0, row
     assert "| model | backbone |" in proc.stdout
 
-    tt.write_between_markers(doc, block)  # a second run replaces its own block
+    markdown_report.write_between_markers(doc, block)  # a second run replaces its own block
     assert doc.read_text() == text
 
 
 def test_gpu_cells_are_planned_from_model_and_size(tmp_path: Path) -> None:
-    tt = load_bench_module()
-    assert tt.parse_model_size("inception_v3:299") == ("inception_v3", 299, 299)
-    assert tt.parse_model_size("baseline:192x256") == ("baseline", 192, 256)
+    gpu_cells = bench_module("gpu_cells")
+    assert gpu_cells.parse_model_size("inception_v3:299") == ("inception_v3", 299, 299)
+    assert gpu_cells.parse_model_size("baseline:192x256") == ("baseline", 192, 256)
     for bad, message in (("baseline", "MODEL:HxW"), ("baseline:0x5", "MODEL:HxW"), ("resnet9:64", "no group")):
         with pytest.raises(ValueError, match=message):
-            tt.parse_model_size(bad)
-    cells = tt.plan_gpu_cells(["baseline:192x256", "vgg16:192x256"], list(tt.GPU_VARIANTS), ["baseline"], [], [])
+            gpu_cells.parse_model_size(bad)
+    cells = gpu_cells.plan_gpu_cells(
+        ["baseline:192x256", "vgg16:192x256"], list(gpu_cells.GPU_VARIANTS), ["baseline"], [], []
+    )
     assert [(c["model"], c["variant"]) for c in cells] == [
         ("baseline", "fp32"),
         ("baseline", "bf16"),
@@ -177,7 +194,7 @@ def test_gpu_cells_are_planned_from_model_and_size(tmp_path: Path) -> None:
         ("vgg16", "bf16"),
         ("vgg16", "bf16_cl"),
     ]
-    dry = tt.plan_gpu_cells(
+    dry = gpu_cells.plan_gpu_cells(
         ["inception_v3:299", "densenet201:192x256"], ["fp32"], [], ["baseline:192x256"], ["bf16"], True
     )
     assert [(c["model"], c["input"], c["ddp"]) for c in dry] == [
@@ -188,26 +205,34 @@ def test_gpu_cells_are_planned_from_model_and_size(tmp_path: Path) -> None:
 
 
 def test_markers_are_checked_before_anything_is_written(tmp_path: Path) -> None:
-    tt = load_bench_module()
+    tt, markdown_report = load_bench_module(), bench_module("markdown_report")
     doc = tmp_path / "doc.md"
-    doc.write_text(f"# T\nbefore\n{tt.GPU_CHECK_START}\nold table\n{tt.GPU_CHECK_END}\nafter\n")
-    tt.write_between_markers(doc, "new table\n")
-    tt.write_between_markers(doc, "new table")
-    assert doc.read_text() == f"# T\nbefore\n{tt.GPU_CHECK_START}\n\nnew table\n\n{tt.GPU_CHECK_END}\nafter\n"
-    for broken in ("no markers\n", f"{tt.GPU_CHECK_START}\n{tt.GPU_CHECK_START}\n{tt.GPU_CHECK_END}\n"):
+    doc.write_text(
+        f"# T\nbefore\n{markdown_report.GPU_CHECK_START}\nold table\n{markdown_report.GPU_CHECK_END}\nafter\n"
+    )
+    markdown_report.write_between_markers(doc, "new table\n")
+    markdown_report.write_between_markers(doc, "new table")
+    assert (
+        doc.read_text()
+        == f"# T\nbefore\n{markdown_report.GPU_CHECK_START}\n\nnew table\n\n{markdown_report.GPU_CHECK_END}\nafter\n"
+    )
+    for broken in (
+        "no markers\n",
+        f"{markdown_report.GPU_CHECK_START}\n{markdown_report.GPU_CHECK_START}\n{markdown_report.GPU_CHECK_END}\n",
+    ):
         doc.write_text(broken)
         with pytest.raises(ValueError, match="needs exactly one"):
-            tt.write_between_markers(doc, "table")
+            markdown_report.write_between_markers(doc, "table")
         assert doc.read_text() == broken
     code = tt.main(["--dry-run", "--doc", str(REPO_ROOT / "docs" / "PERFORMANCE.md")])
     assert code == 2  # a CPU dry run never overwrites the GPU figures
 
 
-def fake_cell(tt: Any, cell: dict[str, Any], images_per_s: float, ms_per_step: float, extra_s: float) -> dict:
+def fake_cell(gpu_cells: Any, cell: dict[str, Any], images_per_s: float, ms_per_step: float, extra_s: float) -> dict:
     return {
         **cell,
         "backbone": f"{cell['model']}.fake",
-        "compile": tt.GPU_VARIANTS[cell["variant"]][2],
+        "compile": gpu_cells.GPU_VARIANTS[cell["variant"]][2],
         "images_per_s": images_per_s,
         "ms_per_step": ms_per_step,
         "warmup_extra_s": extra_s,
@@ -217,23 +242,23 @@ def fake_cell(tt: Any, cell: dict[str, Any], images_per_s: float, ms_per_step: f
 
 
 def test_gpu_matrix_worker_keeps_going_after_a_failing_cell(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    tt = load_bench_module()
-    cells = tt.plan_gpu_cells(["baseline:32"], ["fp32", "bf16", "bf16_cl"], [], [], [])
+    gpu_cells, workers = bench_module("gpu_cells"), bench_module("workers")
+    cells = gpu_cells.plan_gpu_cells(["baseline:32"], ["fp32", "bf16", "bf16_cl"], [], [], [])
     released = []
 
     def cell_or_oom(spec: dict[str, Any], cell: dict[str, Any], output_dir: Path) -> dict[str, Any]:
         if cell["variant"] == "bf16":
             raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB\nmore detail")
-        return fake_cell(tt, cell, 100.0, 10.0, 0.5)
+        return fake_cell(gpu_cells, cell, 100.0, 10.0, 0.5)
 
-    monkeypatch.setattr(tt, "set_threads", lambda threads: None)
-    monkeypatch.setattr(tt, "load_training_stack", lambda: None)
-    monkeypatch.setattr(tt, "device_info", lambda on_cpu: {"on_cpu": on_cpu, "cuda_available": True})
-    monkeypatch.setattr(tt, "gpu_cell", cell_or_oom)
-    monkeypatch.setattr(tt, "release_device", released.append)
+    monkeypatch.setattr(gpu_cells, "set_threads", lambda threads: None)
+    monkeypatch.setattr(gpu_cells, "load_training_stack", lambda: None)
+    monkeypatch.setattr(gpu_cells, "device_info", lambda on_cpu: {"on_cpu": on_cpu, "cuda_available": True})
+    monkeypatch.setattr(gpu_cells, "gpu_cell", cell_or_oom)
+    monkeypatch.setattr(gpu_cells, "release_device", released.append)
     spec = {"on_cpu": False, "cells": cells, "deadline": time.time() + 60, "budget_s": 60}
-    tt.gpu_matrix({**spec, "progress": str(tmp_path / "a.jsonl")}, tmp_path)
-    results = [e["cell"] for e in tt.read_events(tmp_path / "a.jsonl") if e["event"] == "cell"]
+    gpu_cells.gpu_matrix({**spec, "progress": str(tmp_path / "a.jsonl")}, tmp_path)
+    results = [e["cell"] for e in workers.read_events(tmp_path / "a.jsonl") if e["event"] == "cell"]
     assert [("images_per_s" in c, c.get("error", "")[:30]) for c in results] == [
         (True, ""),
         (False, "RuntimeError: CUDA out of memo"),
@@ -241,49 +266,56 @@ def test_gpu_matrix_worker_keeps_going_after_a_failing_cell(tmp_path: Path, monk
     ]
     assert released == [False]  # the failed cell's memory is given back before the next one
 
-    tt.gpu_matrix({**spec, "deadline": time.time() - 1, "progress": str(tmp_path / "b.jsonl")}, tmp_path)
-    skipped = [e["cell"]["skipped"] for e in tt.read_events(tmp_path / "b.jsonl") if e["event"] == "cell"]
+    gpu_cells.gpu_matrix({**spec, "deadline": time.time() - 1, "progress": str(tmp_path / "b.jsonl")}, tmp_path)
+    skipped = [e["cell"]["skipped"] for e in workers.read_events(tmp_path / "b.jsonl") if e["event"] == "cell"]
     assert len(skipped) == 3 and all(s.startswith("--budget-s 60 reached") for s in skipped)
 
 
 def test_gpu_matrix_driver_restarts_after_a_lost_cell_and_renders_every_row(tmp_path: Path) -> None:
     """A worker that dies inside a cell loses that cell only: it is "failed" with the reason, a new worker runs the
     cells after it, and the compile cells get a fresh worker; the table has a row per cell."""
-    tt = load_bench_module()
-    cells = tt.plan_gpu_cells(
-        ["baseline:192x256", "vgg16:192x256"], list(tt.GPU_VARIANTS), ["baseline"], ["baseline:192x256"], ["fp32"]
+    gpu_cells, workers = bench_module("gpu_cells"), bench_module("workers")
+    markdown_report, gpu_schedule = bench_module("markdown_report"), bench_module("gpu_schedule")
+    cells = gpu_cells.plan_gpu_cells(
+        ["baseline:192x256", "vgg16:192x256"],
+        list(gpu_cells.GPU_VARIANTS),
+        ["baseline"],
+        ["baseline:192x256"],
+        ["fp32"],
     )
     calls: list[list[str]] = []
 
     def launch(kind: str, spec: dict[str, Any], workdir: Path, timeout: float, watch: Any) -> dict[str, Any]:
         progress = Path(spec["progress"])
-        calls.append([tt.cell_key(c) for c in spec["cells"]])
-        tt.emit(progress, {"event": "device", "info": {"device_name": "Fake GPU", "on_cpu": False}})
+        calls.append([gpu_cells.cell_key(c) for c in spec["cells"]])
+        workers.emit(progress, {"event": "device", "info": {"device_name": "Fake GPU", "on_cpu": False}})
         for cell in spec["cells"]:
-            tt.emit(progress, {"event": "start", "key": tt.cell_key(cell), "compile": False})
+            workers.emit(progress, {"event": "start", "key": gpu_cells.cell_key(cell), "compile": False})
             if cell["model"] == "vgg16" and cell["variant"] == "bf16":
-                raise tt.WorkerError("gpu_matrix_1", "exit -11", "step 3\nSegmentation fault\n")
+                raise workers.WorkerError("gpu_matrix_1", "exit -11", "step 3\nSegmentation fault\n")
             fast = cell["variant"] == "bf16_cl_compile"
-            tt.emit(
+            workers.emit(
                 progress,
                 {
                     "event": "cell",
-                    "cell": fake_cell(tt, cell, 200.0 if fast else 100.0, 5 if fast else 10, 30.5 if fast else 0.5),
+                    "cell": fake_cell(
+                        gpu_cells, cell, 200.0 if fast else 100.0, 5 if fast else 10, 30.5 if fast else 0.5
+                    ),
                 },
             )
         return {"max_rss_mb": 1.0}
 
     spec = {"on_cpu": False, "deadline": time.time() + 60, "budget_s": 60, "cell_timeout_s": 9, "compile_timeout_s": 9}
-    gpu = tt.run_gpu_matrix(spec, cells, tmp_path, 60, launch=launch)
+    gpu = gpu_schedule.run_gpu_matrix(spec, cells, tmp_path, 60, launch=launch)
     assert len(calls) == 3  # eager + DDP, the rest after the lost cell, then the compile cell
     assert calls[1] == ["vgg16:192x256:bf16_cl:single", "baseline:192x256:fp32:ddp"]
     assert calls[2] == ["baseline:192x256:bf16_cl_compile:single"]
-    assert [tt.cell_key(c) for c in gpu["cells"]] == [tt.cell_key(c) for c in cells]
+    assert [gpu_cells.cell_key(c) for c in gpu["cells"]] == [gpu_cells.cell_key(c) for c in cells]
     lost = next(c for c in gpu["cells"] if c["model"] == "vgg16" and c["variant"] == "bf16")
     assert lost["error"] == "worker exit -11; its last output: Segmentation fault"
     assert gpu["device_name"] == "Fake GPU"
 
-    rows = table_rows("\n".join(tt.gpu_table(gpu)))
+    rows = table_rows("\n".join(markdown_report.gpu_table(gpu)))
     assert len(rows) == len(cells)
     assert rows["vgg16", "192x256", "single device", "bf16-mixed"]["note"].startswith("failed: worker exit -11")
     compiled = rows["baseline", "192x256", "single device", "bf16-mixed + channels_last + torch.compile"]
@@ -292,7 +324,7 @@ def test_gpu_matrix_driver_restarts_after_a_lost_cell_and_renders_every_row(tmp_
 
     spent = {**spec, "deadline": time.time() - 1}
     calls.clear()
-    gpu = tt.run_gpu_matrix(spent, cells, tmp_path, 60, launch=launch)
+    gpu = gpu_schedule.run_gpu_matrix(spent, cells, tmp_path, 60, launch=launch)
     assert not calls and all(c["skipped"] == "--budget-s 60 used up" for c in gpu["cells"])
 
 
@@ -341,8 +373,8 @@ def test_data_throughput_compares_with_the_model(
 
 
 def test_clock_counts_only_the_timed_steps() -> None:
-    tt = load_bench_module()
-    clock = tt.Clock(warmup=2, steps=3)
+    probes = bench_module("probes")
+    clock = probes.Clock(warmup=2, steps=3)
     for size in (10, 10, 4, 5, 6):
         assert not clock.done
         clock.step_end(size)
@@ -350,8 +382,8 @@ def test_clock_counts_only_the_timed_steps() -> None:
     result = clock.result()
     assert result["images"] == 15 and result["steps"] == 3 and result["seconds"] >= 0
     with pytest.raises(ValueError, match="warmup and steps"):
-        tt.Clock(warmup=0, steps=3)
+        probes.Clock(warmup=0, steps=3)
     with pytest.raises(RuntimeError, match="Only 1 of"):
-        unfinished = tt.Clock(warmup=1, steps=1)
+        unfinished = probes.Clock(warmup=1, steps=1)
         unfinished.step_end(1)
         unfinished.result()

@@ -12,7 +12,7 @@ from lightning.fabric.utilities.seed import pl_worker_init_function
 from torch.utils.data import DataLoader, WeightedRandomSampler
 
 from lesionnet.data.datamodule import HAM10000DataModule, class_weights
-from lesionnet.data.dataset import LesionImageDataset
+from lesionnet.data.image_dataset import LesionImageDataset
 from lesionnet.data.metadata import DatasetError, embedded_sample_root
 from lesionnet.data.transforms import build_eval_transform, resolve_data_config, to_hw
 

@@ -18,9 +18,10 @@ from PIL import Image
 from lesionnet.contract.files import ContractError
 from lesionnet.contract.provenance import ProvenanceError, file_sha256
 from lesionnet.contract.scores import ScoresFile, read_scores, write_scores
+from lesionnet.data.isic import ISIC_COLUMNS
 from lesionnet.data.metadata import DatasetError
-from lesionnet.evaluation.datasets import ISIC_COLUMNS, read_labels
-from lesionnet.evaluation.report import write_report
+from lesionnet.evaluation.eval_report import write_eval_report
+from lesionnet.evaluation.external_sets import read_labels
 from lesionnet.evaluation.runner import EvalSet, bootstrap_unit, ensemble_weights, evaluate
 from lesionnet.inference import CheckpointError, load_member, resolve_checkpoints, tta_views
 from lesionnet.training import train
@@ -228,11 +229,13 @@ def _result(title: str, in_sample: bool, bootstrap: str) -> dict:
 
 def test_report_title_follows_the_evaluated_set(tmp_path: Path) -> None:
     title = "validation (in-sample, optimistic)"
-    report = write_report(_result(title, True, "bootstrap over 1,120 lesions"), ["mel"], tmp_path / "a.md").read_text()
+    report = write_eval_report(
+        _result(title, True, "bootstrap over 1,120 lesions"), ["mel"], tmp_path / "a.md"
+    ).read_text()
     assert report.startswith(f"# LesionNet evaluation: {title}\n") and "**In-sample:**" in report
     assert f"): {title} sensitivity 0.900" in report and "test" not in report
     assert "95% intervals: bootstrap over 1,120 lesions, 1000 resamples." in report
-    external = write_report(
+    external = write_eval_report(
         _result("external", False, "bootstrap over images: lesion ids unknown (1,520 images)"),
         ["mel"],
         tmp_path / "b.md",

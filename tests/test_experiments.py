@@ -10,8 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from lesionnet.report import collect
-from lesionnet.report import main as report_main
+from lesionnet.results_table import collect, write_results_table
 from lesionnet.training import train
 from tests.conftest import REPO_ROOT
 from tests.test_train import CONF, compose_train
@@ -78,7 +77,7 @@ def test_failed_run_does_not_stop_the_sweep_and_report_collects_the_rest(tmp_pat
     assert (sweep / "1" / "metrics.json").is_file()  # ... after the other job ran
     table = collect(sweep)
     assert len(table) == 1 and table.loc[0, "backbone"] == "lesionnet_baseline"
-    report_main([str(sweep)])
+    write_results_table([sweep])
     markdown = (sweep / "results.md").read_text()
     assert "test balanced acc" in markdown and "lesionnet_baseline" in markdown
     assert (sweep / "results.csv").read_text().startswith("run,backbone,finetune,val_acc,test_acc")

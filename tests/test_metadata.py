@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from lesionnet.data.dataset import read_rgb
+from lesionnet.data.decode import read_rgb
 from lesionnet.data.metadata import DatasetError, load_ham10000
 from tests.conftest import write_image
 

@@ -24,7 +24,7 @@ if not all((VENDOR / name).is_file() for name in RUNTIME_FILES.values()):
         "onnxruntime-web is not installed in static/vendor/ort (bash scripts/setup.sh)", allow_module_level=True
     )
 
-from lesionnet.app.api import create_app
+from lesionnet.app.api import build_api
 from lesionnet.app.build import build_app
 from lesionnet.data.decode import read_rgb
 from tests.test_app import compose_serve, lesion_like, patterns
@@ -225,7 +225,7 @@ def test_without_the_runtime_the_option_is_off_and_says_why(
     plain_server: tuple[str, Any], browser: sync_api.Browser
 ) -> None:
     service = plain_server[1]
-    app = create_app(service, on_device=OnDevice(service, vendor=VENDOR / "missing"))
+    app = build_api(service, on_device=OnDevice(service, vendor=VENDOR / "missing"))
     with serving(app) as url:
         context, page, errors = open_page(browser, url)
         sync_api.expect(page.locator("#on-device-note")).to_contain_text("runtime is not installed")

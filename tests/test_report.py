@@ -12,7 +12,7 @@ import pytest
 from lesionnet.cli.report import positional_runs
 from lesionnet.contract.files import write_json
 from lesionnet.contract.run import RunMetrics
-from lesionnet.report import collect, write_report
+from lesionnet.results_table import collect, write_results_table
 
 LESIONNET = Path(sys.executable).parent / "lesionnet"
 
@@ -82,8 +82,8 @@ def test_runs_selected_on_different_metrics_are_refused_with_the_fix(tmp_path: P
     assert list(collect(tmp_path, sort_by="val/balanced_acc")["backbone"]) == ["net_a", "net_b"]  # b lacks it: last
 
 
-def test_write_report_writes_markdown_and_csv_in_the_ranked_order(sweep: Path, tmp_path: Path) -> None:
-    write_report([sweep], tmp_path / "out")
+def test_write_results_table_writes_markdown_and_csv_in_the_ranked_order(sweep: Path, tmp_path: Path) -> None:
+    write_results_table([sweep], tmp_path / "out")
     csv = pd.read_csv(tmp_path / "out" / "results.csv")
     assert list(csv["backbone"]) == ["net_0", "net_1"]
     markdown = (tmp_path / "out" / "results.md").read_text()

@@ -54,3 +54,32 @@ def test_only_the_cli_is_a_hydra_app() -> None:
         if PACKAGE / "cli" not in path.parents and uses_hydra_main(path)
     ]
     assert not offenders, f"hydra.main outside lesionnet/cli: {offenders}"
+
+
+def entry_points(path: Path) -> list[str]:
+    """What makes a file a command of its own: its name ``__main__.py``, an ``argparse`` import, an
+    ``if __name__ == "__main__"`` block."""
+    found = ["__main__.py"] if path.name == "__main__.py" else []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if (isinstance(node, ast.Import) and any(a.name == "argparse" for a in node.names)) or (
+            isinstance(node, ast.ImportFrom) and node.module == "argparse"
+        ):
+            found.append("argparse")
+        if (
+            isinstance(node, ast.Compare)
+            and getattr(node.left, "id", None) == "__name__"
+            and any(getattr(c, "value", None) == "__main__" for c in node.comparators)
+        ):
+            found.append("__main__")
+    return found
+
+
+def test_the_package_has_one_way_in() -> None:
+    """``lesionnet <command>`` -> lesionnet/cli/<command>.py -> a pipeline function: no argparse ``main`` and no
+    ``__main__`` block or file elsewhere in the package (bench/ and scripts/ are scripts and keep theirs)."""
+    offenders = [
+        f"{path.relative_to(REPO_ROOT)}: {', '.join(found)}"
+        for path in sorted(PACKAGE.rglob("*.py"))
+        if PACKAGE / "cli" not in path.parents and (found := entry_points(path))
+    ]
+    assert not offenders, f"entry points outside lesionnet/cli: {offenders}"

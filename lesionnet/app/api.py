@@ -328,7 +328,7 @@ def install_page_routes(app: FastAPI) -> None:
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
 
 
-def create_app(
+def build_api(
     service: LesionService,
     limits: UploadLimits | None = None,
     workers: int = 1,

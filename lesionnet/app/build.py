@@ -1,4 +1,4 @@
-"""Config -> loaded service -> FastAPI app; kept out of ``__main__`` so tests build the same app the CLI serves."""
+"""Config -> loaded service -> FastAPI app (:func:`build_app`), in one place: tests build the app the CLI serves."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from typing import Any
 import pandas as pd
 from omegaconf import DictConfig
 
-from lesionnet.app.api import create_app
+from lesionnet.app.api import build_api
 from lesionnet.app.ondevice import OnDevice
 from lesionnet.app.service import LesionService
 from lesionnet.app.upload import UploadLimits
@@ -232,7 +232,7 @@ def build_app(cfg: DictConfig) -> object:
     service = build_service(cfg)
     on_device = cfg.get("on_device") or {}
     cache_dir = on_device.get("cache_dir") or Path(cfg.paths.output_dir) / "on_device"
-    return create_app(
+    return build_api(
         service,
         limits,
         workers=cfg.limits.workers,

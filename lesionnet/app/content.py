@@ -5,6 +5,8 @@ Kept apart from the logic so wording can be reviewed (clinically and for readabi
 
 from __future__ import annotations
 
+from typing import Any
+
 from lesionnet.classes import CLASS_LONG_NAMES
 
 DISCLAIMER = (
@@ -166,7 +168,7 @@ def percent_with_interval(value: float | None, interval: list[float | None] | No
     return text
 
 
-def performance_summary(metrics: dict, bootstrap: str | None, provenance: list[str]) -> str:
+def performance_summary(metrics: dict[str, Any], bootstrap: str | None, provenance: list[str]) -> str:
     """The model card's test figures in a few sentences: accuracy and balanced accuracy with their intervals, what
     the intervals resample, melanoma sensitivity, calibration and whether the scored images were checked unseen."""
     count = f"{metrics['n_images']:,} " if metrics.get("n_images") else ""

@@ -10,7 +10,7 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field
 from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
@@ -205,7 +205,8 @@ class LesionService:
             config = self.predictor.members[0].data_config
             heatmap = None
             if self.use_cam:
-                heatmap = asdict(cam_heatmap(out.cams, top, code, config, image))
+                cams = cast(np.ndarray, out.cams)  # predicted with cams=self.use_cam
+                heatmap = asdict(cam_heatmap(cams, top, code, config, image))
             elif self.explainer is not None:
                 x = self.predictor.preprocess(0, [image])
                 heatmap = asdict(self.explainer.explain(image, x, top, code))
@@ -273,7 +274,8 @@ class LesionService:
         validated = self.referral.melanoma_threshold is not None and sensitivity is not None and bool(n_images)
         return {
             "validated": validated,
-            "message": content.referral_checked(n_images, melanomas, sensitivity, in_sample)
+            # validated: n_images and sensitivity are set
+            "message": content.referral_checked(cast(int, n_images), melanomas, cast(float, sensitivity), in_sample)
             if validated
             else content.REFERRAL_NOT_CHECKED,
             "evaluated_on": evaluated.get("evaluated") if validated else None,

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import Any, cast
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
@@ -23,7 +24,7 @@ def fetch(cfg: DictConfig) -> int:
         print("error: no destination folder. Run: lesionnet download dest=DIR", file=sys.stderr)
         return 1
     dest = Path(cfg.dest).expanduser().resolve()
-    config = OmegaConf.to_container(cfg.download, resolve=True)
+    config = cast(dict[str, Any], OmegaConf.to_container(cfg.download, resolve=True))  # a config group: a mapping
     try:
         count = run(dest, config, cfg.source, keep=cfg.keep_archives, force=cfg.force)
     except (DownloadError, DatasetError) as err:

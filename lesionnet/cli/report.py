@@ -14,7 +14,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from lesionnet.cli import CONF_DIR
-from lesionnet.report import write_report
+from lesionnet.results_table import write_results_table
 
 HYDRA_VALUE_OPTIONS = frozenset(
     {
@@ -58,7 +58,7 @@ def positional_runs(argv: Sequence[str]) -> list[str]:
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="report")
 def main(cfg: DictConfig) -> None:
     runs = OmegaConf.to_container(cfg.runs) if not isinstance(cfg.runs, str) else [cfg.runs]
-    write_report(runs, cfg.out_dir, sort_by=cfg.sort_by, sort_mode=cfg.sort_mode)
+    write_results_table(runs, cfg.out_dir, sort_by=cfg.sort_by, sort_mode=cfg.sort_mode)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ import torch
 from torch.utils.data import DataLoader, WeightedRandomSampler
 
 from lesionnet.classes import CLASS_NAMES
-from lesionnet.data.dataset import LesionImageDataset
+from lesionnet.data.image_dataset import LesionImageDataset
 from lesionnet.data.metadata import embedded_sample_root, load_ham10000
 from lesionnet.data.split import (
     SPLITS,

@@ -1,7 +1,9 @@
-"""The ISIC 2018 Task 3 label format (``image,MEL,NV,BCC,AKIEC,BKL,DF,VASC`` one-hot), read in one place."""
+"""The ISIC 2018 Task 3 format (``image,MEL,NV,BCC,AKIEC,BKL,DF,VASC``), read and written in one place: one-hot
+ground truth in and out, submission CSVs (probabilities) out."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -25,3 +27,24 @@ def isic_onehot_to_dx(df: pd.DataFrame, path: Path) -> pd.DataFrame:
     if bad.any():
         raise DatasetError(f"{path}: rows {preview_items(np.flatnonzero(bad) + 2)} are not one-hot.")
     return pd.DataFrame({"image": df["image"].to_numpy(), "dx": [ISIC_COLUMNS[i].lower() for i in onehot.argmax(1)]})
+
+
+def write_isic_predictions(image_ids: Sequence[str], probs: np.ndarray, class_names: Sequence[str], path: Path) -> Path:
+    """Probabilities as an ISIC 2018 Task 3 submission CSV (``image,MEL,NV,BCC,AKIEC,BKL,DF,VASC``)."""
+    lower = [c.lower() for c in ISIC_COLUMNS]
+    if sorted(class_names) != sorted(lower):
+        raise ValueError(f"The ISIC 2018 format needs the 7 HAM10000 classes, the model has {list(class_names)}.")
+    order = [list(class_names).index(c) for c in lower]
+    frame = pd.DataFrame(probs[:, order], columns=list(ISIC_COLUMNS))
+    frame.insert(0, "image", list(image_ids))
+    frame.to_csv(path, index=False, float_format="%.9f")
+    return path
+
+
+def write_isic_ground_truth(image_ids: Sequence[str], dx: Sequence[str], path: Path) -> Path:
+    """Labels as an ISIC 2018 Task 3 ground-truth CSV, so the official scorer can be run on our outputs."""
+    frame = pd.DataFrame({"image": list(image_ids)})
+    for column in ISIC_COLUMNS:
+        frame[column] = [1.0 if d == column.lower() else 0.0 for d in dx]
+    frame.to_csv(path, index=False)
+    return path

@@ -77,9 +77,9 @@ def split_lesions(df: pd.DataFrame, fractions: Mapping[str, float], seed: int) -
             for lesion in ids[start : start + counts[split]]:
                 assignment[lesion] = split
             start += counts[split]
-    split = df["lesion_id"].map(assignment)
-    assert_no_leak(df.assign(split=split))
-    return split
+    assigned = df["lesion_id"].map(assignment)
+    assert_no_leak(df.assign(split=assigned))
+    return assigned
 
 
 def split_images_legacy(

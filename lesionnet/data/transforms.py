@@ -80,6 +80,7 @@ def resolve_data_config(
         pretrained_cfg = timm.models.get_pretrained_cfg(backbone, allow_unregistered=False)
     except RuntimeError as err:
         raise ValueError(f"Unknown timm model '{backbone}' ({err}). See timm.list_models().") from err
+    assert pretrained_cfg is not None  # allow_unregistered=False raises instead of returning None
     cfg = timm.data.resolve_data_config(pretrained_cfg=pretrained_cfg.to_dict())
     if image_size is not None:
         cfg["input_size"] = (3, *to_hw(image_size))

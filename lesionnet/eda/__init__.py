@@ -7,11 +7,12 @@ split every training run with these ``data.*`` settings uses. Counts are images 
 lesions: one lesion (``lesion_id``) can have several images, and patient fields repeat across them.
 
 Modules: ``common`` (table helpers), ``plots`` (figures), ``stats`` (what reads image files),
-``sections`` (metadata and split sections), ``image_sections`` (sizes, colour, sample grid), ``report``.
+``sections`` (metadata and split sections), ``image_sections`` (sizes, colour, sample grid), ``eda_report``
+(the README.md that puts them together).
 """
 
+from lesionnet.eda.eda_report import REPORT_FILE, write_eda_report
 from lesionnet.eda.image_sections import section_image_stats, section_sample_grid
-from lesionnet.eda.report import REPORT_FILE, write_eda_report
 from lesionnet.eda.sections import (
     DX_TYPE_MEANING,
     leak_check,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import pandas as pd
@@ -28,7 +29,7 @@ def _save(fig: Figure, path: Path, palette: bool = False) -> str:
     """
     if palette:
         fig.canvas.draw()
-        rgb = np.asarray(fig.canvas.buffer_rgba())[..., :3]
+        rgb = np.asarray(cast(FigureCanvasAgg, fig.canvas).buffer_rgba())[..., :3]  # attached by _figure
         Image.fromarray(rgb).quantize(256).save(path, optimize=True)
     else:
         fig.savefig(path, dpi=DPI)

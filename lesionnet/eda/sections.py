@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import pandas as pd
@@ -261,7 +262,7 @@ def section_split(table: pd.DataFrame) -> str:
 
     images = per_class(table)
     lesions = per_class(table.drop_duplicates(["lesion_id", "split"]))  # a leaked lesion counts in each split
-    share = _pct(images.loc["total", splits], images.loc["total", "total"])
+    share = _pct(images.loc["total", splits], cast(int, images.loc["total", "total"]))  # a count
     return "\n".join(
         [
             "## Split",

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from typing import Any
 
 import pandas as pd
 
@@ -33,7 +34,8 @@ def only(provenance: Provenance, splits: Sequence[str]) -> Provenance:
     """The part of a provenance record from some splits (e.g. only the training images)."""
     keep = [k for k, split in enumerate(provenance.split) if split in splits]
     columns = ("image_id", "lesion_id", "split", "sha256", "phash")
-    return Provenance(**{c: [getattr(provenance, c)[k] for k in keep] for c in columns})
+    kept: dict[str, Any] = {c: [getattr(provenance, c)[k] for k in keep] for c in columns}
+    return Provenance(**kept)
 
 
 def refuse(member: Member, overlap: Overlap, description: str, learnt_from: str) -> None:

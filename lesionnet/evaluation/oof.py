@@ -222,7 +222,7 @@ def cv_summary(per_fold: list[dict[str, float | None]]) -> dict[str, MeanSd]:
     """Mean ± sample sd over folds of each CV metric (folds where it is undefined are left out and counted)."""
     summary = {}
     for name in CV_METRICS:
-        values = [s[name] for s in per_fold if s[name] is not None]
+        values = [value for s in per_fold if (value := s[name]) is not None]
         summary[name] = MeanSd(
             mean=float(np.mean(values)) if values else None,
             sd=float(np.std(values, ddof=1)) if len(values) > 1 else None,

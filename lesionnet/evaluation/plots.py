@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -46,21 +47,21 @@ def plot_confusion_matrix(
     cm: np.ndarray | Sequence[Sequence[float]], class_names: Sequence[str], path: str | Path, normalize: bool = False
 ) -> Path:
     """Heat map with every cell annotated; ``normalize`` divides rows (true classes) so each shows its recall."""
-    cm = np.asarray(cm, dtype=np.float64)
+    matrix = np.asarray(cm, dtype=np.float64)
     if normalize:
-        row_sums = cm.sum(axis=1, keepdims=True)
-        cm = np.divide(cm, row_sums, out=np.zeros_like(cm), where=row_sums > 0)  # empty rows stay 0, not NaN
+        row_sums = matrix.sum(axis=1, keepdims=True)
+        matrix = np.divide(matrix, row_sums, out=np.zeros_like(matrix), where=row_sums > 0)  # empty rows: 0, not NaN
     fig = _new_figure((6.0, 5.0))
     ax = fig.subplots()
-    image = ax.imshow(cm, cmap="Blues", vmin=0.0, vmax=1.0 if normalize else max(cm.max(), 1.0))
+    image = ax.imshow(matrix, cmap="Blues", vmin=0.0, vmax=1.0 if normalize else max(matrix.max(), 1.0))
     fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
     ticks = np.arange(len(class_names))
     ax.set(xticks=ticks, yticks=ticks, xlabel="predicted", ylabel="true")
     ax.set_xticklabels(class_names, rotation=45, ha="right")
     ax.set_yticklabels(class_names)
     ax.set_title("Confusion matrix" + (" (row-normalised)" if normalize else ""))
-    threshold = image.norm.vmax / 2
-    for (i, j), value in np.ndenumerate(cm):
+    threshold = cast(float, image.norm.vmax) / 2  # set by imshow(vmax=...)
+    for (i, j), value in np.ndenumerate(matrix):
         text = f"{value:.2f}" if normalize else f"{value:.0f}"
         ax.text(j, i, text, ha="center", va="center", fontsize=8, color="white" if value > threshold else "black")
     return _save(fig, path)

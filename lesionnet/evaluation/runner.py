@@ -34,12 +34,14 @@ from lesionnet.contract.scores import (
     ScoresFile,
     write_scores,
 )
+from lesionnet.data.isic import write_isic_ground_truth, write_isic_predictions
 from lesionnet.data.metadata import DatasetError
 from lesionnet.evaluation import metrics, plots
-from lesionnet.evaluation.datasets import external_table, write_isic_ground_truth, write_isic_predictions
+from lesionnet.evaluation.eval_report import write_eval_report
+from lesionnet.evaluation.external_sets import external_table
 from lesionnet.evaluation.guard import check_provenance
-from lesionnet.evaluation.report import write_report
 from lesionnet.inference import CheckpointError, Member, Predictor, load_members
+from lesionnet.inference.decision.combine import apply_temperature, combine
 
 log = logging.getLogger(__name__)
 ENSEMBLE_MODES: tuple[str, ...] = ("none", "mean", "greedy", "fit")
@@ -298,7 +300,7 @@ def score(
             "balanced_accuracy": metrics.balanced_accuracy(val_probs, val_targets),
         }
         temperature = metrics.fit_temperature(val_probs, val_targets)
-        calibrated = metrics.classification_scores(metrics.apply_temperature(probs, temperature), targets, class_names)
+        calibrated = metrics.classification_scores(apply_temperature(probs, temperature), targets, class_names)
         scores["temperature"] = temperature
         scores["ece_after_temperature"] = calibrated["ece"]
         scores["log_loss_after_temperature"] = calibrated["log_loss"]
@@ -348,18 +350,17 @@ def training_prior(member: Member, class_names: list[str], data_root: str | None
     return [int(counts.get(c, 0)) / total for c in class_names]
 
 
-def add_posthoc_adjusted(
+def fit_posthoc_adjustments(
     cfg: DictConfig,
     members: Sequence[Member],
     class_names: list[str],
-    probs: dict[str, np.ndarray],
-    val_probs: dict[str, np.ndarray],
+    val_member_probs: dict[str, np.ndarray],
     val_targets: np.ndarray | None,
     ensemble: EnsembleRecord | None = None,
 ) -> dict[str, dict[str, Any]]:
-    """Rows ``<member>+posthoc-la`` (and ``ensemble+posthoc-la``): the probabilities logit-adjusted with tau chosen
-    on validation balanced accuracy. Returns what was fitted, per row: what the app serves with
-    ``logit_adjustment=true``."""
+    """What the rows ``<member>+posthoc-la`` (and ``ensemble+posthoc-la``) apply: per row, the training prior and the
+    tau with the best validation balanced accuracy, and the row it adjusts (``of``); what the app serves with
+    ``logit_adjustment=true``. :func:`chosen_rows` makes the rows."""
     if val_targets is None:
         raise CheckpointError(
             "posthoc_logit_adjustment=true fits tau on the validation split, which needs "
@@ -372,27 +373,30 @@ def add_posthoc_adjusted(
             priors[ENSEMBLE] = list(ensemble_priors[0])
         else:
             log.warning("No post-hoc adjusted ensemble row: the members were trained on different class frequencies.")
-    fitted = {}
+    val_rows = chosen_rows(val_member_probs, ensemble, {})
+    fitted: dict[str, dict[str, Any]] = {}
     for name, prior in priors.items():
-        tau = metrics.fit_logit_adjustment(val_probs[name], val_targets, prior)
-        row = name + POSTHOC_LA
-        probs[row] = metrics.adjust_logits(probs[name], prior, tau)
-        val_probs[row] = metrics.adjust_logits(val_probs[name], prior, tau)
-        fitted[row] = {"tau": tau, "prior": prior, "of": name}
+        tau = metrics.fit_logit_adjustment(val_rows[name], val_targets, prior)
+        fitted[name + POSTHOC_LA] = {"tau": tau, "prior": prior, "of": name}
         log.info("Post-hoc logit adjustment of %s: tau=%.1f (validation balanced accuracy)", name, tau)
     return fitted
 
 
-def apply_chosen(
-    probs: dict[str, np.ndarray], ensemble: EnsembleRecord | None, adjusted: dict[str, dict[str, Any]]
+def chosen_rows(
+    member_probs: Mapping[str, np.ndarray], ensemble: EnsembleRecord | None, adjusted: Mapping[str, dict[str, Any]]
 ) -> dict[str, np.ndarray]:
-    """Another set's rows from its members' probabilities, with what validation chose for the main set: the
-    ensemble's members and weights, each post-hoc row's prior and tau. Nothing is fitted here."""
-    rows = dict(probs)
+    """A set's rows from its members' probabilities, with what validation chose: each member, the ensemble (its
+    members and weights) and each post-hoc row (its prior and tau). Every combined row is
+    :func:`~lesionnet.inference.decision.combine.combine` of its members, as the app's Predictor computes it; nothing
+    is fitted here."""
+    rows = dict(member_probs)
     if ensemble is not None:
-        rows[ENSEMBLE] = metrics.average_probs([rows[name] for name in ensemble.members], ensemble.weights)
+        rows[ENSEMBLE] = combine([member_probs[name] for name in ensemble.members], ensemble.weights)
     for row, fitted in adjusted.items():
-        rows[row] = metrics.adjust_logits(rows[fitted["of"]], fitted["prior"], fitted["tau"])
+        if fitted["of"] == ENSEMBLE and ensemble is not None:
+            rows[row] = combine([member_probs[name] for name in ensemble.members], ensemble.weights, fitted)
+        else:
+            rows[row] = combine([member_probs[fitted["of"]]], None, fitted)
     return rows
 
 
@@ -485,7 +489,7 @@ def write_plots(
             probs,
             targets,
             out / "reliability.png",
-            calibrated=metrics.apply_temperature(probs, temperature) if temperature is not None else None,
+            calibrated=apply_temperature(probs, temperature) if temperature is not None else None,
         ),
     }
     return {k: Path(v).name for k, v in files.items()}
@@ -545,20 +549,18 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         )
         return dict(zip(names, prediction.member_probs, strict=True))
 
-    probs = predict(target.table, "eval")
-    val_probs = predict(val.table, "val") if val is not None else {}
+    member_probs = predict(target.table, "eval")
+    val_member_probs = predict(val.table, "val") if val is not None else {}
     val_targets = val.targets(class_names) if val is not None else None
     ensemble = None
     if len(members) > 1 and cfg.ensemble != "none":
-        chosen, weights = ensemble_weights(cfg, val_probs, val_targets, names)
+        chosen, weights = ensemble_weights(cfg, val_member_probs, val_targets, names)
         ensemble = EnsembleRecord(mode=cfg.ensemble, members=chosen, weights=weights)
-        probs[ENSEMBLE] = metrics.average_probs([probs[name] for name in chosen], weights)
-        if val is not None:
-            val_probs[ENSEMBLE] = metrics.average_probs([val_probs[name] for name in chosen], weights)
-
-    adjusted = {}
+    adjusted: dict[str, dict[str, Any]] = {}
     if cfg.posthoc_logit_adjustment:
-        adjusted = add_posthoc_adjusted(cfg, members, class_names, probs, val_probs, val_targets, ensemble)
+        adjusted = fit_posthoc_adjustments(cfg, members, class_names, val_member_probs, val_targets, ensemble)
+    probs = chosen_rows(member_probs, ensemble, adjusted)
+    val_probs = chosen_rows(val_member_probs, ensemble, adjusted) if val is not None else {}
 
     for name, model_probs in probs.items():
         write_isic_predictions(target.table["image_id"], model_probs, class_names, out / f"predictions_{name}.csv")
@@ -593,13 +595,13 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         )
     for external, external_overlap in externals:
         log.info("Evaluating %s on the %s (%d images)", names, external.description, len(external.table))
-        external_probs = apply_chosen(predict(external.table, external.title), ensemble, adjusted)
+        external_probs = chosen_rows(predict(external.table, external.title), ensemble, adjusted)
         result.external.append(
             score_external(external, external_probs, class_names, cfg, val_probs, val_targets, out, external_overlap)
         )
     write_scores(result, out / "scores.json")
     summary = result.model_dump()
     if target.labelled:
-        write_report(summary, class_names, out / "report.md")
+        write_eval_report(summary, class_names, out / "report.md")
     log.info("Written to %s", out)
     return summary

@@ -46,11 +46,12 @@ class Member:
 
     @property
     def class_names(self) -> list[str]:
-        return list(self.model.hparams.class_names)
+        # hparams is typed AttributeDict | MutableMapping until module.py narrows it (issue 24 item 3)
+        return list(self.model.hparams.class_names)  # type: ignore[attr-defined]
 
     @property
     def data_config(self) -> dict[str, Any]:
-        return dict(self.model.hparams.data_config)
+        return dict(self.model.hparams.data_config)  # type: ignore[attr-defined]  # as above
 
     def describe(self) -> dict[str, Any]:
         """Identity for files that refer to this model (scores.json, the app's model card)."""
@@ -61,9 +62,8 @@ def checkpoint_specs(value: str | Sequence[str] | ListConfig | None) -> list[str
     """``ckpt=`` as given on the command line or in a config: one spec or a list of them."""
     if value is None:
         return []
-    if isinstance(value, ListConfig | DictConfig):
-        value = OmegaConf.to_container(value, resolve=True)
-    return [str(value)] if isinstance(value, str | Path) else [str(v) for v in value]
+    plain: Any = OmegaConf.to_container(value, resolve=True) if isinstance(value, ListConfig | DictConfig) else value
+    return [str(plain)] if isinstance(plain, str | Path) else [str(v) for v in plain]
 
 
 def resolve_checkpoints(specs: str | Sequence[str] | ListConfig) -> list[Path]:

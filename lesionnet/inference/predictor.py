@@ -20,7 +20,7 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from lesionnet.data.dataset import LesionImageDataset
+from lesionnet.data.image_dataset import LesionImageDataset
 from lesionnet.data.transforms import build_eval_transform
 from lesionnet.inference.checkpoints import CheckpointError, Member, same_classes
 from lesionnet.inference.decision.combine import combine

@@ -7,6 +7,8 @@ Flatten, Dense512-ReLU, Dropout, Dense7 = 2,124,839 parameters. An adaptive aver
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from torch import nn
@@ -100,7 +102,7 @@ default_cfgs = generate_default_cfgs(
 )
 
 
-def _create(variant: str, pretrained: bool = False, **kwargs: object) -> KerasBaselineCNN:
+def _create(variant: str, pretrained: bool = False, **kwargs: Any) -> KerasBaselineCNN:
     return build_model_with_cfg(KerasBaselineCNN, variant, pretrained, **kwargs)
 
 

@@ -29,6 +29,9 @@ class ShadesOfGray(nn.Module):
     like the uint8 images the reference implementations produce.
     """
 
+    mean: torch.Tensor  # buffers, registered in __init__
+    std: torch.Tensor
+
     def __init__(
         self, mean: Sequence[float], std: Sequence[float], power: float = 6.0, gamma: float | None = None
     ) -> None:

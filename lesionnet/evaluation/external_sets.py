@@ -1,8 +1,9 @@
-"""What to evaluate on: a training run's saved split, or an external (labelled or not) image folder.
+"""External sets to evaluate on: an image folder, labelled or not (a training run's own split is read by
+``lesionnet.contract.run``).
 
 Labels come as a CSV ``image_id,dx`` (HAM10000 codes) or in the ISIC 2018 Task 3 ground-truth
-format (``image,MEL,NV,BCC,AKIEC,BKL,DF,VASC`` one-hot). Predictions are written in the ISIC 2018
-Task 3 submission format so the official scorer (``isic-challenge-scoring``) can check them.
+format (``image,MEL,NV,BCC,AKIEC,BKL,DF,VASC`` one-hot). Predictions and ground truth are written in the ISIC 2018
+Task 3 format by ``lesionnet.data.isic``, so the official scorer (``isic-challenge-scoring``) can check them.
 """
 
 from __future__ import annotations
@@ -11,7 +12,6 @@ import logging
 from collections.abc import Sequence
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 
 from lesionnet.classes import CLASS_NAMES
@@ -76,24 +76,3 @@ def external_table(images: str | Path, labels: str | Path | None, class_names: S
             f"{preview_items(table.loc[missing, 'image_id'])}. Add the images or remove their label rows."
         )
     return table
-
-
-def write_isic_predictions(image_ids: Sequence[str], probs: np.ndarray, class_names: Sequence[str], path: Path) -> Path:
-    """Probabilities as an ISIC 2018 Task 3 submission CSV (``image,MEL,NV,BCC,AKIEC,BKL,DF,VASC``)."""
-    lower = [c.lower() for c in ISIC_COLUMNS]
-    if sorted(class_names) != sorted(lower):
-        raise ValueError(f"The ISIC 2018 format needs the 7 HAM10000 classes, the model has {list(class_names)}.")
-    order = [list(class_names).index(c) for c in lower]
-    frame = pd.DataFrame(probs[:, order], columns=list(ISIC_COLUMNS))
-    frame.insert(0, "image", list(image_ids))
-    frame.to_csv(path, index=False, float_format="%.9f")
-    return path
-
-
-def write_isic_ground_truth(image_ids: Sequence[str], dx: Sequence[str], path: Path) -> Path:
-    """Labels as an ISIC 2018 Task 3 ground-truth CSV, so the official scorer can be run on our outputs."""
-    frame = pd.DataFrame({"image": list(image_ids)})
-    for column in ISIC_COLUMNS:
-        frame[column] = [1.0 if d == column.lower() else 0.0 for d in dx]
-    frame.to_csv(path, index=False)
-    return path

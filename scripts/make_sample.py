@@ -1,7 +1,9 @@
-"""Build the embedded sample: whole lesions per class drawn from a full HAM10000 copy.
+"""Build the embedded sample (lesionnet/data/sample): whole lesions per class drawn from a full HAM10000 copy.
 
-``python -m lesionnet.data.make_sample --src ../shared/data/ham10000_200x150 --dest lesionnet/data/sample``
-Whole lesions are taken (all their images) so the sample supports a lesion-level split.
+    python scripts/make_sample.py --src ../shared/data/ham10000_200x150 --dest lesionnet/data/sample
+
+Whole lesions are taken (all their images) so the sample supports a lesion-level split. A maintainer's script, not
+a ``lesionnet`` command: the package only reads the sample (``lesionnet.data.metadata.embedded_sample_root``).
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ pigmented skin lesions" (Tschandl, Rosendahl, Kittler, 2018), Harvard Dataverse,
 Licence: CC BY-NC 4.0 (Attribution-NonCommercial), as stated by the dataset authors.
 Cite: Tschandl P., Rosendahl C. & Kittler H. Sci. Data 5, 180161 (2018), doi:10.1038/sdata.2018.161.
 
-Made with `python -m lesionnet.data.make_sample --src {src_name} --per-class {per_class} --seed {seed}`
+Made with `python scripts/make_sample.py --src {src_name} --per-class {per_class} --seed {seed}`
 from a {src_name} copy (images as published there, metadata rows unchanged).
 """
 

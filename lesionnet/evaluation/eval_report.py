@@ -148,7 +148,7 @@ def ensemble_line(ensemble: dict[str, Any]) -> str:
     return f"Ensemble ({ensemble['mode']}) of: {members}."
 
 
-def write_report(result: dict[str, Any], class_names: list[str], path: Path) -> Path:
+def write_eval_report(result: dict[str, Any], class_names: list[str], path: Path) -> Path:
     """report.md, titled by the set that was evaluated, so in-sample validation figures never read as test ones."""
     final = result["final"]
     scores = result["scores"][final]

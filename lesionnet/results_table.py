@@ -1,7 +1,7 @@
 """Collect the metrics.json of training runs into the seed-style results table (Markdown and CSV).
 
 ``lesionnet report logs/train/multiruns/2026-11-26_10-00-00 [more run or sweep folders] [out_dir=DIR]``
-(Hydra app in lesionnet/cli/report.py; ``python -m lesionnet.report <folders> [--out DIR]`` is kept too).
+(its one entry point: lesionnet/cli/report.py).
 Rows are sorted by the validation metric the runs monitored (``monitor``, val/balanced_acc by default):
 ranking by a test metric would be model selection on the test set. Depth is the number of weight layers
 (Conv2d and Linear modules) of the network.
@@ -9,7 +9,6 @@ ranking by a test metric would be model selection on the test set. Depth is the 
 
 from __future__ import annotations
 
-import argparse
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -109,7 +108,7 @@ def to_markdown(table: pd.DataFrame) -> str:
     return shown.to_markdown(index=False, floatfmt=".4f", intfmt=",")
 
 
-def write_report(
+def write_results_table(
     roots: Sequence[str | Path], out: str | Path | None = None, sort_by: str | None = None, sort_mode: str = "max"
 ) -> pd.DataFrame:
     """Write results.md and results.csv to ``out`` (default: the first root), print the table, return it."""
@@ -124,16 +123,3 @@ def write_report(
     print(markdown)
     print(f"\nWritten: {out / 'results.md'}, {out / 'results.csv'}")
     return table
-
-
-def main(argv: list[str] | None = None) -> None:
-    """``python -m lesionnet.report <folders> [--out DIR]``: the positional form; ``lesionnet report`` is Hydra."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("roots", type=Path, nargs="+", help="run or multirun folders holding metrics.json files")
-    parser.add_argument("--out", type=Path, default=None, help="where to write results.md/.csv (default: first root)")
-    args = parser.parse_args(argv)
-    write_report(args.roots, args.out)
-
-
-if __name__ == "__main__":
-    main()
