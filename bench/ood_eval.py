@@ -41,7 +41,7 @@ import numpy as np
 import pandas as pd
 
 from lesionnet.contract.files import ContractError
-from lesionnet.contract.run import RunFolder
+from lesionnet.data.run_folder import RunFolder
 from lesionnet.inference import Prediction, Predictor, load_members, read_rgb
 from lesionnet.inference.decision.image_check import check_image
 from lesionnet.inference.decision.ood import (

@@ -24,6 +24,7 @@ from typing import Any, cast
 import numpy as np
 import torch
 
+from lesionnet.contract.on_device import ExportSidecar, write_export_sidecar
 from lesionnet.data.metadata import embedded_sample_images
 from lesionnet.data.transforms import to_hw
 from lesionnet.inference import Member, Predictor, forward, read_rgb
@@ -96,8 +97,7 @@ def preprocessing_metadata(member: Member) -> dict[str, Any]:
     return {
         "lesionnet_format": 1,
         "model_name": member.name,
-        # hparams is typed AttributeDict | MutableMapping until module.py narrows it (issue 24 item 3)
-        "backbone": member.model.hparams.backbone,  # type: ignore[attr-defined]
+        "backbone": member.model.hparams.backbone,
         "class_names": member.class_names,
         "input_name": "image",
         "output_name": "logits",
@@ -241,8 +241,8 @@ def export(
     parity_images: Sequence[str | Path] | None = None,
     ood: OodGate | None = None,
 ) -> dict[str, Any]:
-    """Write the model, check parity, write the sidecar; returns the sidecar's content. ``ood``: the app's fitted OOD
-    gate, whose score the ONNX graph then outputs (``ood_score``)."""
+    """Write the model, check parity, write the sidecar (``lesionnet.contract.on_device.ExportSidecar``); returns the
+    sidecar's content. ``ood``: the app's fitted OOD gate, whose score the ONNX graph then outputs (``ood_score``)."""
     if fmt not in FORMATS:
         raise ValueError(f"Unknown format '{fmt}'; use one of {sorted(FORMATS)}.")
     if ood is not None and fmt != "onnx":
@@ -251,15 +251,19 @@ def export(
     out.parent.mkdir(parents=True, exist_ok=True)
     path = export_onnx(member, out, opset, ood) if fmt == "onnx" else export_torchscript(member, out)
     check = parity(member, path, sample_batch(member, parity_images), atol, ood)
-    sidecar = {
-        **preprocessing_metadata(member),
-        "outputs": OnDeviceGraph(member, ood.detector if ood else None).output_names if fmt == "onnx" else ["logits"],
-        "format": fmt,
-        "file": path.name,
-        "checkpoint": str(member.path),
-        "opset": opset if fmt == "onnx" else None,
-        "parity": {**check, "atol": atol},
-    }
-    path.with_suffix(".json").write_text(json.dumps(sidecar, indent=2))
+    sidecar = ExportSidecar.model_validate(
+        {
+            **preprocessing_metadata(member),
+            "outputs": OnDeviceGraph(member, ood.detector if ood else None).output_names
+            if fmt == "onnx"
+            else ["logits"],
+            "format": fmt,
+            "file": path.name,
+            "checkpoint": str(member.path),
+            "opset": opset if fmt == "onnx" else None,
+            "parity": {**check, "atol": atol},
+        }
+    )
+    write_export_sidecar(sidecar, path.with_suffix(".json"))
     log.info("Exported %s -> %s (parity: %s)", member.path, path, check)
-    return sidecar
+    return sidecar.model_dump(mode="json")

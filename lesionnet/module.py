@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 import torchmetrics as tm
 from hydra.utils import instantiate
+from lightning.fabric.utilities import AttributeDict
 from lightning.pytorch.trainer.states import TrainerFn
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from timm.data import Mixup
@@ -28,7 +29,7 @@ from lesionnet.contract.provenance import CHECKPOINT_KEY as PROVENANCE_KEY
 from lesionnet.contract.provenance import Provenance
 from lesionnet.finetune import apply_finetune
 from lesionnet.models.colour import build_colour_constancy
-from lesionnet.models.factory import build_backbone
+from lesionnet.models.factory import build_backbone, timm_model
 
 DEFAULT_OPTIMIZER: dict[str, Any] = {
     "_target_": "timm.optim.create_optimizer_v2",
@@ -108,6 +109,12 @@ def init_new_classifier(classifier: torch.nn.Module) -> None:
 class LesionClassifier(L.LightningModule):
     """timm backbone + cross-entropy (optional class weights, label smoothing) + torchmetrics per stage."""
 
+    # What save_hyperparameters makes of the dict below (Lightning's property allows any MutableMapping).
+    hparams: AttributeDict
+    # Buffers (register_buffer in __init__), None when not asked for.
+    class_weights: torch.Tensor | None
+    logit_offsets: torch.Tensor | None
+
     def __init__(
         self,
         backbone: str = "lesionnet_baseline",
@@ -162,7 +169,7 @@ class LesionClassifier(L.LightningModule):
             backbone, len(class_names), pretrained, self.hparams.pretrained_file, **self.hparams.model_kwargs
         )
         if pretrained:
-            init_new_classifier(self.model.get_classifier())
+            init_new_classifier(timm_model(self.model).get_classifier())
         # The data config's colour constancy is the network's first layer (identity when it asks for none).
         self.colour_constancy = build_colour_constancy(self.hparams.data_config)
         # Freezing happens here, so a checkpoint rebuilt from its hparams has the same frozen parts.

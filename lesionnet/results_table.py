@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from lesionnet.contract.run import RunFolder
+from lesionnet.data.run_folder import RunFolder
 
 DEFAULT_MONITOR = "val/balanced_acc"  # train.yaml's default; metrics.json files older than `monitor` used it
 MODES = ("max", "min")

@@ -22,7 +22,8 @@ from omegaconf import DictConfig, OmegaConf
 from timm.layers import BatchNormAct2d, SyncBatchNormAct, convert_sync_batchnorm
 
 from lesionnet.contract.provenance import Provenance
-from lesionnet.contract.run import RunFolder, RunMetrics
+from lesionnet.contract.run import RunMetrics
+from lesionnet.data.run_folder import RunFolder
 from lesionnet.inference import Member, forward, load_members
 
 if TYPE_CHECKING:
@@ -75,8 +76,7 @@ def load_teachers(distill: Mapping[str, Any], student: LesionClassifier, datamod
     """The teacher checkpoints (through the inference core), on the student's device, checked for leaks: a teacher
     that trained on the student's validation or test images would carry them into the student."""
     teachers = load_members(list(distill["teachers"]), device=str(student.device))
-    # hparams is typed AttributeDict | MutableMapping until module.py narrows it (issue 24 item 3)
-    data_config = student.hparams.data_config  # type: ignore[attr-defined]
+    data_config = student.hparams.data_config
     mean, std = data_config["mean"], data_config["std"]
     held_out = set()
     if datamodule is not None and getattr(datamodule, "table", None) is not None:

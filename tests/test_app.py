@@ -29,11 +29,10 @@ from lesionnet.app.service import LesionService
 from lesionnet.app.upload import UploadLimits, decode_image
 from lesionnet.classes import CLASS_NAMES
 from lesionnet.contract.files import ContractError
-from lesionnet.contract.run import RunFolder
 from lesionnet.contract.scores import ScoredModel, ScoresFile, write_scores
 from lesionnet.data.metadata import embedded_sample_images
+from lesionnet.data.run_folder import RunFolder
 from lesionnet.inference import (
-    CheckpointError,
     Prediction,
     Predictor,
     eval_crop_box,
@@ -92,13 +91,18 @@ def scores_file(run: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     member = load_member(resolve_checkpoints(str(run))[0])
     name = member.name
     s = {
+        "n": 100,
         "accuracy": 0.71,
         "balanced_accuracy": 0.55,
         "macro_auroc": 0.88,
         "macro_f1": 0.5,
+        "log_loss": 0.9,
+        "ece": 0.08,
+        "confusion_matrix": [],
         "ci95": {"accuracy": [0.68, 0.74], "balanced_accuracy": [0.5, 0.6]},
         "melanoma": {
             "argmax": {"sensitivity": 0.4, "specificity": 0.95, "threshold": None},
+            "auroc": 0.8,
             "val_threshold": {"target_sensitivity": 0.95, "sensitivity": 0.93, "specificity": 0.6, "threshold": 0.05},
         },
         "temperature": 1.5,
@@ -513,8 +517,36 @@ def test_gate_is_fitted_on_validation_images_and_stored(run: Path, tmp_path: Pat
     assert build_service(explicit).gate == service.gate  # an explicit gate file is used as it is
     stored = json.loads(gate_file.read_text())
     gate_file.write_text(json.dumps({**stored, "model_version": "other@123"}))
-    with pytest.raises(CheckpointError, match="fitted for model other@123"):
+    with pytest.raises(ContractError, match="fitted for model other@123.*Delete the file"):
         build_service(explicit)
+
+
+def test_a_confidence_gate_file_written_before_versioning_is_refused_with_the_fix(tmp_path: Path) -> None:
+    gate = ConfidenceGate("energy", 1.5, "5% quantile of 9 validation images", "m@1", {"n_images": 9}, {"tta": "none"})
+    path = gate.save(tmp_path / "gate.json")
+    assert json.loads(path.read_text())["schema_version"] == 1 and ConfidenceGate.load(path, "m@1") == gate
+    unversioned = {k: v for k, v in json.loads(path.read_text()).items() if k != "schema_version"}
+    path.write_text(json.dumps(unversioned))  # what this app wrote before the file had a version
+    where = re.escape(str(path))
+    with pytest.raises(ContractError, match=rf"{where} .*written before files were versioned.*Delete the file"):
+        ConfidenceGate.load(path, "m@1")
+
+
+def test_a_confidence_gate_file_of_another_version_or_method_is_refused_and_a_cached_one_refitted(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = ConfidenceGate("msp", 0.3, "s", "m@1", fitted_on={"tta": "none"}).save(tmp_path / "gate.json")
+    document = json.loads(path.read_text())
+    path.write_text(json.dumps({**document, "schema_version": 2}))
+    with pytest.raises(ContractError, match=r"schema version 2 \(written by another LesionNet release\)"):
+        ConfidenceGate.load(path, "m@1")
+    path.write_text(json.dumps({**document, "method": "entropy"}))
+    with pytest.raises(ContractError, match=rf"(?s){re.escape(str(path))} is not a valid confidence gate file.*method"):
+        ConfidenceGate.load(path, "m@1")
+    predictor = type("Stub", (), {"version": "m@1"})()
+    with caplog.at_level(logging.WARNING, logger="lesionnet.app.build"):
+        assert build._load_cached(path, predictor, {"tta": "none"}) is None  # the app refits it and writes it anew
+    assert "refitting it" in caplog.text
 
 
 def count_fits(monkeypatch: pytest.MonkeyPatch) -> list[float]:

@@ -3,6 +3,7 @@ holds up on a phone and a network: HTTPS, stalled connections, security headers,
 
 from __future__ import annotations
 
+import importlib.util
 import io
 import json
 import shutil
@@ -28,12 +29,15 @@ from lesionnet.app import content
 from lesionnet.app import service as service_module
 from lesionnet.app.api import build_api
 from lesionnet.app.build import build_app
+from lesionnet.app.ondevice import RUNTIME_FILES, VENDOR
 from lesionnet.app.schemas import HealthResponse, ModelCard, PredictResponse
 from lesionnet.app.server import server_options
 from lesionnet.app.service import DEMO_MAX_TRAIN_IMAGES, LesionService, demo_reason, member_training
 from lesionnet.app.upload import UploadLimits, decode_image
-from lesionnet.contract.run import RunFolder
+from lesionnet.contract.files import ContractError
+from lesionnet.contract.on_device import read_on_device_policy
 from lesionnet.data.metadata import embedded_sample_images
+from lesionnet.data.run_folder import RunFolder
 from lesionnet.inference import load_member, resolve_checkpoints
 from tests.conftest import REPO_ROOT
 from tests.test_app import compose_serve, jpeg, lesion_like, scores_file, stub_service  # noqa: F401 (a fixture)
@@ -134,7 +138,8 @@ def test_without_a_validated_threshold_the_answer_says_not_checked(run: Path) ->
 
 def test_a_rule_checked_only_on_its_own_validation_images_says_so(client: TestClient) -> None:
     service: LesionService = client.app.state.service
-    in_sample = replace(service, evaluated={**service.evaluated, "in_sample": True})
+    assert service.evaluated is not None
+    in_sample = replace(service, evaluated=service.evaluated.model_copy(update={"in_sample": True}))
     check = in_sample.referral_check()
     assert check["validated"] and check["in_sample"]
     assert "only checked on the 100 validation images it was tuned on" in check["message"]
@@ -354,6 +359,49 @@ def test_security_headers_on_the_page_the_api_and_the_docs(client: TestClient) -
     assert "unsafe" not in " ".join(v for k, v in csp.items() if k != "script-src")
     page = (REPO_ROOT / "lesionnet" / "app" / "static" / "index.html").read_text()
     assert "action=" not in page and "method=" not in page  # the page posts with fetch(): form-action 'none' holds
+
+
+def test_the_on_device_policy_is_the_servers_own_rule_in_its_schema(client: TestClient) -> None:
+    """/on-device/policy.json, read by its reader: the thresholds, temperature and classes the server answers with."""
+    response = client.get("/on-device/policy.json")
+    policy = read_on_device_policy(response.text, "/on-device/policy.json")
+    service = client.app.state.service
+    assert policy.schema_version == 1 and policy.model_version == service.predictor.version
+    assert policy.limits.min_side > 0 and policy.limits.max_pixels > 0
+    runtime = all((VENDOR / name).is_file() for name in RUNTIME_FILES.values()) and importlib.util.find_spec("onnx")
+    assert policy.available == bool(runtime)
+    if not policy.available:  # the runtime files are not installed: only the reason is served
+        assert policy.reason and policy.confidence is None
+        return
+    assert policy.confidence is not None and policy.referral is not None and policy.classes is not None
+    assert (policy.confidence.method, policy.confidence.threshold) == (service.gate.method, service.gate.threshold)
+    assert policy.referral.temperature == service.referral.temperature
+    assert policy.referral.melanoma_threshold == service.referral.melanoma_threshold
+    assert [c.code for c in policy.classes] == service.predictor.class_names
+    assert policy.preprocessing is not None and policy.preprocessing.class_names == service.predictor.class_names
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"schema_version": 2}, r"/p.json is an on-device policy of schema version 2; this LesionNet reads version 1"),
+        ({"available": True, "reason": None}, r"(?s)/p.json is not a valid on-device policy.*needs \['model_url'"),
+        ({"limits": {"min_side": "small", "max_pixels": 1}}, r"(?s)not a valid on-device policy.*min_side"),
+    ],
+)
+def test_an_on_device_policy_of_another_version_or_a_bad_value_is_refused(change: dict, message: str) -> None:
+    served = {
+        "schema_version": 1,
+        "available": False,
+        "reason": "Analysing on this device is not available: it is switched off.",
+        "model_version": "m@1",
+        "demo_model": False,
+        "disclaimer": "Not a diagnosis.",
+        "limits": {"min_side": 64, "max_pixels": 10_000_000},
+    }
+    assert read_on_device_policy(json.dumps(served), "/p.json").reason == served["reason"]
+    with pytest.raises(ContractError, match=message + r".*Restart the server"):
+        read_on_device_policy({**served, **change}, "/p.json")
 
 
 # ----------------------------------------------------------------------------- 5d, 5e: 16-bit PNGs, two files

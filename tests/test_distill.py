@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from lesionnet.contract.run import RunFolder
+from lesionnet.data.run_folder import RunFolder
 from lesionnet.training import train
 from tests.conftest import FAST, compose_train, make_ham_dir
 

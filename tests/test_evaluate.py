@@ -68,10 +68,11 @@ def test_single_run_writes_scores_predictions_plots_and_report(runs: dict[str, P
     assert list(preds.columns) == ["image", *ISIC_COLUMNS]
     assert sorted(preds["image"]) == sorted(split.loc[split.split == "test", "image_id"])
     np.testing.assert_allclose(preds[list(ISIC_COLUMNS)].sum(axis=1), 1.0, atol=1e-5)
-    for file in result["plots"].values():
+    assert result.plots is not None
+    for file in result.plots.values():
         assert (tmp_path / file).stat().st_size > 1000
     report = (tmp_path / "report.md").read_text()
-    assert "balanced acc [95% CI]" in report and all(f"]({f})" in report for f in result["plots"].values())
+    assert "balanced acc [95% CI]" in report and all(f"]({f})" in report for f in result.plots.values())
     assert report.startswith("# LesionNet evaluation: test\n") and not scores["in_sample"]
     n_lesions = split.loc[split.split == "test", "lesion_id"].nunique()
     assert scores["bootstrap"] == {
@@ -86,20 +87,21 @@ def test_single_run_writes_scores_predictions_plots_and_report(runs: dict[str, P
 def test_ensemble_is_the_average_of_member_probabilities(runs: dict[str, Path], tmp_path: Path) -> None:
     both = f"ckpt=[{runs['baseline']},{runs['baseline_bn']}]"
     result = evaluate(compose_eval([both, f"paths.output_dir={tmp_path}"]))
-    assert len(result["ensemble"]["members"]) == 2 and result["final"] == "ensemble"
+    assert result.ensemble is not None and result.scores is not None
+    assert len(result.ensemble.members) == 2 and result.final == "ensemble"
     cols = list(ISIC_COLUMNS)
-    members = [pd.read_csv(tmp_path / f"predictions_{n}.csv")[cols].to_numpy() for n in result["ensemble"]["members"]]
+    members = [pd.read_csv(tmp_path / f"predictions_{n}.csv")[cols].to_numpy() for n in result.ensemble.members]
     ensemble = pd.read_csv(tmp_path / "predictions_ensemble.csv")[cols].to_numpy()
     np.testing.assert_allclose(ensemble, (members[0] + members[1]) / 2, atol=2e-6)  # CSV keeps 6 decimals
-    assert set(result["scores"]) == {*result["ensemble"]["members"], "ensemble"}  # singles reported too
-    assert result["ensemble"]["weights"] == [0.5, 0.5]
+    assert set(result.scores) == {*result.ensemble.members, "ensemble"}  # singles reported too
+    assert result.ensemble.weights == [0.5, 0.5]
 
 
 def test_fitted_ensemble_weights_are_recorded_next_to_their_members(runs: dict[str, Path], tmp_path: Path) -> None:
     both = f"ckpt=[{runs['baseline']},{runs['baseline_bn']}]"
     result = evaluate(compose_eval([both, "ensemble=fit", f"paths.output_dir={tmp_path}"]))
     saved = json.loads((tmp_path / "scores.json").read_text())["ensemble"]
-    assert saved == result["ensemble"] and saved["mode"] == "fit"
+    assert result.ensemble is not None and saved == result.ensemble.model_dump() and saved["mode"] == "fit"
     assert len(saved["weights"]) == len(saved["members"]) >= 1
     assert sum(saved["weights"]) == pytest.approx(1.0) and min(saved["weights"]) > 0
     cols = list(ISIC_COLUMNS)
@@ -123,11 +125,13 @@ def test_every_row_carries_its_validation_score_to_choose_by(runs: dict[str, Pat
     in_sample = evaluate(
         compose_eval([both, "data.split=val", "in_sample=true", f"paths.output_dir={tmp_path / 'val'}"])
     )
-    assert set(result["scores"]) == set(in_sample["scores"]) == {*result["ensemble"]["members"], "ensemble"}
-    for name, row in result["scores"].items():
-        assert row["validation"]["accuracy"] == pytest.approx(in_sample["scores"][name]["accuracy"], abs=1e-6)
-        expected = in_sample["scores"][name]["balanced_accuracy"]
-        assert row["validation"]["balanced_accuracy"] == pytest.approx(expected, abs=1e-6)
+    assert result.scores is not None and in_sample.scores is not None and result.ensemble is not None
+    assert set(result.scores) == set(in_sample.scores) == {*result.ensemble.members, "ensemble"}
+    for name, row in result.scores.items():
+        assert row.validation is not None
+        assert row.validation.accuracy == pytest.approx(in_sample.scores[name].accuracy, abs=1e-6)
+        expected = in_sample.scores[name].balanced_accuracy
+        assert row.validation.balanced_accuracy == pytest.approx(expected, abs=1e-6)
     assert re.search(r"\|\s*val balanced acc\s*\|", (tmp_path / "test" / "report.md").read_text())
 
 
@@ -136,7 +140,7 @@ def test_in_sample_validation_is_titled_optimistic(runs: dict[str, Path], tmp_pa
         compose_eval([f"ckpt={runs['baseline']}", "data.split=val", "in_sample=true", f"paths.output_dir={tmp_path}"])
     )
     saved = json.loads((tmp_path / "scores.json").read_text())
-    assert saved["set"] == result["set"] == "validation (in-sample, optimistic)" and saved["in_sample"] is True
+    assert saved["set"] == result.set == "validation (in-sample, optimistic)" and saved["in_sample"] is True
     assert saved["evaluated"].startswith("validation (in-sample, optimistic) split of ")
     report = (tmp_path / "report.md").read_text()
     assert report.startswith("# LesionNet evaluation: validation (in-sample, optimistic)\n")
@@ -185,20 +189,21 @@ def test_ensemble_weights_per_mode_leave_out_members_fitted_to_zero() -> None:
 
 def test_bootstrap_unit_is_lesions_where_their_ids_are_known_else_images() -> None:
     with_ids = EvalSet(pd.DataFrame({"image_id": ["a", "b", "c"], "lesion_id": ["L1", "L1", "L2"]}), "x", "test")
-    assert bootstrap_unit(with_ids, 100) == {
+    assert bootstrap_unit(with_ids, 100).model_dump() == {
         "unit": "lesions",
         "n_units": 2,
         "resamples": 100,
         "description": "bootstrap over 2 lesions",
     }
     external = EvalSet(pd.DataFrame({"image_id": [f"ISIC_{i}" for i in range(1520)]}), "y", "external")
-    assert bootstrap_unit(external, 100)["description"] == "bootstrap over images: lesion ids unknown (1,520 images)"
+    assert bootstrap_unit(external, 100).description == "bootstrap over images: lesion ids unknown (1,520 images)"
     assert external.lesion_ids is None and list(with_ids.lesion_ids) == ["L1", "L1", "L2"]
 
 
-def _result(title: str, in_sample: bool, bootstrap: str) -> dict:
-    """A scores.json as evaluate.py writes it, reduced to what the report reads."""
+def _result(title: str, in_sample: bool, bootstrap: str) -> ScoresFile:
+    """A scores.json as evaluate.py writes it, with made-up figures."""
     scores = {
+        "n": 1520,
         "accuracy": 0.8,
         "balanced_accuracy": 0.7,
         "macro_f1": 0.6,
@@ -207,24 +212,30 @@ def _result(title: str, in_sample: bool, bootstrap: str) -> dict:
         "ece": 0.05,
         "ci95": {"accuracy": [0.75, 0.85], "balanced_accuracy": [0.6, 0.8]},
         "per_class": {"mel": {"precision": 0.5, "recall": 0.6, "f1": 0.55, "auroc": 0.9, "support": 10}},
+        "confusion_matrix": [[6, 4], [10, 1500]],
         "melanoma": {
-            "val_threshold": {"target_sensitivity": 0.95, "threshold": 0.224, "sensitivity": 0.9, "specificity": 0.5}
+            "argmax": {"sensitivity": 0.6, "specificity": 0.99, "threshold": None},
+            "auroc": 0.9,
+            "val_threshold": {"target_sensitivity": 0.95, "threshold": 0.224, "sensitivity": 0.9, "specificity": 0.5},
         },
     }
-    return {
-        "evaluated": f"{title} split of run",
-        "set": title,
-        "in_sample": in_sample,
-        "n_images": 1520,
-        "tta": "none",
-        "validation": "validation split of run",
-        "ensemble": None,
-        "models": [{"name": "m", "file": "m.ckpt", "sha256": "0" * 64, "provenance": "checked"}],
-        "bootstrap": {"description": bootstrap, "resamples": 1000},
-        "scores": {"m": scores},
-        "final": "m",
-        "plots": {},
-    }
+    unit = "lesions" if "lesions" in bootstrap else "images"
+    return ScoresFile.model_validate(
+        {
+            "evaluated": f"{title} split of run",
+            "set": title,
+            "in_sample": in_sample,
+            "n_images": 1520,
+            "tta": "none",
+            "validation": "validation split of run",
+            "ensemble": None,
+            "models": [{"name": "m", "file": "m.ckpt", "sha256": "0" * 64, "provenance": "checked"}],
+            "bootstrap": {"unit": unit, "n_units": 1120, "description": bootstrap, "resamples": 1000},
+            "scores": {"m": scores},
+            "final": "m",
+            "plots": {},
+        }
+    )
 
 
 def test_report_title_follows_the_evaluated_set(tmp_path: Path) -> None:
@@ -250,8 +261,8 @@ def test_greedy_ensemble_selects_on_validation(runs: dict[str, Path], tmp_path: 
             [f"ckpt=[{runs['baseline']},{runs['baseline_bn']}]", "ensemble=greedy", f"paths.output_dir={tmp_path}"]
         )
     )
-    assert 1 <= len(result["ensemble"]["members"]) <= 2
-    assert "validation split" in result["validation"]
+    assert result.ensemble is not None and 1 <= len(result.ensemble.members) <= 2
+    assert result.validation is not None and "validation split" in result.validation
 
 
 def test_tta_flips_runs_and_views_are_the_flips() -> None:
@@ -266,7 +277,7 @@ def test_tta_flips_runs_and_views_are_the_flips() -> None:
 
 def test_tta_changes_nothing_for_a_flip_invariant_input(runs: dict[str, Path], tmp_path: Path) -> None:
     result = evaluate(compose_eval([f"ckpt={runs['baseline']}", "tta=d4", f"paths.output_dir={tmp_path}"]))
-    assert result["tta"] == "d4" and result["n_images"] > 0
+    assert result.tta == "d4" and result.n_images > 0
 
 
 def _external(runs: dict[str, Path], tmp_path: Path, fmt: str) -> tuple[Path, Path]:
@@ -301,9 +312,10 @@ def test_external_labelled_set_scores_like_the_run_split(runs: dict[str, Path], 
             ]
         )
     )
-    name = next(iter(run["scores"]))
-    assert ext["scores"][name]["accuracy"] == pytest.approx(run["scores"][name]["accuracy"])
-    assert ext["scores"][name]["balanced_accuracy"] == pytest.approx(run["scores"][name]["balanced_accuracy"])
+    assert run.scores is not None and ext.scores is not None
+    name = next(iter(run.scores))
+    assert ext.scores[name].accuracy == pytest.approx(run.scores[name].accuracy)
+    assert ext.scores[name].balanced_accuracy == pytest.approx(run.scores[name].balanced_accuracy)
 
 
 def test_unlabelled_folder_gives_predictions_only(runs: dict[str, Path], tmp_path: Path) -> None:
@@ -311,7 +323,7 @@ def test_unlabelled_folder_gives_predictions_only(runs: dict[str, Path], tmp_pat
     result = evaluate(
         compose_eval([f"ckpt={runs['baseline']}", f"data.images={images}", f"paths.output_dir={tmp_path / 'out'}"])
     )
-    assert result["scores"] is None and result["final"] is None
+    assert result.scores is None and result.final is None
     assert len(pd.read_csv(next((tmp_path / "out").glob("predictions_*.csv")))) == len(list(images.glob("*.jpg")))
 
 
@@ -399,11 +411,12 @@ def test_train_scores_the_ema_weights_it_checkpointed(runs: dict[str, Path], tmp
     )
     trained = json.loads((run / "metrics.json").read_text())["test"]
     scored = evaluate(compose_eval([f"ckpt={run}", f"paths.output_dir={tmp_path / 'eval'}"]))
-    name = next(iter(scored["scores"]))
-    assert scored["scores"][name]["accuracy"] == pytest.approx(trained["test/acc"], abs=1e-6)
-    assert scored["scores"][name]["balanced_accuracy"] == pytest.approx(trained["test/balanced_acc"], abs=1e-6)
+    assert scored.scores is not None
+    row = next(iter(scored.scores.values()))
+    assert row.accuracy == pytest.approx(trained["test/acc"], abs=1e-6)
+    assert row.balanced_accuracy == pytest.approx(trained["test/balanced_acc"], abs=1e-6)
     # AUROC depends on every probability, so it tells the averaged from the current weights
-    assert scored["scores"][name]["macro_auroc"] == pytest.approx(trained["test/auroc"], abs=1e-5)
+    assert row.macro_auroc == pytest.approx(trained["test/auroc"], abs=1e-5)
 
 
 def copy_of_training_images(run: Path, data: Path, folder: Path, resize: bool) -> pd.DataFrame:
@@ -459,35 +472,39 @@ def test_checkpoint_without_provenance_needs_an_explicit_override(runs: dict[str
     result = evaluate(
         compose_eval([f"ckpt={old}", f"paths.output_dir={tmp_path / 'b'}", "allow_unknown_provenance=true"])
     )
-    assert result["models"][0]["provenance"].startswith("unknown")
+    assert result.models[0].provenance.startswith("unknown")
     assert "**Provenance unknown** for" in (tmp_path / "b" / "report.md").read_text()
 
 
 def test_scores_name_models_by_checkpoint_hash(runs: dict[str, Path], tmp_path: Path) -> None:
     result = evaluate(compose_eval([f"ckpt={runs['baseline']}", f"paths.output_dir={tmp_path}"]))
-    (model,) = result["models"]
-    assert model["sha256"] == file_sha256(next((runs["baseline"] / "checkpoints").glob("epoch_*.ckpt")))
-    assert model["provenance"] == "checked"
-    assert read_scores(tmp_path / "scores.json").models[0].sha256 == model["sha256"]
+    (model,) = result.models
+    assert model.sha256 == file_sha256(next((runs["baseline"] / "checkpoints").glob("epoch_*.ckpt")))
+    assert model.provenance == "checked"
+    assert read_scores(tmp_path / "scores.json").models[0].sha256 == model.sha256
 
 
 def test_posthoc_logit_adjustment_adds_rows_fitted_on_validation(runs: dict[str, Path], tmp_path: Path) -> None:
     result = evaluate(
         compose_eval([f"ckpt={runs['baseline']}", "posthoc_logit_adjustment=true", f"paths.output_dir={tmp_path}"])
     )
-    (row,) = [name for name in result["scores"] if name.endswith("+posthoc-la")]
-    fitted = result["scores"][row]["logit_adjustment"]
-    assert 0.0 <= fitted["tau"] <= 2.0 and sum(fitted["prior"]) == pytest.approx(1.0)
+    assert result.scores is not None
+    (row,) = [name for name in result.scores if name.endswith("+posthoc-la")]
+    fitted = result.scores[row].logit_adjustment
+    assert fitted is not None and 0.0 <= fitted.tau <= 2.0 and sum(fitted.prior) == pytest.approx(1.0)
     assert (tmp_path / f"predictions_{row}.csv").is_file()
 
 
 def test_posthoc_logit_adjustment_of_an_ensemble_adds_its_own_row(runs: dict[str, Path], tmp_path: Path) -> None:
     both = f"ckpt=[{runs['baseline']},{runs['baseline_bn']}]"
     result = evaluate(compose_eval([both, "posthoc_logit_adjustment=true", f"paths.output_dir={tmp_path}"]))
-    rows = {name: s["logit_adjustment"] for name, s in result["scores"].items() if name.endswith("+posthoc-la")}
-    assert len(rows) == 3 and rows["ensemble+posthoc-la"]["of"] == "ensemble"
-    assert rows["ensemble+posthoc-la"]["prior"] == next(iter(rows.values()))["prior"]  # one split, one prior
-    assert "validation" in result["scores"]["ensemble+posthoc-la"]
+    assert result.scores is not None
+    rows = {name: s.logit_adjustment for name, s in result.scores.items() if name.endswith("+posthoc-la")}
+    assert len(rows) == 3 and all(fitted is not None for fitted in rows.values())
+    ensemble_row = rows["ensemble+posthoc-la"]
+    assert ensemble_row is not None and ensemble_row.of == "ensemble"
+    assert all(fitted is not None and fitted.prior == ensemble_row.prior for fitted in rows.values())  # one split
+    assert result.scores["ensemble+posthoc-la"].validation is not None
 
 
 def test_legacy_split_scores_split_by_whether_the_lesion_was_seen(runs: dict[str, Path], tmp_path: Path) -> None:
@@ -505,11 +522,13 @@ def test_legacy_split_scores_split_by_whether_the_lesion_was_seen(runs: dict[str
         )
     )
     result = evaluate(compose_eval([f"ckpt={run}", f"paths.output_dir={tmp_path / 'eval'}"]))
-    (breakdown,) = [s["seen_lesions"] for s in result["scores"].values() if "seen_lesions" in s]
-    seen, unseen = breakdown["lesion_seen_in_training"], breakdown.get("lesion_not_seen", {"n_images": 0})
-    assert seen["n_images"] > 0 and seen["n_images"] + unseen["n_images"] == result["n_images"]
+    assert result.scores is not None
+    (breakdown,) = [s.seen_lesions for s in result.scores.values() if s.seen_lesions is not None]
+    seen, unseen = breakdown["lesion_seen_in_training"], breakdown.get("lesion_not_seen")
+    assert seen.n_images > 0 and seen.n_images + (unseen.n_images if unseen else 0) == result.n_images
     plain = evaluate(compose_eval([f"ckpt={runs['baseline']}", f"paths.output_dir={tmp_path / 'plain'}"]))
-    assert all("seen_lesions" not in s for s in plain["scores"].values())  # lesion split: no lesion is shared
+    assert plain.scores is not None
+    assert all(s.seen_lesions is None for s in plain.scores.values())  # lesion split: no lesion is shared
 
 
 def _external_set(runs: dict[str, Path], folder: Path, drop: tuple[str, ...] = ()) -> tuple[Path, Path]:
@@ -548,17 +567,19 @@ def test_two_external_sets_in_one_run_give_one_report_with_a_column_group_each(
     )
     saved = read_scores(out / "scores.json")
     assert saved.schema_version == 2 and [e.name for e in saved.external] == ["derm7pt", "second"]
-    rows = list(result["scores"])
+    assert result.scores is not None and result.bootstrap is not None
+    rows = list(result.scores)
     assert "ensemble" in rows and sum(r.endswith("+posthoc-la") for r in rows) == 3
     for external in saved.external:
-        assert list(external.scores) == rows and external.bootstrap["unit"] == "images"
+        assert external.scores is not None and external.bootstrap is not None
+        assert list(external.scores) == rows and external.bootstrap.unit == "images"
         folder = out / external.predictions
         assert external.predictions == f"external/{external.name}" and (folder / "ground_truth_isic.csv").is_file()
         for row in rows:
             preds = pd.read_csv(folder / f"predictions_{row}.csv")
             assert list(preds.columns) == ["image", *ISIC_COLUMNS] and len(preds) == external.n_images
-            s, main = external.scores[row], result["scores"][row]
-            assert set(s["ci95"]) == {
+            s, main = external.scores[row], result.scores[row]
+            assert set(s.ci95) == {
                 "accuracy",
                 "balanced_accuracy",
                 "mel_auroc",
@@ -566,22 +587,26 @@ def test_two_external_sets_in_one_run_give_one_report_with_a_column_group_each(
                 "mel_specificity",
             }
             # the referral threshold is the one chosen on validation, the same for every set
-            assert s["melanoma"]["val_threshold"]["threshold"] == main["melanoma"]["val_threshold"]["threshold"]
+            assert s.at_val_threshold is not None and main.at_val_threshold is not None
+            assert s.at_val_threshold.threshold == main.at_val_threshold.threshold
     derm7pt = saved.external[0]
+    assert derm7pt.scores is not None
     for row in rows:  # derm7pt here holds exactly the run's test images: the same figures as the test group
-        for key in ("accuracy", "balanced_accuracy"):
-            assert derm7pt.scores[row][key] == pytest.approx(result["scores"][row][key], abs=1e-6)
-        assert derm7pt.scores[row]["melanoma"]["auroc"] == pytest.approx(result["scores"][row]["melanoma"]["auroc"])
+        ours, test_row = derm7pt.scores[row], result.scores[row]
+        assert ours.accuracy == pytest.approx(test_row.accuracy, abs=1e-6)
+        assert ours.balanced_accuracy == pytest.approx(test_row.balanced_accuracy, abs=1e-6)
+        assert ours.melanoma is not None and test_row.melanoma is not None
+        assert ours.melanoma.auroc == pytest.approx(test_row.melanoma.auroc)
     report = (out / "report.md").read_text()
     header = next(line for line in report.splitlines() if "mel threshold (val)" in line)
     groups = [header.index(f"| {name}: accuracy") for name in ("test", "derm7pt", "second")]
     assert groups == sorted(groups) and all(f"{g}: mel spec" in header for g in ("test", "derm7pt", "second"))
     assert "bootstrap over images: lesion ids unknown" in report
     second_line = rf"- \*\*second\*\*: {saved.external[1].n_images} images, external set second .*; predictions in"
-    n_present = len(saved.external[1].classes_present)
+    n_present = len(saved.external[1].classes_present or [])
     assert re.search(second_line + rf" external/second/; {n_present} of the 7 classes, \*\*no akiec\*\*", report)
-    assert result["bootstrap"]["unit"] == "lesions"  # the run's split: lesions; external sets: images
-    assert f"- **test**: {result['n_images']} images; " in report and result["bootstrap"]["description"] in report
+    assert result.bootstrap.unit == "lesions"  # the run's split: lesions; external sets: images
+    assert f"- **test**: {result.n_images} images; " in report and result.bootstrap.description in report
 
 
 def test_an_external_set_without_a_class_is_balanced_over_the_classes_it_has(
@@ -600,18 +625,19 @@ def test_an_external_set_without_a_class_is_balanced_over_the_classes_it_has(
             ]
         )
     )
-    (external,) = result["external"]
+    (external,) = result.external
     truth = pd.read_csv(labels)
     present = sorted(set(truth.dx))
-    assert "akiec" not in present and sorted(external["classes_present"]) == present
-    (row,) = external["scores"]
-    preds = pd.read_csv(out / external["predictions"] / f"predictions_{row}.csv").set_index("image")
+    assert "akiec" not in present and sorted(external.classes_present or []) == present
+    assert external.scores is not None
+    (row,) = external.scores
+    preds = pd.read_csv(out / external.predictions / f"predictions_{row}.csv").set_index("image")
     predicted = preds.loc[truth.image_id, list(ISIC_COLUMNS)].to_numpy().argmax(axis=1)
     predicted_dx = np.array([c.lower() for c in ISIC_COLUMNS])[predicted]
     recalls = [np.mean(predicted_dx[truth.dx.to_numpy() == c] == c) for c in present]  # akiec: no recall at all
-    s = external["scores"][row]
-    assert s["balanced_accuracy"] == pytest.approx(np.mean(recalls), abs=1e-6)
-    assert s["per_class"]["akiec"]["recall"] is None and s["per_class"]["akiec"]["support"] == 0
+    s = external.scores[row]
+    assert s.balanced_accuracy == pytest.approx(np.mean(recalls), abs=1e-6)
+    assert s.per_class["akiec"].recall is None and s.per_class["akiec"].support == 0
     assert f"{len(present)} of the 7 classes, **no akiec**" in (out / "report.md").read_text()
 
 
@@ -655,3 +681,30 @@ def test_scores_files_of_version_1_are_still_read(tmp_path: Path) -> None:
     path.write_text(json.dumps({**document, "schema_version": 0}))
     with pytest.raises(ContractError, match="schema version 0"):
         read_scores(path)
+
+
+def test_a_scores_row_with_a_bad_value_is_refused_naming_the_file_and_the_fix(tmp_path: Path) -> None:
+    """Rows are typed: a temperature of "hot" is refused when the file is read, not deep inside the app."""
+    row = {
+        "n": 2,
+        "accuracy": 0.5,
+        "balanced_accuracy": 0.5,
+        "macro_f1": 0.5,
+        "macro_auroc": None,
+        "log_loss": 0.7,
+        "ece": 0.1,
+        "per_class": {},
+        "confusion_matrix": [[1, 1], [0, 0]],
+        "temperature": "hot",
+    }
+    written = ScoresFile(evaluated="test split", set="test", n_images=2, models=[], tta="none")
+    path = write_scores(written, tmp_path / "scores.json")
+    path.write_text(json.dumps({**json.loads(path.read_text()), "scores": {"model": row}, "final": "model"}))
+    with pytest.raises(
+        ContractError, match=r"(?s)scores\.json is not a valid scores file.*temperature.*Run evaluate\.py"
+    ):
+        read_scores(path)
+    row["temperature"] = 1.5
+    path.write_text(json.dumps({**json.loads(path.read_text()), "scores": {"model": row}}))
+    final = read_scores(path).final_scores
+    assert final is not None and final.temperature == 1.5 and final.at_val_threshold is None

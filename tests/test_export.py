@@ -13,6 +13,8 @@ import onnxruntime as ort
 import pytest
 import torch
 
+from lesionnet.contract.files import ContractError
+from lesionnet.contract.on_device import read_export_sidecar
 from lesionnet.export import ExportError, export, parity, sample_batch
 from lesionnet.inference import load_member, resolve_checkpoints
 from tests.conftest import REPO_ROOT
@@ -31,6 +33,7 @@ def test_onnx_carries_preprocessing_and_matches_pytorch(ckpt: Path, tmp_path: Pa
     assert meta["input_size"] == [3, 24, 32] and meta["class_names"] == member.class_names
     assert meta["mean"] == pytest.approx(list(member.data_config["mean"])) and meta["interpolation"] == "bilinear"
     assert json.loads((tmp_path / "model.json").read_text()) == sidecar
+    assert read_export_sidecar(tmp_path / "model.json").model_dump(mode="json") == sidecar  # its schema, version 1
     assert sidecar["parity"]["max_abs_prob_diff"] < 1e-4
     # batch size is dynamic and the outputs match PyTorch within 1e-4 on real (embedded sample) images
     images = sample_batch(member, n=6)
@@ -49,6 +52,16 @@ def test_torchscript_export_and_a_failing_parity_check(ckpt: Path, tmp_path: Pat
         member.model.model.classifier.bias.add_(0.1)
     with pytest.raises(ExportError, match="disagrees with PyTorch"):
         parity(member, tmp_path / "model.pt", sample_batch(member))
+
+
+def test_a_sidecar_of_another_version_is_refused_with_the_fix(ckpt: Path, tmp_path: Path) -> None:
+    sidecar = export(load_member(ckpt), "torchscript", tmp_path / "model.pt")
+    (tmp_path / "model.json").write_text(json.dumps({**sidecar, "schema_version": 2}))
+    with pytest.raises(ContractError, match=r"model.json is a model export sidecar of schema version 2 .*Export the"):
+        read_export_sidecar(tmp_path / "model.json")
+    (tmp_path / "model.json").write_text(json.dumps({**sidecar, "mean": "imagenet"}))
+    with pytest.raises(ContractError, match=r"(?s)model.json is not a valid model export sidecar.*mean"):
+        read_export_sidecar(tmp_path / "model.json")
 
 
 def test_cli(ckpt: Path, tmp_path: Path) -> None:

@@ -15,9 +15,11 @@ import pytest
 from hydra import compose, initialize_config_dir
 
 from lesionnet.contract.files import ContractError
-from lesionnet.contract.run import RunFolder
+from lesionnet.contract.oof import FittedValue, FoldRun, MeanSd, OofScores, read_oof_scores, write_oof_scores
+from lesionnet.contract.scores import ScoresRow
 from lesionnet.data.datamodule import HAM10000DataModule
 from lesionnet.data.metadata import DatasetError, load_ham10000
+from lesionnet.data.run_folder import RunFolder
 from lesionnet.data.split import (
     assign_folds,
     check_fold_settings,
@@ -27,7 +29,7 @@ from lesionnet.data.split import (
     save_split,
     split_lesions,
 )
-from lesionnet.evaluation.oof import PREDICTIONS_FILE, SCORES_FILE, out_of_fold, read_oof_scores, sweep_runs
+from lesionnet.evaluation.oof import PREDICTIONS_FILE, SCORES_FILE, out_of_fold, sweep_runs
 from lesionnet.inference import Predictor, load_members
 from lesionnet.training import train
 from tests.conftest import CONF, FAST, compose_train, make_ham_dir
@@ -100,7 +102,7 @@ def test_test_split_is_the_one_without_folds(make_ham) -> None:
 def test_split_file_records_the_folds_and_keeps_its_format(make_ham, tmp_path: Path) -> None:
     dm = _dm(make_ham(), folds=2, fold=1)
     path = dm.save_split(tmp_path / "split.csv")
-    assert list(pd.read_csv(path).columns) == ["image_id", "lesion_id", "dx", "split", "fold"]
+    assert list(pd.read_csv(path).columns) == ["image_id", "lesion_id", "dx", "split", "fold", "schema_version"]
     assert load_folds(path).equals(dm.table.set_index("image_id")["fold"])
     assert load_split(dm.table.drop(columns=["split", "fold"]), path).equals(dm.table["split"])
     again = _dm(Path(dm.root), folds=2, fold=1, split_seed=42, split_file=str(path))  # its folds are dealt again
@@ -109,6 +111,56 @@ def test_split_file_records_the_folds_and_keeps_its_format(make_ham, tmp_path: P
     plain = save_split(dm.table.drop(columns="fold"), tmp_path / "plain.csv")
     with pytest.raises(DatasetError, match="no fold column: it was not written by a cross-validation run"):
         load_folds(plain)
+
+
+def test_a_fold_column_without_a_fold_for_every_train_val_image_is_refused(make_ham, tmp_path: Path) -> None:
+    dm = _dm(make_ham(), folds=2, fold=0)
+    path = dm.save_split(tmp_path / "split.csv")
+    saved = pd.read_csv(path, dtype=str)
+    test_image = saved.index[saved["split"] == "test"][0]
+    for spoilt in (saved.assign(fold=saved["fold"].where(saved["split"] == "test", "1.5")), saved.copy()):
+        spoilt.loc[test_image, "fold"] = "0"  # second round: only a test image given a fold
+        spoilt.to_csv(path, index=False)
+        with pytest.raises(ContractError, match=r"fold values that are not whole numbers >= 0 .*Retrain"):
+            load_folds(path)
+    without_version = saved.drop(columns="schema_version")  # a fold run's split.csv from before the version column
+    without_version.to_csv(path, index=False)
+    assert load_folds(path).equals(dm.table.set_index("image_id")["fold"])
+
+
+def test_oof_scores_round_trip_and_another_version_is_refused_with_the_fix(tmp_path: Path) -> None:
+    fitted = FittedValue(value=1.3, fitted_on="out-of-fold predictions", applies_to="the mean ensemble")
+    scores = OofScores(
+        sweep="logs/train/multiruns/x",
+        folds=2,
+        split_seed=42,
+        n_images=10,
+        n_lesions=8,
+        class_names=["mel", "nv"],
+        runs=[FoldRun(fold=0, run="0", checkpoint="c", sha256="s", epoch=3, n_images=5, n_lesions=4, scores={})],
+        cv={"accuracy": MeanSd(mean=0.5, sd=None, n_folds=1)},
+        pooled=ScoresRow(
+            n=10,
+            accuracy=0.5,
+            balanced_accuracy=0.5,
+            macro_f1=0.5,
+            macro_auroc=None,
+            log_loss=0.7,
+            ece=0.1,
+            per_class={},
+            confusion_matrix=[[5, 0], [5, 0]],
+        ),
+        temperature=fitted,
+        melanoma_threshold=None,
+        mel_target_sensitivity=0.9,
+        approximation="the usual approximation",
+        test_command="python evaluate.py",
+    )
+    path = write_oof_scores(scores, tmp_path / "oof_scores.json")
+    assert read_oof_scores(path) == scores
+    path.write_text(json.dumps({**json.loads(path.read_text()), "schema_version": 2}))
+    with pytest.raises(ContractError, match=r"schema version 2 .*Re-run `lesionnet oof sweep=<the sweep>`"):
+        read_oof_scores(path)
 
 
 @pytest.mark.parametrize(
@@ -209,7 +261,7 @@ def test_oof_predicts_every_train_val_image_once_by_the_model_that_held_it_out(f
     per_fold = [run.scores["balanced_accuracy"] for run in saved.runs]
     assert saved.cv["balanced_accuracy"].mean == pytest.approx(np.mean(per_fold))
     assert saved.cv["balanced_accuracy"].sd == pytest.approx(np.std(per_fold, ddof=1))
-    assert saved.pooled["n"] == len(oof) and "ci95" in saved.pooled
+    assert saved.pooled.n == len(oof) and set(saved.pooled.ci95) >= {"accuracy", "balanced_accuracy"}
     for fitted in (saved.temperature, saved.melanoma_threshold):
         assert fitted.fitted_on.startswith("out-of-fold predictions of the 2 fold models")
         assert fitted.applies_to.startswith("the mean ensemble of the 2 fold models")
@@ -278,4 +330,5 @@ def test_evaluate_scores_the_fold_ensemble_on_the_test_split(fold_sweep: Path, t
             overrides=[f"ckpt={fold_sweep}", f"paths.output_dir={tmp_path}", "data.num_workers=0", "device=cpu"],
         )
     summary = evaluate(cfg)
-    assert summary["set"] == "test" and summary["ensemble"]["members"] and len(summary["models"]) == 2
+    assert summary.set == "test" and summary.ensemble is not None and summary.ensemble.members
+    assert len(summary.models) == 2

@@ -17,9 +17,9 @@ from lesionnet.app.build import build_service
 from lesionnet.app.ondevice import OnDevice
 from lesionnet.app.upload import UploadLimits, decode_image
 from lesionnet.contract.files import ContractError
-from lesionnet.contract.run import RunFolder
 from lesionnet.contract.scores import POSTHOC_LA, read_scores
 from lesionnet.data.decode import read_rgb
+from lesionnet.data.run_folder import RunFolder
 from lesionnet.evaluation.runner import evaluate
 from lesionnet.inference import Predictor, forward, load_member, resolve_checkpoints
 from tests.conftest import REPO_ROOT
@@ -168,17 +168,22 @@ def test_the_app_serves_the_post_hoc_adjusted_row_evaluate_fitted(trained_run: P
         )
     )
     document = read_scores(out / "scores.json")
+    assert document.scores is not None
     (row,) = [name for name in document.scores if name.endswith(POSTHOC_LA)]
-    fitted = document.scores[row]["logit_adjustment"]
+    fitted = document.scores[row].logit_adjustment
+    assert fitted is not None
     evaluated = pd.read_csv(out / f"predictions_{row}.csv").set_index("image")
 
     serve = [f"ckpt={trained_run}", "device=cpu", "gradcam=false", "unsure.threshold=0"]
     service = build_service(
         compose_serve([*serve, f"scores={out / 'scores.json'}", "logit_adjustment=true", f"paths.output_dir={out}"])
     )
-    assert service.predictor.logit_adjustment == {"tau": fitted["tau"], "prior": fitted["prior"]}
+    served_adjustment = service.predictor.logit_adjustment
+    assert served_adjustment is not None
+    assert (served_adjustment.tau, served_adjustment.prior) == (fitted.tau, fitted.prior)
     assert "post-hoc logit adjustment" in OnDevice(service, tmp_path / "on_device").unavailable  # the graph has none
-    assert service.referral.melanoma_threshold == document.scores[row]["melanoma"]["val_threshold"]["threshold"]
+    at_threshold = document.scores[row].at_val_threshold
+    assert at_threshold is not None and service.referral.melanoma_threshold == at_threshold.threshold
     order = [c.upper() for c in service.predictor.class_names]
     paths = sorted(folder.iterdir())
     served = service.predictor.predict_paths(paths).probs
@@ -187,13 +192,12 @@ def test_the_app_serves_the_post_hoc_adjusted_row_evaluate_fitted(trained_run: P
     # the adjustment itself (whatever tau validation chose above): tau = 1 divides by the prior, then renormalises
     member = service.predictor.members[0]
     plain = Predictor([member]).predict_paths(paths)
-    adjusted = Predictor([member], logit_adjustment={"tau": 1.0, "prior": fitted["prior"]}).predict_paths(paths)
-    expected = plain.probs / np.asarray(fitted["prior"])
+    adjusted = Predictor([member], logit_adjustment={"tau": 1.0, "prior": fitted.prior}).predict_paths(paths)
+    expected = plain.probs / np.asarray(fitted.prior)
     np.testing.assert_allclose(adjusted.probs, expected / expected.sum(1, keepdims=True), atol=1e-9)
     np.testing.assert_allclose(adjusted.member_probs, plain.member_probs)  # members stay as they are
     assert (
-        Predictor([member], logit_adjustment={"tau": 1.0, "prior": fitted["prior"]}).version
-        != Predictor([member]).version
+        Predictor([member], logit_adjustment={"tau": 1.0, "prior": fitted.prior}).version != Predictor([member]).version
     )
 
     unadjusted = tmp_path / "plain"

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
 import sys
 from pathlib import Path
 from types import ModuleType
@@ -18,7 +19,7 @@ import pandas as pd
 import pytest
 
 from lesionnet.contract.files import ContractError
-from lesionnet.contract.run import RunFolder
+from lesionnet.data.run_folder import RunFolder
 from lesionnet.inference import Predictor, load_members
 from lesionnet.inference.decision.ood import (
     OOD_METHODS,
@@ -148,9 +149,27 @@ def test_a_gate_of_another_model_or_tta_is_refused(features: dict[str, np.ndarra
         OodGate.load(path, "other@def")
     with pytest.raises(ContractError, match="tta=none.*tta=d4"):
         OodGate.load(path, "model@abc", tta="d4")
+
+
+def test_a_gate_file_of_another_version_is_refused_with_the_fix(
+    features: dict[str, np.ndarray], tmp_path: Path
+) -> None:
+    path = fit(features, "mahalanobis").save(tmp_path / "ood_gate.json")
     stored = json.loads(path.read_text())
-    path.write_text(json.dumps({**stored, "schema_version": 0}))
-    with pytest.raises(ContractError, match="schema version 0"):
+    assert stored["schema_version"] == 1
+    where = re.escape(str(path))
+    path.write_text(json.dumps({**stored, "schema_version": 2}))
+    with pytest.raises(
+        ContractError, match=rf"{where} is a feature-space \(OOD\) gate file of schema version 2 .*Refit the gate"
+    ):
+        OodGate.load(path, "model@abc")
+    path.write_text(json.dumps({k: v for k, v in stored.items() if k != "schema_version"}))
+    with pytest.raises(ContractError, match=r"written before files were versioned.*serve without ood.gate_file"):
+        OodGate.load(path, "model@abc")
+    path.write_text(json.dumps({**stored, "threshold": "high"}))
+    with pytest.raises(
+        ContractError, match=rf"(?s){where} is not a valid feature-space \(OOD\) gate file.*threshold.*Refit the gate"
+    ):
         OodGate.load(path, "model@abc")
 
 
@@ -245,7 +264,7 @@ def test_ood_eval_cli_on_a_trained_run(trained_run: Path, photos: Path, tmp_path
 
 def test_the_app_refuses_what_its_validation_lesions_do_not_look_like(trained_run: Path, tmp_path: Path) -> None:
     from lesionnet.app.build import build_service
-    from lesionnet.contract.run import RunFolder
+    from lesionnet.data.run_folder import RunFolder
     from tests.test_app import compose_serve, lesion_like
 
     overrides = [

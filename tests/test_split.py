@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pandas as pd
 import pytest
 
+from lesionnet.contract.files import ContractError
+from lesionnet.contract.split_file import SPLIT_FILE_VERSION, read_split_file
 from lesionnet.data.metadata import DatasetError, load_ham10000
+from lesionnet.data.run_folder import RunFolder
 from lesionnet.data.split import (
     SPLITS,
     assert_no_leak,
@@ -129,3 +133,61 @@ def test_legacy_split_file_loads_only_when_leaks_are_allowed(table: pd.DataFrame
     with pytest.raises(DatasetError, match="Split leak"):
         load_split(table.drop(columns="split"), path)
     assert load_split(table.drop(columns="split"), path, allow_leak=True).equals(table["split"])
+
+
+def test_a_saved_split_file_carries_its_schema_version_on_every_row(table: pd.DataFrame, tmp_path: Path) -> None:
+    table["split"] = split_lesions(table, FRACTIONS, seed=5)
+    path = save_split(table, tmp_path / "split.csv")
+    saved = pd.read_csv(path)
+    assert list(saved.columns) == ["image_id", "lesion_id", "dx", "split", "schema_version"]
+    assert (saved["schema_version"] == SPLIT_FILE_VERSION).all()
+    assert "schema_version" not in read_split_file(path).columns  # the reader hands over the rows only
+
+
+def test_a_split_csv_without_a_version_column_is_read_as_version_1(table: pd.DataFrame, tmp_path: Path) -> None:
+    """The format train.py wrote before the version column (the run folders under logs/ have it) still loads."""
+    table["split"] = split_lesions(table, FRACTIONS, seed=5)
+    run = tmp_path / "run"
+    run.mkdir()
+    table[["image_id", "lesion_id", "dx", "split"]].to_csv(run / "split.csv", index=False)
+    assert load_split(table.drop(columns="split"), run / "split.csv").equals(table["split"])
+    assert RunFolder(run).split_ids("val") == frozenset(table.loc[table["split"] == "val", "image_id"])
+
+
+def test_a_split_csv_of_an_unknown_version_is_refused_naming_the_file(table: pd.DataFrame, tmp_path: Path) -> None:
+    table["split"] = split_lesions(table, FRACTIONS, seed=5)
+    path = save_split(table, tmp_path / "split.csv")
+    saved = pd.read_csv(path)
+    saved.assign(schema_version=SPLIT_FILE_VERSION + 1).to_csv(path, index=False)
+    where = re.escape(str(path))
+    with pytest.raises(ContractError, match=rf"{where} is a split file of schema version 2 .*drop data.split_file"):
+        load_split(table.drop(columns="split"), path)
+    with pytest.raises(ContractError, match=rf"{where} is a split file of schema version 2"):
+        RunFolder(tmp_path).split_ids("val")  # every reader of split.csv goes through the one reader
+    saved.assign(schema_version=[1, 2] * (len(saved) // 2) + [1] * (len(saved) % 2)).to_csv(path, index=False)
+    with pytest.raises(ContractError, match=rf"{where} has the schema_version value\(s\) \['1', '2'\]"):
+        load_split(table.drop(columns="split"), path)
+
+
+@pytest.mark.parametrize(
+    "spoil, message",
+    [
+        (lambda d: d.drop(columns="split"), r"lacks column\(s\) \['split'\]"),
+        (lambda d: d.assign(split=d["split"].replace("val", "valid")), r"unknown split name\(s\) \['valid'\]"),
+        (lambda d: pd.concat([d, d.iloc[:1]]), r"lists image_id\(s\) ISIC_\d+ more than once"),
+        (lambda d: d.assign(fold="x"), r"fold values that are not whole numbers"),
+    ],
+)
+def test_a_malformed_split_file_is_refused_naming_the_file_and_the_fix(
+    table: pd.DataFrame, tmp_path: Path, spoil, message: str
+) -> None:
+    table["split"] = split_lesions(table, FRACTIONS, seed=5)
+    path = save_split(table, tmp_path / "split.csv")
+    spoil(pd.read_csv(path, dtype=str)).to_csv(path, index=False)
+    with pytest.raises(ContractError, match=rf"Split file {re.escape(str(path))} .*{message}"):
+        load_split(table.drop(columns="split"), path)
+
+
+def test_a_missing_split_file_names_the_path_and_the_fix(table: pd.DataFrame, tmp_path: Path) -> None:
+    with pytest.raises(ContractError, match=r"Split file not found: .*nope.csv. Give the split.csv that train.py"):
+        load_split(table, tmp_path / "nope.csv")

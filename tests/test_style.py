@@ -1,5 +1,5 @@
-"""The repository stays ``ruff check`` and ``ruff format`` clean and keeps its layers (``lint-imports``); CI runs this
-with the rest of the suite."""
+"""The repository stays ``ruff check`` and ``ruff format`` clean, keeps its layers (``lint-imports``) and type-checks
+(``mypy``); CI runs this with the rest of the suite."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from tests.conftest import REPO_ROOT
 
 RUFF = shutil.which("ruff", path=str(Path(sys.executable).parent)) or shutil.which("ruff")
 LINT_IMPORTS = shutil.which("lint-imports", path=str(Path(sys.executable).parent)) or shutil.which("lint-imports")
+MYPY = shutil.which("mypy", path=str(Path(sys.executable).parent)) or shutil.which("mypy")
 PACKAGE = REPO_ROOT / "lesionnet"
 
 
@@ -31,6 +32,15 @@ def test_imports_keep_the_layers() -> None:
     and export apart, no cycles between sibling modules."""
     result = subprocess.run([LINT_IMPORTS, "--no-cache"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-5000:] + result.stderr[-2000:]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(MYPY is None, reason="mypy is installed by the dev extra")
+def test_package_type_checks() -> None:
+    """``mypy`` on lesionnet/ with pyproject.toml's [tool.mypy]: strict, less the relaxations listed there with their
+    reasons. The config's cache_dir, .mypy_cache (git-ignored), spares later runs re-analysing the dependencies."""
+    result = subprocess.run([MYPY], cwd=REPO_ROOT, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-2000:]
 
 
 def uses_hydra_main(path: Path) -> bool:

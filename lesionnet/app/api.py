@@ -43,6 +43,7 @@ from lesionnet.app.upload import (
     decode_image,
     guard_pillow,
 )
+from lesionnet.contract.on_device import on_device_policy_json
 
 log = logging.getLogger(__name__)
 STATIC = Path(__file__).parent / "static"
@@ -83,14 +84,15 @@ def swagger_page(title: str, openapi_url: str) -> tuple[str, str]:
 
     The page is the same for every request, so the hash is computed once; no 'unsafe-inline' is needed.
     """
-    html = get_swagger_ui_html(
+    page = get_swagger_ui_html(
         openapi_url=openapi_url,
         title=f"{title} - API docs",
         swagger_js_url="/docs/assets/swagger-ui-bundle.js",
         swagger_css_url="/docs/assets/swagger-ui.css",
         swagger_favicon_url="/static/icon-192.png",
         swagger_ui_parameters={"validatorUrl": None},  # else the badge image is fetched from validator.swagger.io
-    ).body.decode()
+    )
+    html = bytes(page.body).decode()  # a Response's body is typed bytes | memoryview
     inline = re.findall(r"<script>(.*?)</script>", html, flags=re.DOTALL)
     hashes = " ".join(f"'sha256-{base64.b64encode(hashlib.sha256(s.encode()).digest()).decode()}'" for s in inline)
     csp = (
@@ -264,7 +266,9 @@ def install_api_routes(
         response_model_exclude_unset=True,  # keys the service left out stay out
         responses=error_responses(400, 408, 413, 415, 422, 500, 503),
     )
-    async def predict(request: Request, file: Annotated[UploadFile, File(description="The photo")]) -> dict[str, Any]:
+    async def predict(
+        request: Request, file: Annotated[UploadFile, File(description="The photo")]
+    ) -> dict[str, Any] | JSONResponse:
         check_single_file((await request.form()).getlist("file"))  # the form FastAPI parsed (cached): no re-read
         check_content_type(file.content_type)
         if not admission.enter():
@@ -288,8 +292,7 @@ def install_on_device_routes(
 
     @app.get("/on-device/policy.json", include_in_schema=False)
     async def on_device_policy() -> JSONResponse:
-        policy = {**on_device.policy(), "limits": {"min_side": limits.min_side, "max_pixels": limits.max_pixels}}
-        return JSONResponse(policy, headers={"Cache-Control": "no-cache"})
+        return JSONResponse(on_device_policy_json(on_device.policy(limits)), headers={"Cache-Control": "no-cache"})
 
     @app.get("/on-device/{name}", include_in_schema=False)
     async def on_device_model(name: str) -> FileResponse:

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
+from fastapi import FastAPI
 from omegaconf import DictConfig
 
 from lesionnet.app.api import build_api
@@ -20,9 +21,9 @@ from lesionnet.app.ondevice import OnDevice
 from lesionnet.app.service import LesionService
 from lesionnet.app.upload import UploadLimits
 from lesionnet.contract.files import ContractError
-from lesionnet.contract.run import RunFolder
 from lesionnet.contract.scores import read_scores, scores_for
-from lesionnet.inference import CheckpointError, Prediction, Predictor, load_members
+from lesionnet.data.run_folder import RunFolder
+from lesionnet.inference import Prediction, Predictor, load_members
 from lesionnet.inference.decision.ood import OodGate, fit_ood
 from lesionnet.inference.decision.policy import DEFAULT_MSP_THRESHOLD, ConfidenceGate, ReferralPolicy, fit_gate
 
@@ -68,7 +69,7 @@ def _load_cached(path: Path, predictor: Predictor, fitted_on: dict[str, Any]) ->
         return None
     try:
         gate = ConfidenceGate.load(path, predictor.version, fitted_on)
-    except (OSError, ValueError, TypeError, CheckpointError) as err:
+    except ContractError as err:  # another model or fit, another version, unreadable: all refitted
         log.warning("Ignoring the cached confidence gate %s (%s): refitting it.", path, err)
         return None
     log.info(
@@ -91,13 +92,18 @@ class ValidationPass:
         self.data_root_override = cfg.unsure.data_root
         self.run: RunFolder | None = next((m.run for m in predictor.members if m.run is not None), None)
 
+    def _run(self) -> RunFolder:
+        if self.run is None:
+            raise ContractError("No loaded checkpoint comes from a train.py run folder: no validation split to fit on.")
+        return self.run
+
     @cached_property
     def root(self) -> Path:
-        return Path(self.run.data_root(self.data_root_override))
+        return Path(self._run().data_root(self.data_root_override))
 
     @cached_property
     def table(self) -> pd.DataFrame:
-        return self.run.split_table("val", self.root)
+        return self._run().split_table("val", self.root)
 
     @cached_property
     def prediction(self) -> Prediction:
@@ -203,11 +209,10 @@ def build_service(cfg: DictConfig) -> LesionService:
         document = read_scores(cfg.scores)
         tta = tta or document.tta
         _, scores, weights = scores_for(document, cfg.scores, [m.sha256 for m in members], tta, adjusted)
-        evaluated = document.model_dump()
+        evaluated = document
     tta = tta or "none"
-    predictor = Predictor(
-        members, tta=tta, weights=weights, logit_adjustment=scores.get("logit_adjustment") if adjusted else None
-    )
+    adjustment = scores.logit_adjustment if adjusted and scores is not None else None
+    predictor = Predictor(members, tta=tta, weights=weights, logit_adjustment=adjustment)
     referral = ReferralPolicy.from_scores(scores, cfg.referral.malignant_threshold)
     log.info("Serving %s (tta=%s); referral: %s", predictor.version, tta, referral.source)
     validation = ValidationPass(cfg, predictor)  # one pass over the validation split for both gates, if any
@@ -222,7 +227,7 @@ def build_service(cfg: DictConfig) -> LesionService:
     )
 
 
-def build_app(cfg: DictConfig) -> object:
+def build_app(cfg: DictConfig) -> FastAPI:
     limits = UploadLimits(
         max_bytes=int(cfg.limits.max_upload_mb * 2**20),
         max_pixels=int(cfg.limits.max_pixels),

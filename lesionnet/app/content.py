@@ -5,9 +5,10 @@ Kept apart from the logic so wording can be reviewed (clinically and for readabi
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Sequence
 
 from lesionnet.classes import CLASS_LONG_NAMES
+from lesionnet.contract.scores import ScoresFile, ScoresRow
 
 DISCLAIMER = (
     "This is not a diagnosis. LesionNet is research software, not a medical device. Only a doctor who examines "
@@ -158,7 +159,7 @@ def referral_checked(n_images: int, melanomas: int | None, sensitivity: float, i
 NOT_EVALUATED = "Not evaluated: the server was started without an evaluate.py scores.json, so performance is unknown."
 
 
-def percent_with_interval(value: float | None, interval: list[float | None] | None) -> str:
+def percent_with_interval(value: float | None, interval: Sequence[float | None] | None) -> str:
     """'71.0% (95% CI 68.0-74.0%)', or 'unknown'."""
     if value is None:
         return "unknown"
@@ -168,31 +169,31 @@ def percent_with_interval(value: float | None, interval: list[float | None] | No
     return text
 
 
-def performance_summary(metrics: dict[str, Any], bootstrap: str | None, provenance: list[str]) -> str:
+def performance_summary(scores: ScoresRow, evaluated: ScoresFile, provenance: list[str]) -> str:
     """The model card's test figures in a few sentences: accuracy and balanced accuracy with their intervals, what
     the intervals resample, melanoma sensitivity, calibration and whether the scored images were checked unseen."""
-    count = f"{metrics['n_images']:,} " if metrics.get("n_images") else ""
-    accuracy = percent_with_interval(metrics["accuracy"], metrics["accuracy_ci95"])
-    balanced = percent_with_interval(metrics["balanced_accuracy"], metrics["balanced_accuracy_ci95"])
+    count = f"{evaluated.n_images:,} " if evaluated.n_images else ""
+    accuracy = percent_with_interval(scores.accuracy, scores.ci95.get("accuracy"))
+    balanced = percent_with_interval(scores.balanced_accuracy, scores.ci95.get("balanced_accuracy"))
     sentences = [
-        f"On the {count}images of the {metrics.get('evaluated_on') or 'evaluation set'}: accuracy {accuracy}, "
+        f"On the {count}images of the {evaluated.evaluated or 'evaluation set'}: accuracy {accuracy}, "
         f"balanced accuracy (mean over the 7 diagnoses) {balanced}."
     ]
-    if bootstrap:
-        sentences.append(f"Intervals: {bootstrap}.")
-    if metrics.get("in_sample"):
+    if evaluated.bootstrap:
+        sentences.append(f"Intervals: {evaluated.bootstrap.description}.")
+    if evaluated.in_sample:
         sentences.append("These are the validation images the model was chosen on, so the figures are optimistic.")
-    val = (metrics.get("melanoma") or {}).get("val_threshold") or {}
-    if val.get("sensitivity") is not None:
-        cleared = val.get("specificity")
+    at_threshold = scores.at_val_threshold
+    if at_threshold is not None and at_threshold.sensitivity is not None:
+        cleared = at_threshold.specificity
         sentences.append(
-            f"The melanoma threshold of the referral rule caught {val['sensitivity']:.0%} of the melanomas there"
+            f"The melanoma threshold of the referral rule caught {at_threshold.sensitivity:.0%} of the melanomas there"
             + (f" and did not flag {cleared:.0%} of the other lesions." if cleared is not None else ".")
         )
-    if metrics.get("temperature") is not None:
-        after = metrics.get("ece_after_temperature")
+    if scores.temperature is not None:
+        after = scores.ece_after_temperature
         sentences.append(
-            f"Calibration: the shown probabilities are rescaled with a temperature of {metrics['temperature']:.2f} "
+            f"Calibration: the shown probabilities are rescaled with a temperature of {scores.temperature:.2f} "
             "fitted on validation images"
             + (f"; the expected calibration error after it is {after:.1%}." if after is not None else ".")
         )

@@ -6,7 +6,8 @@ The server hands the page two things, both made from the very objects it answers
   the graph (outputs: probabilities, the energy score, the top class's CAM grid, the OOD score), exported at the first
   request and cached on disk under a key of the model version and the gate's arrays, so a refitted gate or another
   checkpoint gets a new file name (the service worker keeps model files by name);
-* ``/on-device/policy.json`` (:meth:`OnDevice.policy`): the preprocessing, the image check's parameters, thresholds and
+* ``/on-device/policy.json`` (:meth:`OnDevice.policy`, its schema ``lesionnet.contract.on_device.OnDevicePolicy``):
+  the preprocessing, the image check's parameters, thresholds and
   rules (``image_check.check_spec``), the confidence gate, the OOD threshold and validation scores, the referral rule
   with its reasons, the temperature, the class names and the messages: the page compares and fills in, it types no
   number or sentence of its own.
@@ -25,20 +26,20 @@ import logging
 import os
 import tempfile
 import threading
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
 from lesionnet.app import content
 from lesionnet.app.service import LesionService
+from lesionnet.app.upload import UploadLimits
 from lesionnet.classes import MALIGNANT
+from lesionnet.contract.on_device import ON_DEVICE_VERSION, OnDevicePolicy
 from lesionnet.inference.decision.image_check import check_spec
 
 log = logging.getLogger(__name__)
-ON_DEVICE_VERSION = 1
 VENDOR = Path(__file__).parent / "static" / "vendor" / "ort"
 VENDOR_URL = "/static/vendor/ort"
 # onnxruntime-web's WebAssembly build as one ES module (its Emscripten glue included) and its .wasm binary
@@ -112,48 +113,58 @@ class OnDevice:
                 log.info("On-device model exported to %s (parity: %s)", path, sidecar["parity"])
         return path
 
-    def policy(self) -> dict[str, Any]:
-        """Everything the page applies on the device, from the server's own objects (``/on-device/policy.json``)."""
+    def policy(self, limits: UploadLimits) -> OnDevicePolicy:
+        """Everything the page applies on the device, from the server's own objects (``/on-device/policy.json``;
+        ``limits``: the upload limits the page checks a photo against, as the server does)."""
         s = self.service
         base = {
-            "schema_version": ON_DEVICE_VERSION,
             "available": self.unavailable is None,
             "reason": self.unavailable,
             "model_version": s.predictor.version,
             "demo_model": s.demo_model,
             "disclaimer": content.DISCLAIMER,
+            "limits": {"min_side": limits.min_side, "max_pixels": limits.max_pixels},
         }
         if self.unavailable is not None:
-            return base
+            return OnDevicePolicy.model_validate(base)
         from lesionnet.export import preprocessing_metadata
 
         member, referral, ood = s.predictor.members[0], s.referral, s.ood
-        return {
-            **base,
-            "model_url": f"/on-device/{self.model_name}",
-            "runtime": {kind: f"{VENDOR_URL}/{name}" for kind, name in RUNTIME_FILES.items()},
-            "preprocessing": preprocessing_metadata(member),
-            # the graph's CAM grid exists for average-pool + linear heads; other heads need Grad-CAM (a backward pass)
-            "heatmap": s.use_cam,
-            "classes": s.class_info(),
-            "image_check": check_spec(s.check),
-            "confidence": {"method": s.gate.method, "threshold": s.gate.threshold, "source": s.gate.source},
-            "ood": None
-            if ood is None
-            else {
-                "method": ood.method,
-                "threshold": ood.threshold,
-                "source": ood.source,
-                "validation_scores": sorted(float(v) for v in ood.validation_scores),  # for the percentile
-            },
-            "referral": {
-                **asdict(referral),
-                "malignant_classes": sorted(MALIGNANT),
-                "reasons": {  # the server's sentences, with "{p}" where the probability goes (2 decimals)
-                    "melanoma": referral.melanoma_reason("{p}") if referral.melanoma_threshold is not None else None,
-                    "malignant": referral.malignant_reason("{p}"),
+        return OnDevicePolicy.model_validate(
+            {
+                **base,
+                "model_url": f"/on-device/{self.model_name}",
+                "runtime": {kind: f"{VENDOR_URL}/{name}" for kind, name in RUNTIME_FILES.items()},
+                "preprocessing": preprocessing_metadata(member),
+                # the graph's CAM grid exists for average-pool + linear heads; other heads need Grad-CAM (a backward
+                # pass)
+                "heatmap": s.use_cam,
+                "classes": s.class_info(),
+                "image_check": check_spec(s.check),
+                "confidence": {"method": s.gate.method, "threshold": s.gate.threshold, "source": s.gate.source},
+                "ood": None
+                if ood is None
+                else {
+                    "method": ood.method,
+                    "threshold": ood.threshold,
+                    "source": ood.source,
+                    "validation_scores": sorted(float(v) for v in ood.validation_scores),  # for the percentile
                 },
-            },
-            "referral_check": s.referral_check(),
-            "messages": {**content.MESSAGES, "ood_reason": content.OOD_REASON, "most_likely": content.MOST_LIKELY},
-        }
+                "referral": {
+                    "malignant_threshold": referral.malignant_threshold,
+                    "melanoma_threshold": referral.melanoma_threshold,
+                    "target_sensitivity": referral.target_sensitivity,
+                    "temperature": referral.temperature,
+                    "source": referral.source,
+                    "malignant_classes": sorted(MALIGNANT),
+                    "reasons": {  # the server's sentences, with "{p}" where the probability goes (2 decimals)
+                        "melanoma": referral.melanoma_reason("{p}")
+                        if referral.melanoma_threshold is not None
+                        else None,
+                        "malignant": referral.malignant_reason("{p}"),
+                    },
+                },
+                "referral_check": s.referral_check(),
+                "messages": {**content.MESSAGES, "ood_reason": content.OOD_REASON, "most_likely": content.MOST_LIKELY},
+            }
+        )

@@ -13,6 +13,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from lesionnet.contract.scores import MelanomaScores
+
 
 class Schema(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -193,8 +195,8 @@ class Metrics(Schema):
     balanced_accuracy_ci95: list[float | None] | None
     macro_auroc: float | None
     macro_f1: float | None
-    melanoma: dict[str, Any] | None = Field(
-        description="Sensitivity/specificity at argmax and at the validation threshold, as evaluate.py writes them."
+    melanoma: MelanomaScores | None = Field(
+        description="AUROC and sensitivity/specificity at argmax and at the validation threshold (evaluate.py)."
     )
     temperature: float | None
     ece: float | None = Field(description="Expected calibration error before temperature scaling.")

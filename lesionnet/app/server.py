@@ -138,5 +138,4 @@ def serve(cfg: DictConfig) -> None:
     from lesionnet.app.build import build_app
 
     options = server_options(cfg)  # a wrong TLS setting fails before the model is loaded
-    # build_app is annotated `-> object` until app/build.py says FastAPI (held by issue 24 item 3)
-    uvicorn.run(build_app(cfg), log_level="info", **options)  # type: ignore[arg-type]
+    uvicorn.run(build_app(cfg), log_level="info", **options)

@@ -18,6 +18,7 @@ from lesionnet.app import content
 from lesionnet.classes import MALIGNANT
 from lesionnet.contract.files import ContractError
 from lesionnet.contract.run import RunMetrics
+from lesionnet.contract.scores import ScoresFile, ScoresRow
 from lesionnet.data.metadata import embedded_sample_root
 from lesionnet.inference import Member, Predictor
 from lesionnet.inference.decision.image_check import CheckThresholds, check_image, thresholds_dict
@@ -140,8 +141,8 @@ class LesionService:
     check: CheckThresholds = field(default_factory=CheckThresholds)
     ood: OodGate | None = None  # feature-space "not a dermatoscope image" gate (None: off)
     gradcam: bool = True
-    scores: dict[str, Any] | None = None  # evaluate.py's scores of the served model, for the model card
-    evaluated: dict[str, Any] | None = None  # what those scores were computed on
+    scores: ScoresRow | None = None  # evaluate.py's scores of the served model, for the model card
+    evaluated: ScoresFile | None = None  # what those scores were computed on
 
     def __post_init__(self) -> None:
         # The first member is explained (members may differ in input size): by its class activation map, which the
@@ -266,57 +267,54 @@ class LesionService:
     def referral_check(self) -> dict[str, Any]:
         """Whether the referral rule was checked on held-out images (``schemas.ReferralCheck``): only a melanoma
         threshold chosen on validation and then scored by evaluate.py counts; the malignant-sum rule alone never."""
-        scores, evaluated = self.scores or {}, self.evaluated or {}
-        val = (scores.get("melanoma") or {}).get("val_threshold") or {}
-        sensitivity, n_images = val.get("sensitivity"), evaluated.get("n_images")
-        melanomas = ((scores.get("per_class") or {}).get("mel") or {}).get("support")
-        in_sample = bool(evaluated.get("in_sample"))
-        validated = self.referral.melanoma_threshold is not None and sensitivity is not None and bool(n_images)
+        scores, evaluated = self.scores, self.evaluated
+        at_threshold = scores.at_val_threshold if scores is not None else None
+        sensitivity = at_threshold.sensitivity if at_threshold is not None else None
+        if self.referral.melanoma_threshold is None or sensitivity is None or scores is None or not evaluated:
+            return {
+                "validated": False,
+                "message": content.REFERRAL_NOT_CHECKED,
+                **dict.fromkeys(("evaluated_on", "n_images", "melanomas", "melanoma_sensitivity", "in_sample")),
+            }
+        melanoma = scores.per_class.get("mel")
+        melanomas = melanoma.support if melanoma is not None else None
         return {
-            "validated": validated,
-            # validated: n_images and sensitivity are set
-            "message": content.referral_checked(cast(int, n_images), melanomas, cast(float, sensitivity), in_sample)
-            if validated
-            else content.REFERRAL_NOT_CHECKED,
-            "evaluated_on": evaluated.get("evaluated") if validated else None,
-            "n_images": n_images if validated else None,
-            "melanomas": melanomas if validated else None,
-            "melanoma_sensitivity": sensitivity if validated else None,
-            "in_sample": in_sample if validated else None,
+            "validated": True,
+            "message": content.referral_checked(evaluated.n_images, melanomas, sensitivity, evaluated.in_sample),
+            "evaluated_on": evaluated.evaluated,
+            "n_images": evaluated.n_images,
+            "melanomas": melanomas,
+            "melanoma_sensitivity": sensitivity,
+            "in_sample": evaluated.in_sample,
         }
 
     def _metrics(self) -> dict[str, Any] | None:
         """evaluate.py's figures of the served model (``schemas.Metrics``), or None when not evaluated."""
-        if not self.scores:
+        s, evaluated = self.scores, self.evaluated
+        if s is None or evaluated is None:
             return None
-        s, evaluated = self.scores, self.evaluated or {}
         served = {m.sha256 for m in self.predictor.members}
-        bootstrap = evaluated.get("bootstrap")
         return {
-            "evaluated_on": evaluated.get("evaluated"),
-            "set": evaluated.get("set"),
-            "in_sample": bool(evaluated.get("in_sample")),
-            "n_images": evaluated.get("n_images"),
-            "tta": evaluated.get("tta", self.predictor.tta),
-            "bootstrap": {k: bootstrap.get(k) for k in ("unit", "n_units", "resamples", "description")}
-            if bootstrap
-            else None,
-            "provenance": {
-                m["name"]: m["provenance"] for m in evaluated.get("models", []) if m.get("sha256") in served
-            },
-            "accuracy": s.get("accuracy"),
-            "accuracy_ci95": (s.get("ci95") or {}).get("accuracy"),
-            "balanced_accuracy": s.get("balanced_accuracy"),
-            "balanced_accuracy_ci95": (s.get("ci95") or {}).get("balanced_accuracy"),
-            "macro_auroc": s.get("macro_auroc"),
-            "macro_f1": s.get("macro_f1"),
-            "melanoma": s.get("melanoma"),
-            "temperature": s.get("temperature"),
-            "ece": s.get("ece"),
-            "ece_after_temperature": s.get("ece_after_temperature"),
+            "evaluated_on": evaluated.evaluated,
+            "set": evaluated.set,
+            "in_sample": evaluated.in_sample,
+            "n_images": evaluated.n_images,
+            "tta": evaluated.tta,
+            "bootstrap": evaluated.bootstrap.model_dump() if evaluated.bootstrap else None,
+            "provenance": {m.name: m.provenance for m in evaluated.models if m.sha256 in served},
+            "accuracy": s.accuracy,
+            "accuracy_ci95": s.ci95.get("accuracy"),
+            "balanced_accuracy": s.balanced_accuracy,
+            "balanced_accuracy_ci95": s.ci95.get("balanced_accuracy"),
+            "macro_auroc": s.macro_auroc,
+            "macro_f1": s.macro_f1,
+            "melanoma": s.melanoma.model_dump() if s.melanoma else None,
+            "temperature": s.temperature,
+            "ece": s.ece,
+            "ece_after_temperature": s.ece_after_temperature,
             "per_class": {
-                c: {k: v.get(k) for k in ("recall", "precision", "auroc", "support")}
-                for c, v in (s.get("per_class") or {}).items()
+                c: figures.model_dump(include={"recall", "precision", "auroc", "support"})
+                for c, figures in s.per_class.items()
             },
         }
 
@@ -334,9 +332,9 @@ class LesionService:
             "metrics": metrics,
             "metrics_note": None if metrics else content.NOT_EVALUATED,
             "performance": content.performance_summary(
-                metrics, (metrics["bootstrap"] or {}).get("description"), list(metrics["provenance"].values())
+                self.scores, self.evaluated, list(metrics["provenance"].values())
             )
-            if metrics
+            if metrics and self.scores and self.evaluated
             else content.NOT_EVALUATED,
             "referral": asdict(self.referral),
             "referral_check": self.referral_check(),

@@ -58,6 +58,8 @@ def positional_runs(argv: Sequence[str]) -> list[str]:
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="report")
 def main(cfg: DictConfig) -> None:
     runs = OmegaConf.to_container(cfg.runs) if not isinstance(cfg.runs, str) else [cfg.runs]
+    if not isinstance(runs, list):
+        raise ValueError(f"runs must be a folder or a list of folders, got {runs!r}.")
     write_results_table(runs, cfg.out_dir, sort_by=cfg.sort_by, sort_mode=cfg.sort_mode)
 
 

@@ -130,7 +130,7 @@ class HAM10000DataModule(L.LightningDataModule):
                 "train, so test figures are optimistic. Use it only to compare with the seed's table.",
                 lesion_overlap(table, "train", "test"),
             )
-        if self.folds is not None:
+        if self.folds is not None and self.fold is not None:  # both or neither (check_fold_settings)
             table["fold"] = assign_folds(table, table["split"], self.folds, seed=self.split_seed)
             table["split"] = fold_split(table["split"], table["fold"], self.fold)
             log.info(
@@ -171,23 +171,29 @@ class HAM10000DataModule(L.LightningDataModule):
             self.setup("fit")
         return self.datasets["train"].labels.tolist()
 
-    def save_split(self, path: str | Path) -> Path:
+    def _loaded_table(self) -> pd.DataFrame:
+        """The image table with its split column, read by :meth:`setup` on first use."""
         if self.table is None:
             self.setup()
-        return save_split(self.table, path)
+        if self.table is None:
+            raise RuntimeError("HAM10000DataModule.setup() did not load the image table.")
+        return self.table
+
+    def save_split(self, path: str | Path) -> Path:
+        return save_split(self._loaded_table(), path)
 
     def split_summary(self) -> pd.DataFrame:
         """Images per class and split (rows: dx, columns: splits), for logs and reports."""
-        if self.table is None:
-            self.setup()
-        return pd.crosstab(self.table["dx"], self.table["split"]).reindex(columns=list(SPLITS), fill_value=0)
+        table = self._loaded_table()
+        return pd.crosstab(table["dx"], table["split"]).reindex(columns=list(SPLITS), fill_value=0)
 
-    def _loader(self, split: str, train: bool) -> DataLoader:
+    def _loader(self, split: str, train: bool) -> DataLoader[tuple[torch.Tensor, torch.Tensor]]:
         dataset = self.datasets[split]
         sampler = None
         if train and self.imbalance == "sampler":
             weights = class_weights(self._train_labels(), len(self.class_names), self.imbalance_power)
-            sampler = WeightedRandomSampler(weights[dataset.labels].double(), num_samples=len(dataset))
+            # torch annotates weights as Sequence[float]; it takes a tensor (torch.as_tensor)
+            sampler = WeightedRandomSampler(weights[dataset.labels].double(), num_samples=len(dataset))  # type: ignore[arg-type]
         return DataLoader(
             dataset,
             batch_size=self.batch_size if train else self.eval_batch_size,
@@ -199,11 +205,11 @@ class HAM10000DataModule(L.LightningDataModule):
             persistent_workers=self.num_workers > 0,
         )
 
-    def train_dataloader(self) -> DataLoader:
+    def train_dataloader(self) -> DataLoader[tuple[torch.Tensor, torch.Tensor]]:
         return self._loader("train", train=True)
 
-    def val_dataloader(self) -> DataLoader:
+    def val_dataloader(self) -> DataLoader[tuple[torch.Tensor, torch.Tensor]]:
         return self._loader("val", train=False)
 
-    def test_dataloader(self) -> DataLoader:
+    def test_dataloader(self) -> DataLoader[tuple[torch.Tensor, torch.Tensor]]:
         return self._loader("test", train=False)

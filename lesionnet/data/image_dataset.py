@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from torch.utils.data import Dataset
@@ -10,7 +11,7 @@ from torch.utils.data import Dataset
 from lesionnet.data.decode import read_rgb
 
 
-class LesionImageDataset(Dataset):
+class LesionImageDataset(Dataset[tuple[torch.Tensor, torch.Tensor]]):
     """(image tensor, class index) pairs; ``transform`` is an albumentations pipeline.
 
     Albumentations draws from its own generators, which ``seed_everything`` does not reach (an unseeded
@@ -19,7 +20,7 @@ class LesionImageDataset(Dataset):
     between workers and survive a resume. Costs ~0.1 ms per sample.
     """
 
-    def __init__(self, paths: Sequence[str], labels: Sequence[int], transform: Callable[..., dict]) -> None:
+    def __init__(self, paths: Sequence[str], labels: Sequence[int], transform: Callable[..., dict[str, Any]]) -> None:
         if len(paths) != len(labels):
             raise ValueError(f"{len(paths)} paths but {len(labels)} labels.")
         self.paths = list(paths)

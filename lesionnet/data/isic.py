@@ -3,7 +3,7 @@ ground truth in and out, submission CSVs (probabilities) out."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -29,7 +29,7 @@ def isic_onehot_to_dx(df: pd.DataFrame, path: Path) -> pd.DataFrame:
     return pd.DataFrame({"image": df["image"].to_numpy(), "dx": [ISIC_COLUMNS[i].lower() for i in onehot.argmax(1)]})
 
 
-def write_isic_predictions(image_ids: Sequence[str], probs: np.ndarray, class_names: Sequence[str], path: Path) -> Path:
+def write_isic_predictions(image_ids: Iterable[str], probs: np.ndarray, class_names: Sequence[str], path: Path) -> Path:
     """Probabilities as an ISIC 2018 Task 3 submission CSV (``image,MEL,NV,BCC,AKIEC,BKL,DF,VASC``)."""
     lower = [c.lower() for c in ISIC_COLUMNS]
     if sorted(class_names) != sorted(lower):
@@ -41,10 +41,11 @@ def write_isic_predictions(image_ids: Sequence[str], probs: np.ndarray, class_na
     return path
 
 
-def write_isic_ground_truth(image_ids: Sequence[str], dx: Sequence[str], path: Path) -> Path:
+def write_isic_ground_truth(image_ids: Iterable[str], dx: Iterable[str], path: Path) -> Path:
     """Labels as an ISIC 2018 Task 3 ground-truth CSV, so the official scorer can be run on our outputs."""
     frame = pd.DataFrame({"image": list(image_ids)})
+    codes = list(dx)  # read once per column below
     for column in ISIC_COLUMNS:
-        frame[column] = [1.0 if d == column.lower() else 0.0 for d in dx]
+        frame[column] = [1.0 if d == column.lower() else 0.0 for d in codes]
     frame.to_csv(path, index=False)
     return path

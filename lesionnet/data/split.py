@@ -17,9 +17,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from lesionnet.contract.split_file import SPLITS as SPLITS  # the split names: part of split.csv's schema
+from lesionnet.contract.split_file import read_split_file, write_split_file
 from lesionnet.data.metadata import DatasetError, preview_items
-
-SPLITS: tuple[str, ...] = ("train", "val", "test")
 
 
 def _check_fractions(fractions: Mapping[str, float]) -> dict[str, float]:
@@ -183,47 +183,30 @@ def fold_split(split: pd.Series, fold_of_image: pd.Series, fold: int) -> pd.Seri
 
 
 def save_split(df: pd.DataFrame, path: str | Path) -> Path:
-    """Write image_id, lesion_id, dx, split (and fold, in cross-validation) as CSV: exactly which images were where."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    columns = ["image_id", "lesion_id", "dx", "split", *(["fold"] if "fold" in df.columns else [])]
-    df[columns].to_csv(path, index=False)
-    return path
+    """Write image_id, lesion_id, dx, split (and fold, in cross-validation) as split.csv: exactly which images were
+    where (the file's format: :mod:`lesionnet.contract.split_file`)."""
+    return write_split_file(df, path)
 
 
 def load_folds(path: str | Path) -> pd.Series:
     """The ``fold`` column of a cross-validation run's split.csv, indexed by image_id (<NA> for test images)."""
-    path = Path(path)
-    saved = pd.read_csv(path, dtype={"image_id": str})
+    saved = read_split_file(path)
     if "fold" not in saved.columns:
         raise DatasetError(
             f"{path} has no fold column: it was not written by a cross-validation run. Train the folds with "
             "data.folds=K 'data.fold=range(K)'."
         )
-    return saved.set_index("image_id")["fold"].astype("Int64")
+    return saved.set_index("image_id")["fold"]
 
 
 def load_split(df: pd.DataFrame, path: str | Path, allow_leak: bool = False) -> pd.Series:
     """Apply a saved split file to ``df``; it must cover exactly these images and be leak-free.
 
-    ``allow_leak`` accepts an image-level (legacy) split file, for seed-parity runs only.
+    ``allow_leak`` accepts an image-level (legacy) split file, for seed-parity runs only. The file itself (columns,
+    version, split names, one row per image) is checked by :func:`lesionnet.contract.split_file.read_split_file`.
     """
     path = Path(path)
-    if not path.is_file():
-        raise DatasetError(f"Split file not found: {path}. Give the split.csv written by an earlier run.")
-    saved = pd.read_csv(path, dtype=str)
-    missing_cols = {"image_id", "split"} - set(saved.columns)
-    if missing_cols:
-        raise DatasetError(f"Split file {path} lacks column(s) {sorted(missing_cols)}.")
-    bad = ~saved["split"].isin(SPLITS)
-    if bad.any():
-        raise DatasetError(
-            f"Split file {path} has unknown split name(s) {sorted(saved.loc[bad, 'split'].unique())}; "
-            f"use {list(SPLITS)}."
-        )
-    mapping = saved.set_index("image_id")["split"]
-    if mapping.index.duplicated().any():
-        raise DatasetError(f"Split file {path} lists some image_id more than once.")
+    mapping = read_split_file(path).set_index("image_id")["split"]
     not_in_file = sorted(set(df["image_id"]) - set(mapping.index))
     not_in_data = sorted(set(mapping.index) - set(df["image_id"]))
     if not_in_file or not_in_data:

@@ -1,5 +1,5 @@
 """External sets to evaluate on: an image folder, labelled or not (a training run's own split is read by
-``lesionnet.contract.run``).
+``lesionnet.data.run_folder``).
 
 Labels come as a CSV ``image_id,dx`` (HAM10000 codes) or in the ISIC 2018 Task 3 ground-truth
 format (``image,MEL,NV,BCC,AKIEC,BKL,DF,VASC`` one-hot). Predictions and ground truth are written in the ISIC 2018

@@ -6,6 +6,7 @@ give out-of-fold predictions for all train+val images: the CV estimate (mean ± 
 K times larger than one validation split to fit the temperature and the melanoma threshold on. Those values are
 fitted on the K fold models' out-of-fold predictions and applied to their ensemble: the usual approximation, said
 as such in every output. The test split is never read here; it stays for ``python evaluate.py ckpt=<sweep>``.
+``oof_scores.json``'s schema, writer and reader are :mod:`lesionnet.contract.oof`.
 """
 
 from __future__ import annotations
@@ -13,15 +14,15 @@ from __future__ import annotations
 import logging
 import shlex
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pandas as pd
 from omegaconf import DictConfig
-from pydantic import BaseModel, ConfigDict
 
-from lesionnet.contract.files import ContractError, read_json, write_json
-from lesionnet.contract.run import RunFolder, RunMetrics
+from lesionnet.contract.files import ContractError
+from lesionnet.contract.oof import FittedValue, FoldRun, MeanSd, OofScores, write_oof_scores
+from lesionnet.contract.run import RunMetrics
+from lesionnet.data.run_folder import RunFolder
 from lesionnet.data.split import load_folds
 from lesionnet.evaluation import metrics
 from lesionnet.evaluation.runner import score
@@ -29,10 +30,8 @@ from lesionnet.inference import Member, Predictor, load_members
 
 log = logging.getLogger(__name__)
 
-OOF_VERSION = 1
 PREDICTIONS_FILE = "oof_predictions.csv"
 SCORES_FILE = "oof_scores.json"
-RERUN = "Re-run `lesionnet oof sweep=<the sweep>` with this LesionNet version."
 CV_METRICS: tuple[str, ...] = ("accuracy", "balanced_accuracy", "macro_auroc")
 FIXED_EPOCHS = "Train the folds with fixed epochs and their last weights: callbacks=cv (experiment=cv_baseline_cpu)."
 APPROXIMATION = (
@@ -41,71 +40,6 @@ APPROXIMATION = (
     "single fold models may be slightly off for it; the only images none of the {k} models trained on are the test "
     "split's, which stay for scoring."
 )
-
-
-class FoldRun(BaseModel):
-    """One fold: its run, the checkpoint that predicted its held-out images, and its scores on them."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    fold: int
-    run: str
-    checkpoint: str
-    sha256: str
-    epoch: int | None
-    n_images: int
-    n_lesions: int
-    scores: dict[str, float | None]  # CV_METRICS on the fold's held-out images
-
-
-class MeanSd(BaseModel):
-    """Mean and sample standard deviation (ddof=1) of one metric over the folds where it is defined."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    mean: float | None
-    sd: float | None
-    n_folds: int
-
-
-class FittedValue(BaseModel):
-    """A value fitted on data, with what it was fitted on and which model it is meant for."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    value: float
-    fitted_on: str
-    applies_to: str
-
-
-class OofScores(BaseModel):
-    """The whole ``oof_scores.json``."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    schema_version: int = OOF_VERSION
-    sweep: str
-    folds: int
-    split_seed: int
-    n_images: int
-    n_lesions: int
-    class_names: list[str]
-    runs: list[FoldRun]
-    cv: dict[str, MeanSd]  # over folds
-    pooled: dict[str, Any]  # all out-of-fold predictions at once (evaluate.py's score(): CIs resample lesions)
-    temperature: FittedValue
-    melanoma_threshold: FittedValue | None
-    mel_target_sensitivity: float
-    approximation: str
-    test_command: str
-
-
-def write_oof_scores(scores: OofScores, path: str | Path) -> Path:
-    return write_json(scores, path)
-
-
-def read_oof_scores(path: str | Path) -> OofScores:
-    return read_json(OofScores, path, OOF_VERSION, "out-of-fold scores file", RERUN)
 
 
 def fold_of(run: RunFolder, run_metrics: RunMetrics) -> tuple[int, int]:
@@ -328,9 +262,9 @@ def summary_text(result: OofScores, out_dir: str | Path) -> str:
         lines.append(f"  {names[name]:<18} {_figure(summary.mean)} ± {_figure(summary.sd)}")
     lines.append(f"Pooled out-of-fold ({result.n_images} images; 95% CI: bootstrap over {result.n_lesions} lesions):")
     for name in CV_METRICS:
-        ci = result.pooled.get("ci95", {}).get(name)
-        interval = f"  [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else ""
-        lines.append(f"  {names[name]:<18} {_figure(result.pooled.get(name))}{interval}")
+        low, high = result.pooled.ci95.get(name, (None, None))
+        interval = f"  [{low:.3f}, {high:.3f}]" if low is not None and high is not None else ""
+        lines.append(f"  {names[name]:<18} {_figure(getattr(result.pooled, name))}{interval}")
     lines += ["", result.approximation]
     lines.append(f"  temperature         {result.temperature.value:.3f}")
     if result.melanoma_threshold is not None:

@@ -19,7 +19,6 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -28,10 +27,18 @@ from omegaconf import DictConfig
 from lesionnet.contract.scores import (
     ENSEMBLE,
     POSTHOC_LA,
+    BootstrapRecord,
     EnsembleRecord,
     ExternalSetScores,
+    FittedAdjustment,
+    GroupFigures,
+    MelanomaScores,
+    OperatingPoint,
     ScoredModel,
     ScoresFile,
+    ScoresRow,
+    ValidationFigures,
+    ValidationThreshold,
     write_scores,
 )
 from lesionnet.data.isic import write_isic_ground_truth, write_isic_predictions
@@ -114,7 +121,7 @@ def external_specs(cfg: DictConfig) -> list[ExternalSpec]:
             f"external must map set names to {{name, images, labels}}, got {entries!r}: pick configured sets with "
             f"external=[{','.join(configured_external_sets())}] (lesionnet/conf/external/<name>.yaml)."
         )
-    specs = []
+    specs: list[ExternalSpec] = []
     for key, entry in entries.items():
         pick = (
             f"select a configured set with external=[{','.join(configured_external_sets())}] "
@@ -204,25 +211,22 @@ def build_sets(cfg: DictConfig, members: Sequence[Member], class_names: list[str
     return target, val
 
 
-def bootstrap_unit(eval_set: EvalSet, n_boot: int) -> dict[str, Any]:
+def bootstrap_unit(eval_set: EvalSet, n_boot: int) -> BootstrapRecord:
     """What the confidence intervals resample: lesions where their ids are known (images of one lesion are
     correlated, so resampling them singly gives too narrow intervals), images otherwise; said in scores.json."""
     lesions = eval_set.lesion_ids
     if lesions is None:
         n_images = len(eval_set.table)
-        return {
-            "unit": "images",
-            "n_units": n_images,
-            "resamples": n_boot,
-            "description": f"bootstrap over images: lesion ids unknown ({n_images:,} images)",
-        }
+        return BootstrapRecord(
+            unit="images",
+            n_units=n_images,
+            resamples=n_boot,
+            description=f"bootstrap over images: lesion ids unknown ({n_images:,} images)",
+        )
     n_lesions = len(set(lesions))
-    return {
-        "unit": "lesions",
-        "n_units": n_lesions,
-        "resamples": n_boot,
-        "description": f"bootstrap over {n_lesions:,} lesions",
-    }
+    return BootstrapRecord(
+        unit="lesions", n_units=n_lesions, resamples=n_boot, description=f"bootstrap over {n_lesions:,} lesions"
+    )
 
 
 def _or_nan(value: float | None) -> float:
@@ -257,7 +261,7 @@ def score(
     val_probs: np.ndarray | None = None,
     val_targets: np.ndarray | None = None,
     lesion_ids: np.ndarray | None = None,
-) -> dict[str, Any]:
+) -> ScoresRow:
     """All metrics of one model (or ensemble), with CIs (resampling lesions when ``lesion_ids`` are given, images
     otherwise) and the validation-chosen operating points.
 
@@ -265,46 +269,46 @@ def score(
     melanoma AUROC and sensitivity/specificity at the validation threshold (``mel_auroc``, ``mel_sensitivity``,
     ``mel_specificity``). Only ``val_probs``/``val_targets`` choose anything; ``probs``/``targets`` are only scored.
     """
-    scores = metrics.classification_scores(probs, targets, class_names)
+    row = ScoresRow.model_validate(metrics.classification_scores(probs, targets, class_names))
     intervals: dict[str, metrics.Metric] = {
         "accuracy": metrics.accuracy,
         "balanced_accuracy": metrics.balanced_accuracy,
     }
     if "mel" in class_names:
         mel = class_names.index("mel")
-        scores["melanoma"] = {
-            "argmax": metrics.sensitivity_specificity(probs, targets, mel),
-            "auroc": scores["per_class"]["mel"]["auroc"],
-        }
+        row.melanoma = MelanomaScores(
+            argmax=OperatingPoint(**metrics.sensitivity_specificity(probs, targets, mel)),
+            auroc=row.per_class["mel"].auroc,
+        )
         threshold = None
-        if val_probs is not None and (val_targets == mel).any():
+        if val_probs is not None and val_targets is not None and (val_targets == mel).any():
             threshold = metrics.threshold_for_sensitivity(val_probs, val_targets, mel, cfg.mel_target_sensitivity)
-            scores["melanoma"]["val_threshold"] = {
-                "target_sensitivity": cfg.mel_target_sensitivity,
+            row.melanoma.val_threshold = ValidationThreshold(
+                target_sensitivity=cfg.mel_target_sensitivity,
                 **metrics.sensitivity_specificity(probs, targets, mel, threshold),
-            }
-        at_threshold = scores["melanoma"].get("val_threshold", {})
+            )
+        at_threshold = row.melanoma.val_threshold
         defined = {
-            "mel_auroc": scores["melanoma"]["auroc"],
-            "mel_sensitivity": at_threshold.get("sensitivity"),
-            "mel_specificity": at_threshold.get("specificity"),
+            "mel_auroc": row.melanoma.auroc,
+            "mel_sensitivity": at_threshold.sensitivity if at_threshold else None,
+            "mel_specificity": at_threshold.specificity if at_threshold else None,
         }
         intervals |= {key: m for key, m in melanoma_metrics(mel, threshold).items() if defined[key] is not None}
-    scores["ci95"] = {
-        key: list(metrics.bootstrap_ci(probs, targets, metric, n_boot=cfg.bootstrap, seed=cfg.seed, groups=lesion_ids))
+    row.ci95 = {
+        key: metrics.bootstrap_ci(probs, targets, metric, n_boot=cfg.bootstrap, seed=cfg.seed, groups=lesion_ids)
         for key, metric in intervals.items()
     }
-    if val_probs is not None:  # the figures to choose by (members, recipes, ensembles): never the scored set's
-        scores["validation"] = {
-            "accuracy": metrics.accuracy(val_probs, val_targets),
-            "balanced_accuracy": metrics.balanced_accuracy(val_probs, val_targets),
-        }
+    if val_probs is not None and val_targets is not None:  # the figures to choose by: never the scored set's
+        row.validation = ValidationFigures(
+            accuracy=metrics.accuracy(val_probs, val_targets),
+            balanced_accuracy=metrics.balanced_accuracy(val_probs, val_targets),
+        )
         temperature = metrics.fit_temperature(val_probs, val_targets)
         calibrated = metrics.classification_scores(apply_temperature(probs, temperature), targets, class_names)
-        scores["temperature"] = temperature
-        scores["ece_after_temperature"] = calibrated["ece"]
-        scores["log_loss_after_temperature"] = calibrated["log_loss"]
-    return scores
+        row.temperature = temperature
+        row.ece_after_temperature = calibrated["ece"]
+        row.log_loss_after_temperature = calibrated["log_loss"]
+    return row
 
 
 def ensemble_weights(
@@ -357,7 +361,7 @@ def fit_posthoc_adjustments(
     val_member_probs: dict[str, np.ndarray],
     val_targets: np.ndarray | None,
     ensemble: EnsembleRecord | None = None,
-) -> dict[str, dict[str, Any]]:
+) -> dict[str, FittedAdjustment]:
     """What the rows ``<member>+posthoc-la`` (and ``ensemble+posthoc-la``) apply: per row, the training prior and the
     tau with the best validation balanced accuracy, and the row it adjusts (``of``); what the app serves with
     ``logit_adjustment=true``. :func:`chosen_rows` makes the rows."""
@@ -374,16 +378,16 @@ def fit_posthoc_adjustments(
         else:
             log.warning("No post-hoc adjusted ensemble row: the members were trained on different class frequencies.")
     val_rows = chosen_rows(val_member_probs, ensemble, {})
-    fitted: dict[str, dict[str, Any]] = {}
+    fitted: dict[str, FittedAdjustment] = {}
     for name, prior in priors.items():
         tau = metrics.fit_logit_adjustment(val_rows[name], val_targets, prior)
-        fitted[name + POSTHOC_LA] = {"tau": tau, "prior": prior, "of": name}
+        fitted[name + POSTHOC_LA] = FittedAdjustment(tau=tau, prior=prior, of=name)
         log.info("Post-hoc logit adjustment of %s: tau=%.1f (validation balanced accuracy)", name, tau)
     return fitted
 
 
 def chosen_rows(
-    member_probs: Mapping[str, np.ndarray], ensemble: EnsembleRecord | None, adjusted: Mapping[str, dict[str, Any]]
+    member_probs: Mapping[str, np.ndarray], ensemble: EnsembleRecord | None, adjusted: Mapping[str, FittedAdjustment]
 ) -> dict[str, np.ndarray]:
     """A set's rows from its members' probabilities, with what validation chose: each member, the ensemble (its
     members and weights) and each post-hoc row (its prior and tau). Every combined row is
@@ -393,10 +397,10 @@ def chosen_rows(
     if ensemble is not None:
         rows[ENSEMBLE] = combine([member_probs[name] for name in ensemble.members], ensemble.weights)
     for row, fitted in adjusted.items():
-        if fitted["of"] == ENSEMBLE and ensemble is not None:
+        if fitted.of == ENSEMBLE and ensemble is not None:
             rows[row] = combine([member_probs[name] for name in ensemble.members], ensemble.weights, fitted)
         else:
-            rows[row] = combine([member_probs[fitted["of"]]], None, fitted)
+            rows[row] = combine([member_probs[fitted.of]], None, fitted)
     return rows
 
 
@@ -444,7 +448,7 @@ def score_external(
 
 def seen_lesion_breakdown(
     members: Sequence[Member], eval_set: EvalSet, probs: dict[str, np.ndarray], targets: np.ndarray
-) -> dict[str, dict[str, Any]]:
+) -> dict[str, dict[str, GroupFigures]]:
     """Accuracy on scored images whose lesion has training images in the model (possible only on the seed's
     image-level legacy split) vs on the rest: how much seeing a lesion's sibling images inflates the figures."""
     lesions = eval_set.lesion_ids
@@ -464,11 +468,11 @@ def seen_lesion_breakdown(
             continue
         model_probs = probs[member.name]
         out[member.name] = {
-            group: {
-                "n_images": int(mask.sum()),
-                "accuracy": metrics.accuracy(model_probs[mask], targets[mask]),
-                "balanced_accuracy": metrics.balanced_accuracy(model_probs[mask], targets[mask]),
-            }
+            group: GroupFigures(
+                n_images=int(mask.sum()),
+                accuracy=metrics.accuracy(model_probs[mask], targets[mask]),
+                balanced_accuracy=metrics.balanced_accuracy(model_probs[mask], targets[mask]),
+            )
             for group, mask in (("lesion_seen_in_training", seen), ("lesion_not_seen", ~seen))
             if mask.any()
         }
@@ -495,7 +499,7 @@ def write_plots(
     return {k: Path(v).name for k, v in files.items()}
 
 
-def evaluate(cfg: DictConfig) -> dict[str, Any]:
+def evaluate(cfg: DictConfig) -> ScoresFile:
     """Score checkpoints (and their ensemble) and write predictions, scores.json, plots and report.md."""
     check_config(cfg)
     specs = external_specs(cfg)
@@ -556,7 +560,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     if len(members) > 1 and cfg.ensemble != "none":
         chosen, weights = ensemble_weights(cfg, val_member_probs, val_targets, names)
         ensemble = EnsembleRecord(mode=cfg.ensemble, members=chosen, weights=weights)
-    adjusted: dict[str, dict[str, Any]] = {}
+    adjusted: dict[str, FittedAdjustment] = {}
     if cfg.posthoc_logit_adjustment:
         adjusted = fit_posthoc_adjustments(cfg, members, class_names, val_member_probs, val_targets, ensemble)
     probs = chosen_rows(member_probs, ensemble, adjusted)
@@ -586,12 +590,12 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
             for name, model_probs in probs.items()
         }
         for row, fitted in adjusted.items():
-            result.scores[row]["logit_adjustment"] = fitted
+            result.scores[row].logit_adjustment = fitted
         for name, breakdown in seen_lesion_breakdown(members, target, probs, targets).items():
-            result.scores[name]["seen_lesions"] = breakdown
+            result.scores[name].seen_lesions = breakdown
         result.final = ENSEMBLE if ENSEMBLE in probs else names[0]
         result.plots = write_plots(
-            out, probs[result.final], targets, class_names, result.scores[result.final].get("temperature")
+            out, probs[result.final], targets, class_names, result.scores[result.final].temperature
         )
     for external, external_overlap in externals:
         log.info("Evaluating %s on the %s (%d images)", names, external.description, len(external.table))
@@ -600,8 +604,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
             score_external(external, external_probs, class_names, cfg, val_probs, val_targets, out, external_overlap)
         )
     write_scores(result, out / "scores.json")
-    summary = result.model_dump()
     if target.labelled:
-        write_eval_report(summary, class_names, out / "report.md")
+        write_eval_report(result, class_names, out / "report.md")
     log.info("Written to %s", out)
-    return summary
+    return result

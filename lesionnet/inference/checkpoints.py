@@ -18,7 +18,7 @@ import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from lesionnet.contract.provenance import Provenance, file_sha256
-from lesionnet.contract.run import RunFolder
+from lesionnet.data.run_folder import RunFolder
 from lesionnet.module import LesionClassifier
 
 REQUIRED_HPARAMS: tuple[str, ...] = ("backbone", "class_names", "data_config")
@@ -46,12 +46,11 @@ class Member:
 
     @property
     def class_names(self) -> list[str]:
-        # hparams is typed AttributeDict | MutableMapping until module.py narrows it (issue 24 item 3)
-        return list(self.model.hparams.class_names)  # type: ignore[attr-defined]
+        return list(self.model.hparams.class_names)
 
     @property
     def data_config(self) -> dict[str, Any]:
-        return dict(self.model.hparams.data_config)  # type: ignore[attr-defined]  # as above
+        return dict(self.model.hparams.data_config)
 
     def describe(self) -> dict[str, Any]:
         """Identity for files that refer to this model (scores.json, the app's model card)."""

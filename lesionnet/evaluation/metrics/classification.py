@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 from torchmetrics.functional.classification import (
@@ -71,7 +72,7 @@ def per_class_roc(probs: np.ndarray, targets: np.ndarray) -> list[tuple[np.ndarr
     return [None if auc is None else (x.numpy(), y.numpy()) for x, y, auc in zip(fpr, tpr, aurocs, strict=True)]
 
 
-def classification_scores(probs: np.ndarray, targets: np.ndarray, class_names: Sequence[str]) -> dict:
+def classification_scores(probs: np.ndarray, targets: np.ndarray, class_names: Sequence[str]) -> dict[str, Any]:
     """All headline metrics as a JSON-serialisable dict (plain floats, lists, ``None`` for undefined values).
 
     Keys: ``accuracy``, ``balanced_accuracy`` (macro recall), ``macro_f1``, ``macro_auroc``, ``log_loss``, ``ece``

@@ -8,11 +8,12 @@ softmax *probabilities*: ``log p`` serves as the logits, since softmax(log p) = 
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from typing import Any
+from collections.abc import Sequence
 
 import numpy as np
 from scipy.special import softmax
+
+from lesionnet.contract.scores import LogitAdjustment
 
 
 def as_logits(probs: np.ndarray) -> np.ndarray:
@@ -46,13 +47,13 @@ def adjust_logits(probs: np.ndarray, prior: Sequence[float], tau: float) -> np.n
 def combine(
     members: Sequence[np.ndarray],
     weights: Sequence[float] | None = None,
-    logit_adjustment: Mapping[str, Any] | None = None,
+    logit_adjustment: LogitAdjustment | None = None,
 ) -> np.ndarray:
     """The ensemble's probabilities: the weighted mean of the members' (N, K) probabilities, then, when given, the
-    post-hoc logit adjustment ``{"tau": t, "prior": [...]}`` evaluate.py fitted on validation."""
+    post-hoc logit adjustment (tau and training prior) evaluate.py fitted on validation."""
     probs = average_probs(members, weights)
     if logit_adjustment is not None:
-        probs = adjust_logits(probs, logit_adjustment["prior"], logit_adjustment["tau"])
+        probs = adjust_logits(probs, logit_adjustment.prior, logit_adjustment.tau)
     return probs
 
 

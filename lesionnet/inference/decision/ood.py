@@ -26,40 +26,34 @@ scores new lesions slightly higher than the folds did: negligible with the whole
 2 epochs, 1280-D, 1,513 images: 24/500 = 4.8% of test lesion images refused at the 95% quantile), not with a few
 hundred (500 images: 7.6%, and 5.6-8.6% over four random samples). Fit it on the whole validation split.
 
-The fitted gate is a typed JSON file (:class:`OodGateFile`, arrays as base64 float32) with the model version it was
-fitted for; :meth:`OodGate.load` refuses a file fitted for another model or TTA.
+The fitted gate is a typed JSON file (``lesionnet.contract.gates.OodGateFile``, arrays as base64 float32) with the
+model version it was fitted for; :meth:`OodGate.load` refuses a file fitted for another model or TTA.
 """
 
 from __future__ import annotations
 
-import base64
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 from statistics import NormalDist
-from typing import TYPE_CHECKING, Any, Literal, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict
 from scipy.linalg import cho_factor, cho_solve
 from scipy.stats import rankdata
 
-from lesionnet.contract.files import ContractError, read_json, write_json
+from lesionnet.contract.files import ContractError
+from lesionnet.contract.gates import OOD_METHODS as OOD_METHODS  # the methods a gate file may name
+from lesionnet.contract.gates import REFIT_OOD as REFIT
+from lesionnet.contract.gates import OodGateFile, OodMethod, StoredArray, read_ood_gate, write_ood_gate
 
 if TYPE_CHECKING:  # the core's outputs, read here; the core imports this package's combine (see __init__)
     from lesionnet.inference.predictor import Prediction, Predictor
 
-OOD_GATE_VERSION = 1
-OOD_METHODS: tuple[str, ...] = ("mahalanobis", "mahalanobis_class", "knn")
-OodMethod = Literal["mahalanobis", "mahalanobis_class", "knn"]
 DEFAULT_QUANTILE = 0.95
-REFIT = (
-    "Refit the gate for this model: lesionnet.inference.decision.ood.fit_ood(predictor, validation paths) or "
-    "bench/ood_eval.py."
-)
 _KNN_CHUNK = 1024  # query rows per similarity block: bounds memory at chunk x N floats
 _MAHALANOBIS_CHUNK = 256  # rows per block: the differences to the class means take chunk x C x D floats
 
@@ -281,53 +275,7 @@ def out_of_sample_scores(
     return scores
 
 
-# ----------------------------------------------------------------------------- gate and its file
-
-
-class StoredArray(BaseModel):
-    """A float32 array in JSON: shape plus the little-endian bytes in base64 (a 1280x1280 precision is ~8.7 MB
-    this way, ~30 MB as decimal text)."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    dtype: Literal["float32"] = "float32"
-    shape: list[int]
-    base64: str
-
-    @classmethod
-    def of(cls, array: np.ndarray) -> StoredArray:
-        data = np.ascontiguousarray(array, dtype="<f4")
-        return cls(shape=list(data.shape), base64=base64.b64encode(data.tobytes()).decode("ascii"))
-
-    def array(self) -> np.ndarray:
-        data = np.frombuffer(base64.b64decode(self.base64), dtype="<f4")
-        if data.size != math.prod(self.shape):
-            raise ValueError(f"array of shape {self.shape} holds {data.size} values")
-        return data.reshape(self.shape).astype(np.float32)
-
-
-class OodGateFile(BaseModel):
-    """The OOD gate as stored with the model: what it computes, its threshold, and what it was fitted on."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    schema_version: int = OOD_GATE_VERSION
-    method: OodMethod
-    model_version: str
-    tta: str
-    threshold: float
-    quantile: float
-    n_images: int
-    n_groups: int
-    folds: int | None
-    k: int | None
-    shrinkage: float | None
-    labels: list[str]
-    means: StoredArray | None
-    precision: StoredArray | None
-    references: StoredArray | None
-    validation_scores: list[float]  # out-of-sample, one per validation image: a new image's percentile among them
-    source: str
+# ----------------------------------------------------------------------------- gate (its file: contract.gates)
 
 
 @dataclass(frozen=True)
@@ -397,12 +345,12 @@ class OodGate:
 
     def save(self, path: str | Path) -> Path:
         """Atomically (a server starting at the same time never reads half a file)."""
-        return write_json(self.to_file(), path)
+        return write_ood_gate(self.to_file(), path)
 
     @classmethod
     def load(cls, path: str | Path, model_version: str, tta: str | None = None) -> OodGate:
         """The gate in ``path``; refused unless fitted for ``model_version`` (``Predictor.version``) and ``tta``."""
-        stored = read_json(OodGateFile, path, OOD_GATE_VERSION, "OOD gate file", REFIT)
+        stored = read_ood_gate(path)
         if stored.model_version != model_version:
             raise ContractError(
                 f"{path} was fitted for model {stored.model_version}, not {model_version}: its distances mean "

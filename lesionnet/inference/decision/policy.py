@@ -14,19 +14,25 @@ images: about 5% of genuine validation lesions are answered "unsure" by design.
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 
 from lesionnet.classes import MALIGNANT
-from lesionnet.contract.files import write_text_atomic
+from lesionnet.contract.files import ContractError
+from lesionnet.contract.gates import (
+    REFIT_CONFIDENCE,
+    ConfidenceGateFile,
+    ConfidenceMethod,
+    read_confidence_gate,
+    write_confidence_gate,
+)
+from lesionnet.contract.scores import ScoresRow
 from lesionnet.data.decode import read_rgb
-from lesionnet.inference.checkpoints import CheckpointError
 from lesionnet.inference.decision.combine import apply_temperature
 from lesionnet.inference.decision.image_check import CheckThresholds, check_image
 
@@ -49,18 +55,20 @@ class ReferralPolicy:
     source: str = "default malignant-probability rule (not validated)"
 
     @classmethod
-    def from_scores(cls, scores: dict[str, Any] | None, malignant_threshold: float = 0.3) -> ReferralPolicy:
-        if not scores:
+    def from_scores(cls, scores: ScoresRow | None, malignant_threshold: float = 0.3) -> ReferralPolicy:
+        """The rule evaluate.py measured for the served row: its validation melanoma threshold and temperature."""
+        if scores is None:
             return cls(malignant_threshold=malignant_threshold)
-        val = (scores.get("melanoma") or {}).get("val_threshold") or {}
-        if val.get("threshold") is None:
-            return cls(malignant_threshold=malignant_threshold, temperature=float(scores.get("temperature") or 1.0))
+        temperature = scores.temperature if scores.temperature is not None else 1.0
+        at_threshold = scores.at_val_threshold
+        if at_threshold is None or at_threshold.threshold is None:
+            return cls(malignant_threshold=malignant_threshold, temperature=temperature)
         return cls(
             malignant_threshold=malignant_threshold,
-            melanoma_threshold=float(val["threshold"]),
-            target_sensitivity=val.get("target_sensitivity"),
-            temperature=float(scores.get("temperature") or 1.0),
-            source=f"melanoma threshold chosen on validation for {val.get('target_sensitivity')} sensitivity "
+            melanoma_threshold=at_threshold.threshold,
+            target_sensitivity=at_threshold.target_sensitivity,
+            temperature=temperature,
+            source=f"melanoma threshold chosen on validation for {at_threshold.target_sensitivity} sensitivity "
             "(evaluate.py scores.json), plus the malignant-probability rule",
         )
 
@@ -135,24 +143,35 @@ class ConfidenceGate:
     def unsure(self, out: ImageOutput) -> bool:
         return self.score(out) < self.threshold
 
+    def to_file(self) -> ConfidenceGateFile:
+        return ConfidenceGateFile(
+            method=cast(ConfidenceMethod, self.method),  # __post_init__ checked it; pydantic checks it again
+            threshold=self.threshold,
+            source=self.source,
+            model_version=self.model_version,
+            fit=self.fit,
+            fitted_on=self.fitted_on,
+        )
+
     def save(self, path: Path) -> Path:
         """Write atomically, so a server starting at the same time never reads half a file."""
-        return write_text_atomic(path, json.dumps(asdict(self), indent=2))
+        return write_confidence_gate(self.to_file(), path)
 
     @classmethod
     def load(cls, path: Path, model_version: str, fitted_on: dict[str, Any] | None = None) -> ConfidenceGate:
-        """The gate in ``path``; refused unless fitted for ``model_version`` (and on ``fitted_on``, when given)."""
-        gate = cls(**json.loads(Path(path).read_text()))
-        if gate.model_version != model_version:
-            raise CheckpointError(
-                f"{path} was fitted for model {gate.model_version}, not {model_version}. Delete it "
-                "to refit, or give the matching checkpoints."
+        """The gate in ``path``; refused (ContractError) unless it is a gate file of this version fitted for
+        ``model_version`` (and on ``fitted_on``, when given)."""
+        stored = read_confidence_gate(path)
+        if stored.model_version != model_version:
+            raise ContractError(
+                f"{path} was fitted for model {stored.model_version}, not {model_version}. {REFIT_CONFIDENCE} Or "
+                "give the matching checkpoints."
             )
-        if fitted_on is not None and gate.fitted_on != fitted_on:
-            stored = gate.fitted_on or {}
-            changed = sorted(k for k in {*stored, *fitted_on} if stored.get(k) != fitted_on.get(k))
-            raise CheckpointError(f"{path} was fitted with other {', '.join(changed)} than now.")
-        return gate
+        if fitted_on is not None and stored.fitted_on != fitted_on:
+            previous = stored.fitted_on or {}
+            changed = sorted(k for k in {*previous, *fitted_on} if previous.get(k) != fitted_on.get(k))
+            raise ContractError(f"{path} was fitted with other {', '.join(changed)} than now. {REFIT_CONFIDENCE}")
+        return cls(**stored.model_dump(exclude={"schema_version"}))
 
 
 def fit_gate(
