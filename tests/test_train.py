@@ -27,7 +27,7 @@ def test_fast_dev_run_writes_split_and_metrics(ham_dir: Path, tmp_path: Path) ->
     assert {"test/acc", "test/balanced_acc", "test/auroc", "test/recall_mel"} <= set(metrics["test"])
     assert sum(metrics["split_images"].values()) == 84 and min(metrics["split_images"].values()) > 0
     split = (out / "split.csv").read_text().splitlines()
-    assert split[0] == "image_id,lesion_id,dx,split" and len(split) == 85
+    assert split[0] == "image_id,lesion_id,dx,split,schema_version" and len(split) == 85
 
 
 def test_fit_tests_the_best_checkpoint_and_returns_the_monitored_metric(ham_dir: Path, tmp_path: Path) -> None:
