@@ -25,7 +25,6 @@ from torchmetrics.classification import MulticlassAccuracy, MulticlassAUROC, Mul
 from torchmetrics.wrappers import ClasswiseWrapper
 
 from lesionnet.classes import CLASS_NAMES
-from lesionnet.contract.provenance import CHECKPOINT_KEY as PROVENANCE_KEY
 from lesionnet.contract.provenance import Provenance
 from lesionnet.finetune import apply_finetune
 from lesionnet.models.colour import build_colour_constancy
@@ -302,8 +301,8 @@ class LesionClassifier(L.LightningModule):
         if self.device.type == "cuda":
             states["cuda"] = torch.cuda.get_rng_state(self.device)
         checkpoint["rng_states"] = states
-        if self.provenance is not None:
-            checkpoint[PROVENANCE_KEY] = self.provenance.to_checkpoint()
+        if self.provenance is not None:  # last: bound to the state_dict as saved (callbacks such as EMA swap it)
+            self.provenance.store(checkpoint)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # Resuming a fit: continue the RNG stream the interrupted run would have used. This runs before the first

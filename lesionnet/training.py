@@ -21,8 +21,8 @@ from lightning.pytorch.plugins import TorchSyncBatchNorm
 from omegaconf import DictConfig, OmegaConf
 from timm.layers import BatchNormAct2d, SyncBatchNormAct, convert_sync_batchnorm
 
-from lesionnet.contract.provenance import Provenance
 from lesionnet.contract.run import RunMetrics
+from lesionnet.data.fingerprint import provenance_of
 from lesionnet.data.run_folder import RunFolder
 from lesionnet.inference import Member, forward, load_members
 
@@ -125,6 +125,15 @@ class Teachers(Callback):
         if distill and not student.teachers:
             members = load_teachers(distill, student, getattr(trainer, "datamodule", None))
             student.teachers = [teacher_logits(member) for member in members]
+            if student.provenance is not None:  # the student learns what its teachers learnt: evaluate must know
+                student.provenance = student.provenance.with_teachers(
+                    [(member.sha256, member.provenance) for member in members if member.provenance is not None]
+                )
+                log.info(
+                    "Provenance with %d teacher(s): %d training/validation images",
+                    len(members),
+                    len(student.provenance.image_id),
+                )
 
 
 def resolve_ckpt_path(ckpt_path: str | None, cfg: DictConfig) -> str | None:
@@ -211,7 +220,7 @@ def train(cfg: DictConfig) -> float | None:
 
     model = build_model(cfg, datamodule)
     provenance_start = time.perf_counter()
-    model.provenance = Provenance.from_table(datamodule.table)
+    model.provenance = provenance_of(datamodule.table)
     log.info(
         "Provenance of %d training/validation images fingerprinted in %.1f s",
         len(model.provenance.image_id),

@@ -39,8 +39,9 @@ from pathlib import Path
 import pandas as pd
 from PIL import Image
 
-from lesionnet.contract.provenance import PHASH_MATCH_BITS, nearest_distances, perceptual_hash
+from lesionnet.contract.provenance import PHASH_MATCH_BITS, nearest_distances
 from lesionnet.data.decode import pil_to_rgb
+from lesionnet.data.fingerprint import perceptual_hash
 
 HALVES: tuple[str, str] = ("choose", "report")
 MANIFEST_COLUMNS: tuple[str, ...] = (

@@ -9,6 +9,7 @@ import logging
 import re
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -21,7 +22,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 from PIL import Image
 
-from lesionnet.app import build
+from lesionnet.app import build, content
 from lesionnet.app.api import build_api
 from lesionnet.app.build import build_app, build_service
 from lesionnet.app.schemas import ErrorResponse, HealthResponse, ModelCard, PredictResponse
@@ -29,7 +30,14 @@ from lesionnet.app.service import LesionService
 from lesionnet.app.upload import UploadLimits, decode_image
 from lesionnet.classes import CLASS_NAMES
 from lesionnet.contract.files import ContractError
-from lesionnet.contract.scores import ScoredModel, ScoresFile, write_scores
+from lesionnet.contract.scores import (
+    EnsembleRecord,
+    ScoredModel,
+    ScoresFile,
+    ScoresRow,
+    read_scores,
+    write_scores,
+)
 from lesionnet.data.metadata import embedded_sample_images
 from lesionnet.data.run_folder import RunFolder
 from lesionnet.inference import (
@@ -494,6 +502,85 @@ def test_default_referral_without_scores_is_the_malignant_rule_and_says_unvalida
     assert np.allclose(ReferralPolicy(temperature=2.0).calibrate(np.array([0.8, 0.2])), [2 / 3, 1 / 3])
 
 
+HAM_PRIOR = np.array([327, 514, 1099, 115, 1113, 6705, 142]) / 10015  # HAM10000's class frequencies
+
+
+def logit_adjusted_row() -> ScoresRow:
+    """A ``+posthoc-la`` row as evaluate.py writes it (tau 1): decisions on softmax(log p - log prior), shown
+    probabilities with the adjustment taken back out (scale 1/T, bias log prior / T, T = 1.25), and their figures."""
+    temperature = 1.25
+    return ScoresRow.model_validate(
+        {
+            "n": 1520,
+            "accuracy": 0.66,
+            "balanced_accuracy": 0.62,
+            "macro_f1": 0.5,
+            "macro_auroc": 0.9,
+            "log_loss": 0.895,
+            "ece": 0.12,
+            "classwise_ece": 0.074,
+            "brier": 0.47,
+            "confusion_matrix": [],
+            "per_class": {"mel": {"precision": 0.5, "recall": 0.6, "f1": 0.55, "auroc": 0.85, "support": 174}},
+            "temperature": 0.45,
+            "ece_after_temperature": 0.127,
+            "logit_adjustment": {"tau": 1.0, "prior": HAM_PRIOR.tolist(), "of": "m"},
+            "display": {
+                "method": "prior-undo+temperature",
+                "scale": [1 / temperature] * 7,
+                "bias": (np.log(HAM_PRIOR) / temperature).tolist(),
+                "validation_log_loss": {"temperature": 0.9, "prior-undo+temperature": 0.68},
+            },
+            "displayed": {"ece": 0.043, "classwise_ece": 0.0398, "log_loss": 0.676, "brier": 0.341},
+        }
+    )
+
+
+def test_a_logit_adjusted_model_decides_with_its_adjusted_scores_and_shows_probabilities_of_the_class_mix(
+    run: Path,
+) -> None:
+    """The answer names the class the adjusted scores decide (balanced accuracy: here a dermatofibroma, rare), and
+    the referral rule compares the adjusted scores; the percentages shown are those of the class mix, where the common
+    nevus is more probable. The model card reports the per-class calibration of what is shown."""
+    row = logit_adjusted_row()
+    policy = ReferralPolicy.from_scores(row, malignant_threshold=0.3)
+    assert (policy.display_method, policy.temperature) == ("prior-undo+temperature", 0.45)
+    adjusted = np.array([0.05, 0.05, 0.05, 0.45, 0.05, 0.30, 0.05])  # akiec bcc bkl df mel nv vasc
+    shown = policy.calibrate(adjusted)
+    expected = adjusted ** (1 / 1.25) * HAM_PRIOR ** (1 / 1.25)
+    np.testing.assert_allclose(shown, expected / expected.sum())
+    assert shown.argmax() == CLASS_NAMES.index("nv") and adjusted.argmax() == CLASS_NAMES.index("df")
+
+    service = stub_service(run, adjusted, gate=ConfidenceGate("msp", 0.0), referral=policy)
+    body = service.analyse(lesion_like())
+    assert body["status"] == "ok" and body["top_class"]["code"] == "df"  # the decision is unchanged
+    assert body["top_class"]["probability"] == pytest.approx(shown[CLASS_NAMES.index("df")], abs=1e-4)
+    assert body["probabilities"][0]["code"] == "nv"  # the shown percentages, highest first
+    assert body["message"] == content.DECIDED.format(name=content.plain_name("df"))
+    assert body["urgency"]["malignant_probability"] == pytest.approx(0.15)  # the rule reads the adjusted scores
+    assert "raw score (before the calibration" in policy.malignant_reason("0.15")
+    PredictResponse.model_validate(body)
+
+    service.scores = row
+    service.evaluated = ScoresFile(
+        evaluated="test split of a run", set="test", n_images=1520, tta="none", models=[], scores={"m": row}
+    )
+    card = service.model_card()
+    ModelCard.model_validate(card)
+    metrics = card["metrics"]
+    figures = (metrics["ece"], metrics["classwise_ece"], metrics["brier"], metrics["log_loss"])
+    assert figures == (0.12, 0.074, 0.47, 0.895)
+    assert metrics["shown_calibration"] == {
+        "method": "prior-undo+temperature",
+        "ece": 0.043,
+        "classwise_ece": 0.0398,
+        "log_loss": 0.676,
+        "brier": 0.341,
+    }
+    assert "4.0% per diagnosis" in card["performance"] and "logit adjustment taken back out" in card["performance"]
+    assert card["referral"]["display_method"] == "prior-undo+temperature"
+
+
 def test_gate_is_fitted_on_validation_images_and_stored(run: Path, tmp_path: Path) -> None:
     cfg = compose_serve(
         [
@@ -653,17 +740,80 @@ def test_a_stale_or_broken_cached_gate_is_refitted_not_used(
 
 def test_scores_for_other_checkpoints_are_refused(run: Path, scores_file: Path, tmp_path: Path) -> None:
     serve = [f"ckpt={run}", "unsure.threshold=0", "device=cpu", "gradcam=false"]
-    document = json.loads(scores_file.read_text())
-    other = tmp_path / "other.json"  # same file names and model names, another checkpoint's content
-    other.write_text(json.dumps({**document, "models": [{**document["models"][0], "sha256": "0" * 64}]}))
+    document = read_scores(scores_file)
+    # same file names and model names, another checkpoint's content, as evaluate.py wrote it
+    other_model = document.models[0].model_copy(update={"sha256": "0" * 64})
+    other = write_scores(document.model_copy(update={"models": [other_model]}), tmp_path / "other.json")
     with pytest.raises(ContractError, match="does not score the served checkpoint"):
         build_service(compose_serve([*serve, f"scores={other}"]))
+    edited = tmp_path / "edited.json"  # the served checkpoint's file, its sha256 edited by hand to another's
+    raw = json.loads(scores_file.read_text())
+    edited.write_text(json.dumps({**raw, "models": [{**raw["models"][0], "sha256": "0" * 64}]}))
+    with pytest.raises(ContractError, match=r"checkpoint sha256 \(models\[0\]\.sha256\) changed since"):
+        build_service(compose_serve([*serve, f"scores={edited}"]))
     with pytest.raises(ContractError, match="tta=none, the server runs tta=flips"):
         build_service(compose_serve([*serve, f"scores={scores_file}", "tta=flips"]))
     unversioned = tmp_path / "unversioned.json"  # written before the contract existed
     unversioned.write_text(json.dumps({"scores": {"someone-else": {}}}))
     with pytest.raises(ContractError, match="schema version None"):
         build_service(compose_serve([*serve, f"scores={unversioned}"]))
+
+
+@pytest.fixture(scope="module")
+def ensemble_scores(scores_file: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """test_app's scores.json as if evaluate.py had also scored an ensemble of the served checkpoint and another."""
+    document = read_scores(scores_file)
+    assert document.scores is not None and document.final is not None
+    other = document.models[0].model_copy(update={"name": "other", "file": "other.ckpt", "sha256": "1" * 64})
+    document.models.append(other)
+    document.ensemble = EnsembleRecord(mode="fit", members=[document.final, "other"], weights=[0.25, 0.75])
+    row = document.scores[document.final]
+    document.scores |= {"other": row.model_copy(deep=True), "ensemble": row.model_copy(deep=True)}
+    return write_scores(document, tmp_path_factory.mktemp("ensemble") / "scores.json")
+
+
+def _final_row(document: dict) -> dict:
+    return document["scores"][document["final"]]
+
+
+@pytest.mark.parametrize(
+    ("edit", "named"),
+    [
+        (lambda d: d["ensemble"].update(weights=[0.5, 0.5]), r"ensemble weights \(ensemble\.weights\) changed"),
+        (lambda d: d.update(tta="flips"), r"wrote: tta changed"),  # the server would run flips with none's threshold
+        (
+            lambda d: _final_row(d)["melanoma"]["val_threshold"].update(threshold=0.99),
+            r"melanoma threshold \(scores\.[^.]+\.melanoma\.val_threshold\.threshold\) changed",
+        ),
+        (lambda d: _final_row(d).update(temperature=1.0), r"temperature \(scores\.[^.]+\.temperature\) changed"),
+    ],
+    ids=["ensemble-weights", "tta", "melanoma-threshold", "temperature"],
+)
+def test_an_edited_scores_file_is_refused_naming_the_field(
+    run: Path, ensemble_scores: Path, tmp_path: Path, edit: Callable[[dict], object], named: str
+) -> None:
+    serve = [f"ckpt={run}", "unsure.threshold=0", "device=cpu", "gradcam=false", f"paths.output_dir={tmp_path}"]
+    assert build_service(compose_serve([*serve, f"scores={ensemble_scores}"])).scores is not None  # as written
+    document = json.loads(ensemble_scores.read_text())
+    edit(document)
+    edited = tmp_path / "scores.json"
+    edited.write_text(json.dumps(document, indent=2))
+    with pytest.raises(ContractError, match=rf"(?s){named}.*not a signature.*Run evaluate\.py"):
+        build_service(compose_serve([*serve, f"scores={edited}"]))
+
+
+def test_a_scores_file_written_before_row_digests_is_refused_with_the_fix(
+    run: Path, scores_file: Path, tmp_path: Path
+) -> None:
+    document = json.loads(scores_file.read_text())
+    for row in document["scores"].values():
+        del row["digest"]
+    old = tmp_path / "scores.json"
+    old.write_text(json.dumps({**document, "schema_version": 2}))
+    assert read_scores(old).schema_version == 2  # still read (reports, tables), not served
+    serve = [f"ckpt={run}", "unsure.threshold=0", "device=cpu", "gradcam=false", f"scores={old}"]
+    with pytest.raises(ContractError, match=r"schema version 2, written before each row carried a digest.*evaluate"):
+        build_service(compose_serve(serve))
 
 
 # ----------------------------------------------------------------------------- Grad-CAM layer and crop

@@ -36,6 +36,7 @@ from lesionnet.app.service import DEMO_MAX_TRAIN_IMAGES, LesionService, demo_rea
 from lesionnet.app.upload import UploadLimits, decode_image
 from lesionnet.contract.files import ContractError
 from lesionnet.contract.on_device import read_on_device_policy
+from lesionnet.contract.scores import BootstrapRecord, read_scores, write_scores
 from lesionnet.data.metadata import embedded_sample_images
 from lesionnet.data.run_folder import RunFolder
 from lesionnet.inference import load_member, resolve_checkpoints
@@ -55,18 +56,13 @@ def run(trained_run: Path) -> Path:
 @pytest.fixture(scope="module")
 def full_scores(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """test_app's scores.json plus what evaluate.py also writes: the bootstrap unit and the ECE before scaling."""
-    document = json.loads(request.getfixturevalue("scores_file").read_text())
-    document["bootstrap"] = {
-        "unit": "lesions",
-        "n_units": 80,
-        "resamples": 1000,
-        "description": "bootstrap over 80 lesions",
-    }
-    (name,) = document["scores"]
-    document["scores"][name]["ece"] = 0.12
-    path = tmp_path_factory.mktemp("eval") / "scores.json"
-    path.write_text(json.dumps(document))
-    return path
+    document = read_scores(request.getfixturevalue("scores_file"))
+    document.bootstrap = BootstrapRecord(
+        unit="lesions", n_units=80, resamples=1000, description="bootstrap over 80 lesions"
+    )
+    (row,) = (document.scores or {}).values()
+    row.ece = 0.12
+    return write_scores(document, tmp_path_factory.mktemp("eval") / "scores.json")  # digests as evaluate.py writes them
 
 
 def serve_cfg(run: Path, tmp: Path, *overrides: str) -> object:
@@ -191,6 +187,18 @@ def test_model_card_test_figures_come_from_scores_json(client: TestClient) -> No
     ):
         assert figure in card.performance, figure
     assert card.metrics_note is None
+
+
+def test_an_in_sample_model_card_never_calls_the_scored_images_unseen(client: TestClient) -> None:
+    service: LesionService = client.app.state.service
+    assert service.evaluated is not None
+    held_out = service.model_card()["performance"]
+    assert "None of the scored images was used in training or validation (checked by content)." in held_out
+    in_sample = replace(service, evaluated=service.evaluated.model_copy(update={"in_sample": True}))
+    performance = in_sample.model_card()["performance"]
+    assert "used in training or validation" not in performance and "unseen" not in performance
+    assert "validation images the model and its thresholds were chosen on (not trained on)" in performance
+    assert "None of them was used in training (checked by content), but they are not new to the model" in performance
 
 
 def test_without_scores_the_model_card_says_not_evaluated(run: Path) -> None:

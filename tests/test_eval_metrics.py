@@ -250,6 +250,109 @@ def test_temperature_is_near_one_for_calibrated_predictions_and_one_is_identity(
     np.testing.assert_allclose(combine.apply_temperature(probs, 1.0), probs, atol=1e-12)
 
 
+# ----------------------------------------------------------------------------- per-class calibration
+
+# HAM10000's class counts (akiec, bcc, bkl, df, mel, nv, vasc) as frequencies
+HAM_PRIOR = np.array([327, 514, 1099, 115, 1113, 6705, 142]) / 10015
+
+
+def exact_posteriors(n: int, seed: int, separation: float = 2.0) -> tuple[np.ndarray, np.ndarray]:
+    """Labels drawn from the HAM10000 prior and features x ~ N(separation * onehot(y), I): the exact posterior
+    softmax(separation * x + log prior) is calibrated per class by construction."""
+    rng = np.random.default_rng(seed)
+    targets = rng.choice(len(HAM_PRIOR), size=n, p=HAM_PRIOR)
+    features = rng.normal(size=(n, len(HAM_PRIOR))) + separation * np.eye(len(HAM_PRIOR))[targets]
+    logits = separation * features + np.log(HAM_PRIOR)
+    probs = np.exp(logits - logits.max(axis=1, keepdims=True))
+    return probs / probs.sum(axis=1, keepdims=True), targets
+
+
+def test_classwise_ece_and_brier_match_hand_values() -> None:
+    probs = np.array([[0.9, 0.1], [0.9, 0.1], [0.1, 0.9], [0.1, 0.9]])
+    targets = np.array([0, 1, 1, 1])
+    # class 0: P 0.9 on two images, one of them class 0 (gap 0.4), P 0.1 on two, none class 0 (gap 0.1): 0.25; class
+    # 1 mirrors it; the top-label view sees confidence 0.9 against accuracy 0.75 everywhere: 0.15
+    assert metrics.classwise_calibration_error(probs, targets) == pytest.approx(0.25, abs=1e-6)
+    assert metrics.expected_calibration_error(probs, targets) == pytest.approx(0.15, abs=1e-6)
+    assert metrics.brier_score(probs, targets) == pytest.approx((3 * 2 * 0.01 + 2 * 0.81) / 4)
+    figures = metrics.classification_scores(probs, targets, ["a", "b"])
+    assert (figures["classwise_ece"], figures["brier"]) == (
+        metrics.classwise_calibration_error(probs, targets),
+        metrics.brier_score(probs, targets),
+    )
+    assert set(metrics.calibration_figures(probs, targets)) == {"ece", "classwise_ece", "log_loss", "brier"}
+
+
+def test_scaling_with_one_over_t_and_no_bias_is_the_temperature() -> None:
+    probs, _ = random_predictions(50, 4, seed=5)
+    np.testing.assert_allclose(
+        combine.apply_scaling(probs, np.full(4, 1 / 1.7), np.zeros(4)), combine.apply_temperature(probs, 1.7)
+    )
+    with pytest.raises(ValueError, match="positive scales"):
+        combine.apply_scaling(probs, [1.0, 1.0, 0.0, 1.0], [0.0] * 4)
+
+
+def test_a_logit_adjusted_row_shows_probabilities_calibrated_per_class_and_decides_with_the_adjusted_ones() -> None:
+    """Issue 23: one temperature cannot undo the per-class -tau log prior shift. With exactly calibrated posteriors
+    under the HAM10000 prior, the temperature alone shows a mean P(df) near 0.1 for a frequency near 0.01; the
+    display calibration chosen on validation shows the class mix, per class as calibrated as the plain model."""
+    val_probs, val_targets = exact_posteriors(1500, seed=1)
+    probs, targets = exact_posteriors(10000, seed=2)
+    tau = 1.0
+    adjusted_val = combine.adjust_logits(val_probs, HAM_PRIOR, tau)
+    adjusted = combine.adjust_logits(probs, HAM_PRIOR, tau)
+    df = 3
+    frequency = np.mean(targets == df)
+
+    plain_shown = metrics.fit_display_calibration(val_probs, val_targets, seed=0)
+    plain = combine.apply_scaling(probs, plain_shown.scale, plain_shown.bias)
+    today = combine.apply_temperature(adjusted, metrics.fit_temperature(adjusted_val, val_targets))
+    assert today[:, df].mean() > 4 * frequency  # the issue measured 0.110 against 0.012
+    cw_ece = metrics.classwise_calibration_error
+    assert cw_ece(today, targets) > cw_ece(plain, targets) + 0.04
+
+    fitted = metrics.fit_display_calibration(adjusted_val, val_targets, offset=tau * np.log(HAM_PRIOR), seed=0)
+    # chosen by the cross-validated validation log loss: the undo (or a fitted bias, nearly the same here)
+    assert fitted.method in ("prior-undo+temperature", "bias+temperature")
+    assert fitted.validation_log_loss[fitted.method] < fitted.validation_log_loss["temperature"] - 0.1
+    shown = combine.apply_scaling(adjusted, fitted.scale, fitted.bias)
+    assert abs(cw_ece(shown, targets) - cw_ece(plain, targets)) < 0.02  # the issue's done-when
+    np.testing.assert_allclose(shown.mean(axis=0), np.bincount(targets, minlength=7) / len(targets), atol=0.015)
+    assert metrics.log_loss(shown, targets) < metrics.log_loss(today, targets) - 0.2
+    assert metrics.brier_score(shown, targets) < metrics.brier_score(today, targets)
+    # the decision stays the adjusted one (better balanced accuracy); the shown top class often differs from it
+    assert metrics.balanced_accuracy(adjusted, targets) > metrics.balanced_accuracy(probs, targets) + 0.05
+    assert np.mean(shown.argmax(axis=1) != adjusted.argmax(axis=1)) > 0.05
+
+
+def test_without_a_known_adjustment_a_bias_per_class_is_learnt_on_validation() -> None:
+    """A model trained with class weights (here a posterior divided by the square root of the prior) shifts every
+    class's probability too, with no tau on record: the per-class bias is fitted from validation alone."""
+    val_probs, val_targets = exact_posteriors(1500, seed=3)
+    probs, targets = exact_posteriors(10000, seed=4)
+    weighted_val = combine.adjust_logits(val_probs, HAM_PRIOR, 0.5)
+    weighted = combine.adjust_logits(probs, HAM_PRIOR, 0.5)
+    fitted = metrics.fit_display_calibration(weighted_val, val_targets, seed=0)
+    assert fitted.method in ("bias+temperature", "vector")
+    assert "prior-undo+temperature" not in fitted.validation_log_loss  # nothing on record to undo
+    shown = combine.apply_scaling(weighted, fitted.scale, fitted.bias)
+    cw_ece = metrics.classwise_calibration_error
+    assert cw_ece(shown, targets) < 0.5 * cw_ece(combine.apply_temperature(weighted, fitted.scale[0] ** -1), targets)
+    assert cw_ece(shown, targets) < cw_ece(probs, targets) + 0.02
+
+
+def test_too_few_validation_images_are_not_cross_validated_and_keep_the_undo_or_the_temperature() -> None:
+    val_probs, val_targets = exact_posteriors(150, seed=5)
+    plain = metrics.fit_display_calibration(val_probs, val_targets)
+    assert (plain.method, plain.validation_log_loss) == ("temperature", {}) and not any(plain.bias)
+    offset = 1.0 * np.log(HAM_PRIOR)
+    undo = metrics.fit_display_calibration(combine.adjust_logits(val_probs, HAM_PRIOR, 1.0), val_targets, offset)
+    assert undo.method == "prior-undo+temperature"
+    np.testing.assert_allclose(np.asarray(undo.bias) / np.asarray(undo.scale), offset)
+    zero = metrics.fit_display_calibration(val_probs, val_targets, offset=np.zeros(7))  # tau 0: nothing to undo
+    assert zero.method == "temperature"
+
+
 # ----------------------------------------------------------------------------- bootstrap
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -15,17 +16,27 @@ from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 
+from lesionnet.classes import CLASS_NAMES
 from lesionnet.contract.files import ContractError
 from lesionnet.contract.provenance import ProvenanceError, file_sha256
-from lesionnet.contract.scores import ScoresFile, read_scores, write_scores
+from lesionnet.contract.scores import (
+    SCORES_VERSION,
+    CalibrationFigures,
+    DisplayCalibration,
+    ScoresFile,
+    read_scores,
+    verify_scores,
+    write_scores,
+)
 from lesionnet.data.isic import ISIC_COLUMNS
 from lesionnet.data.metadata import DatasetError
 from lesionnet.evaluation.eval_report import write_eval_report
 from lesionnet.evaluation.external_sets import read_labels
 from lesionnet.evaluation.runner import EvalSet, bootstrap_unit, ensemble_weights, evaluate
 from lesionnet.inference import CheckpointError, load_member, resolve_checkpoints, tta_views
+from lesionnet.inference.decision.combine import apply_scaling
 from lesionnet.training import train
-from tests.conftest import make_ham_dir
+from tests.conftest import make_ham_dir, write_image
 from tests.test_train import CONF, FAST, compose_train
 
 
@@ -253,6 +264,53 @@ def test_report_title_follows_the_evaluated_set(tmp_path: Path) -> None:
     ).read_text()
     assert external.startswith("# LesionNet evaluation: external\n") and "In-sample" not in external
     assert "over images: lesion ids unknown" in external and "test" not in external
+
+
+def test_an_in_sample_report_never_calls_the_scored_images_unseen(tmp_path: Path) -> None:
+    """In-sample scoring checks the scored images against the training images only: they are the validation images
+    the models were chosen on, so the report must not claim they were neither trained nor validated on."""
+    unseen = "no evaluated image is, by id, content or picture, one the models trained or were validated on"
+    held_out = write_eval_report(_result("test", False, "bootstrap over 1,120 lesions"), ["mel"], tmp_path / "t.md")
+    assert unseen in held_out.read_text()
+    report = write_eval_report(
+        _result("validation (in-sample, optimistic)", True, "bootstrap over 1,120 lesions"), ["mel"], tmp_path / "v.md"
+    ).read_text()
+    assert unseen not in report and "validated on" not in report
+    assert "one the models trained on. They are not unseen: they are the validation images the models were chosen" in (
+        report
+    )
+
+
+def test_the_report_shows_class_wise_ece_and_brier_beside_the_top_label_ece_and_the_shown_probabilities(
+    tmp_path: Path,
+) -> None:
+    result = _result("test", False, "bootstrap over 1,120 lesions")
+    assert result.scores is not None
+    result.scores["m+posthoc-la"] = result.scores["m"].model_copy(
+        update={
+            "classwise_ece": 0.074,
+            "brier": 0.41,
+            "ece_after_temperature": 0.127,
+            "classwise_ece_after_temperature": 0.071,
+            "log_loss_after_temperature": 0.895,
+            "brier_after_temperature": 0.40,
+            "display": DisplayCalibration(
+                method="prior-undo+temperature",
+                scale=[2.0, 2.0],
+                bias=[0.1, -0.1],
+                validation_log_loss={"temperature": 0.9, "prior-undo+temperature": 0.7},
+            ),
+            "displayed": CalibrationFigures(ece=0.043, classwise_ece=0.0398, log_loss=0.676, brier=0.33),
+        }
+    )
+    report = write_eval_report(result, ["mel"], tmp_path / "r.md").read_text()
+    summary = next(line for line in report.splitlines() if line.startswith("| model") and "val balanced acc" in line)
+    assert "| ECE" in summary and "| class-wise ECE" in summary and "| Brier" in summary
+    calibration = report[report.index("## Calibration") : report.index("## Every set")]
+    assert "| shown as" in calibration and "prior-undo+temperature" in calibration
+    assert "| shown: class-wise ECE" in calibration and "| after T: class-wise ECE" in calibration
+    for figure in ("0.074", "0.071", "0.040", "0.676", "0.330"):  # as scored, after T, as shown
+        assert figure in calibration
 
 
 def test_greedy_ensemble_selects_on_validation(runs: dict[str, Path], tmp_path: Path) -> None:
@@ -493,6 +551,25 @@ def test_posthoc_logit_adjustment_adds_rows_fitted_on_validation(runs: dict[str,
     fitted = result.scores[row].logit_adjustment
     assert fitted is not None and 0.0 <= fitted.tau <= 2.0 and sum(fitted.prior) == pytest.approx(1.0)
     assert (tmp_path / f"predictions_{row}.csv").is_file()
+    # per-class calibration beside the top-label ECE, and how the app shows each row's probabilities
+    written = json.loads((tmp_path / "scores.json").read_text())["scores"]
+    for name, figures in written.items():
+        assert {"classwise_ece", "brier", "classwise_ece_after_temperature", "brier_after_temperature"} <= set(figures)
+        assert set(figures["displayed"]) == {"ece", "classwise_ece", "log_loss", "brier"}, name
+    plain = result.scores[fitted.of].display
+    adjusted = result.scores[row].display
+    assert plain is not None and adjusted is not None
+    if fitted.tau > 0:  # the adjustment is taken back out of what is shown (few validation images: no other family)
+        assert adjusted.method == "prior-undo+temperature"
+        probs = pd.read_csv(tmp_path / f"predictions_{row}.csv")[list(ISIC_COLUMNS)].to_numpy(float)
+        order = [ISIC_COLUMNS.index(c.upper()) for c in CLASS_NAMES]
+        shown = apply_scaling(probs[:, order], adjusted.scale, adjusted.bias)
+        raw = pd.read_csv(tmp_path / f"predictions_{fitted.of}.csv")[list(ISIC_COLUMNS)].to_numpy(float)[:, order]
+        np.testing.assert_allclose(shown, apply_scaling(raw, plain.scale, plain.bias), atol=1e-4)
+    else:  # tau 0 changes nothing: nothing to undo
+        assert adjusted.method == "temperature"
+    report = (tmp_path / "report.md").read_text()
+    assert "## Calibration" in report and "class-wise ECE" in report and "Brier" in report
 
 
 def test_posthoc_logit_adjustment_of_an_ensemble_adds_its_own_row(runs: dict[str, Path], tmp_path: Path) -> None:
@@ -566,7 +643,9 @@ def test_two_external_sets_in_one_run_give_one_report_with_a_column_group_each(
         )
     )
     saved = read_scores(out / "scores.json")
-    assert saved.schema_version == 2 and [e.name for e in saved.external] == ["derm7pt", "second"]
+    assert saved.schema_version == SCORES_VERSION and [e.name for e in saved.external] == ["derm7pt", "second"]
+    verify_scores(saved, out / "scores.json")  # every row, the external sets' too, carries the digest of what it scored
+    assert all(row.digest is not None for e in saved.external for row in (e.scores or {}).values())
     assert result.scores is not None and result.bootstrap is not None
     rows = list(result.scores)
     assert "ensemble" in rows and sum(r.endswith("+posthoc-la") for r in rows) == 3
@@ -671,7 +750,8 @@ def test_unknown_external_sets_and_missing_folders_are_refused_with_the_fix(tmp_
 
 
 def test_scores_files_of_version_1_are_still_read(tmp_path: Path) -> None:
-    """Version 2 added the external sets; a version 1 file is the same document without them."""
+    """Version 2 added the external sets; a version 1 file is the same document without them (and, as version 2,
+    without row digests: read for reports, refused by the app, tests/test_app.py)."""
     written = ScoresFile(evaluated="test split", set="test", n_images=3, models=[], tta="none")
     path = write_scores(written, tmp_path / "s.json")
     document = json.loads(path.read_text())
@@ -708,3 +788,101 @@ def test_a_scores_row_with_a_bad_value_is_refused_naming_the_file_and_the_fix(tm
     path.write_text(json.dumps({**json.loads(path.read_text()), "scores": {"model": row}}))
     final = read_scores(path).final_scores
     assert final is not None and final.temperature == 1.5 and final.at_val_threshold is None
+
+
+# ------------------------------------------------------ the leak guard holds against what training does to an image
+
+# A copy of an image and the EXIF orientation it is saved with (6: pixels stored turned back, the tag turns them up).
+Copy = Callable[[Image.Image], tuple[Image.Image, int | None]]
+TRAINING_COPIES: dict[str, Copy] = {
+    "horizontal flip": lambda im: (im.transpose(Image.Transpose.FLIP_LEFT_RIGHT), None),
+    "pixels rotated 90 + EXIF orientation 6": lambda im: (im.transpose(Image.Transpose.ROTATE_90), 6),
+    "crop 10% off one side": lambda im: (im.crop((round(im.width * 0.1), 0, im.width, im.height)), None),
+    "crop 5% each side": lambda im: (
+        im.crop((round(im.width * 0.05), round(im.height * 0.05), round(im.width * 0.95), round(im.height * 0.95))),
+        None,
+    ),
+}
+
+
+def copies_of_split(run: Path, data: Path, folder: Path, split: str, make: Copy) -> Path:
+    """Six images of ``split`` of ``run`` made into copies by ``make``, under new names in ``folder``, labelled
+    (image_id,dx); returns the labels file."""
+    table = pd.read_csv(run / "split.csv")
+    chosen = table.loc[table["split"] == split].head(6)
+    folder.mkdir(parents=True)
+    for k, image_id in enumerate(chosen["image_id"]):
+        with Image.open(data / "images" / f"{image_id}.jpg") as original:
+            copy, orientation = make(original.convert("RGB"))
+        exif = Image.Exif()
+        if orientation is not None:
+            exif[0x0112] = orientation
+        copy.save(folder / f"copy_{k}.jpg", quality=90, exif=exif)
+    labels = folder.parent / f"{folder.name}.csv"
+    pd.DataFrame({"image_id": [f"copy_{k}" for k in range(len(chosen))], "dx": chosen["dx"]}).to_csv(
+        labels, index=False
+    )
+    return labels
+
+
+def evaluate_external(run: Path, images: Path, labels: Path, out: Path) -> ScoresFile:
+    return evaluate(
+        compose_eval([f"ckpt={run}", f"data.images={images}", f"data.labels={labels}", f"paths.output_dir={out}"])
+    )
+
+
+@pytest.mark.parametrize("name", list(TRAINING_COPIES))
+def test_training_images_flipped_rotated_or_cropped_as_training_does_are_refused(
+    runs: dict[str, Path], tmp_path: Path, name: str
+) -> None:
+    folder = tmp_path / "copies"
+    labels = copies_of_split(runs["baseline"], runs["data"], folder, "train", TRAINING_COPIES[name])
+    with pytest.raises(
+        ProvenanceError,
+        match=r"was trained or validated on 6 image.*flipped, rotated, cropped or colour-shifted: 6, e\.g\. copy_0 ~ ",
+    ):
+        evaluate_external(runs["baseline"], folder, labels, tmp_path / "out")
+
+
+def test_flipped_validation_images_are_refused(runs: dict[str, Path], tmp_path: Path) -> None:
+    folder = tmp_path / "flipped_val"
+    labels = copies_of_split(runs["baseline"], runs["data"], folder, "val", TRAINING_COPIES["horizontal flip"])
+    with pytest.raises(ProvenanceError, match="was trained or validated on 6 image"):
+        evaluate_external(runs["baseline"], folder, labels, tmp_path / "out")
+
+
+def test_an_external_set_with_lesions_the_model_trained_on_is_refused_by_their_lesion_id(
+    runs: dict[str, Path], tmp_path: Path
+) -> None:
+    """Other pictures of training lesions (no copy of a training image: no fingerprint matches) are refused by the
+    lesion_id column of labels.csv."""
+    split = pd.read_csv(runs["baseline"] / "split.csv")
+    trained = split.loc[split["split"] == "train"].drop_duplicates("lesion_id").head(3)
+    folder = tmp_path / "other_views"
+    folder.mkdir()
+    rng = np.random.default_rng(2323)
+    for k in range(len(trained)):
+        write_image(folder / f"other_view_{k}.jpg", rng, size=(80, 60), smooth=True)
+    labels = tmp_path / "other_views.csv"
+    frame = pd.DataFrame({"image_id": [f"other_view_{k}" for k in range(len(trained))], "dx": trained["dx"]})
+    frame.assign(lesion_id=trained["lesion_id"].to_numpy()).to_csv(labels, index=False)
+    lesions = re.escape(", ".join(sorted(trained["lesion_id"])))
+    with pytest.raises(
+        ProvenanceError, match=rf"trained or validated on 3 lesion\(s\).*{lesions}.*Remove those lesions"
+    ):
+        evaluate_external(runs["baseline"], folder, labels, tmp_path / "out")
+    frame.to_csv(labels, index=False)  # without lesion ids the pictures are unknown to the record: scored
+    assert evaluate_external(runs["baseline"], folder, labels, tmp_path / "out2").n_images == len(trained)
+
+
+def test_unseen_test_images_with_lesion_ids_score_and_their_intervals_resample_lesions(
+    runs: dict[str, Path], tmp_path: Path
+) -> None:
+    images, labels = _external_set(runs, tmp_path / "unseen")
+    split = pd.read_csv(runs["baseline"] / "split.csv").set_index("image_id")
+    frame = pd.read_csv(labels)
+    frame.assign(lesion_id=split.loc[frame["image_id"], "lesion_id"].to_numpy()).to_csv(labels, index=False)
+    result = evaluate_external(runs["baseline"], images, labels, tmp_path / "out")
+    assert result.scores is not None and result.bootstrap is not None
+    assert result.bootstrap.unit == "lesions"
+    assert result.bootstrap.n_units == split.loc[frame["image_id"], "lesion_id"].nunique()

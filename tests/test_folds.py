@@ -16,6 +16,7 @@ from hydra import compose, initialize_config_dir
 
 from lesionnet.contract.files import ContractError
 from lesionnet.contract.oof import FittedValue, FoldRun, MeanSd, OofScores, read_oof_scores, write_oof_scores
+from lesionnet.contract.provenance import ProvenanceError
 from lesionnet.contract.scores import ScoresRow
 from lesionnet.data.datamodule import HAM10000DataModule
 from lesionnet.data.metadata import DatasetError, load_ham10000
@@ -293,6 +294,17 @@ def _copy_records(sweep: Path, dest: Path, folds: tuple[int, ...] = (0, 1)) -> P
         for name in ("metrics.json", "split.csv"):
             shutil.copy(sweep / str(fold) / name, dest / str(fold) / name)
     return dest
+
+
+def test_oof_refuses_fold_checkpoints_swapped_between_folds(fold_sweep: Path, tmp_path: Path) -> None:
+    sweep = shutil.copytree(fold_sweep, tmp_path / "sweep")
+    first, second = (sweep / str(fold) / "checkpoints" / "last.ckpt" for fold in range(2))
+    first.rename(tmp_path / "last.ckpt")
+    second.rename(first)
+    (tmp_path / "last.ckpt").rename(second)  # each fold's model now trained on the fold it is asked to predict
+    with pytest.raises(ProvenanceError, match=r"was trained on \d+ image\(s\) of the held-out fold 0.*data.fold=0"):
+        out_of_fold(_compose_oof([f"sweep={sweep}", f"paths.output_dir={tmp_path / 'oof'}"]))
+    assert not (tmp_path / "oof" / PREDICTIONS_FILE).exists()
 
 
 def test_oof_refuses_an_incomplete_sweep(fold_sweep: Path, tmp_path: Path) -> None:

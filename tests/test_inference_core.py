@@ -17,11 +17,12 @@ from lesionnet.app.build import build_service
 from lesionnet.app.ondevice import OnDevice
 from lesionnet.app.upload import UploadLimits, decode_image
 from lesionnet.contract.files import ContractError
-from lesionnet.contract.scores import POSTHOC_LA, read_scores
+from lesionnet.contract.scores import POSTHOC_LA, read_scores, verify_scores
 from lesionnet.data.decode import read_rgb
 from lesionnet.data.run_folder import RunFolder
 from lesionnet.evaluation.runner import evaluate
 from lesionnet.inference import Predictor, forward, load_member, resolve_checkpoints
+from lesionnet.inference.decision.policy import ConfidenceGate
 from tests.conftest import REPO_ROOT
 from tests.test_app import compose_serve, lesion_like
 from tests.test_evaluate import compose_eval
@@ -147,6 +148,17 @@ def test_weights_change_the_ensemble_not_the_members(trained_run: Path) -> None:
     assert RunFolder(trained_run).metrics().schema_version == 1
 
 
+def test_tta_is_part_of_the_model_version(trained_run: Path, tmp_path: Path) -> None:
+    """The averaged views give other probabilities: a gate fitted without TTA must not be taken for one with it."""
+    member = load_member(resolve_checkpoints(str(trained_run))[0])
+    versions = {tta: Predictor([member], tta=tta).version for tta in ("none", "flips", "d4")}
+    assert len(set(versions.values())) == 3 and versions["flips"] == Predictor([member], tta="flips").version
+    gate = ConfidenceGate("msp", 0.3, "fitted without TTA", versions["none"]).save(tmp_path / "gate.json")
+    assert ConfidenceGate.load(gate, versions["none"]).threshold == 0.3
+    with pytest.raises(ContractError, match="was fitted for model"):
+        ConfidenceGate.load(gate, versions["flips"])
+
+
 def test_the_app_serves_the_post_hoc_adjusted_row_evaluate_fitted(trained_run: Path, tmp_path: Path) -> None:
     folder = tmp_path / "photos"
     folder.mkdir()
@@ -199,6 +211,7 @@ def test_the_app_serves_the_post_hoc_adjusted_row_evaluate_fitted(trained_run: P
     assert (
         Predictor([member], logit_adjustment={"tau": 1.0, "prior": fitted.prior}).version != Predictor([member]).version
     )
+    assert verify_scores(document, out / "scores.json") is None  # evaluate.py's own file matches its digests
 
     unadjusted = tmp_path / "plain"
     evaluate(compose_eval([f"ckpt={trained_run}", f"data.images={folder}", f"data.labels={labels}",

@@ -59,6 +59,21 @@ MESSAGES: dict[str, str] = {
 }
 
 MOST_LIKELY = "Most likely: {name}."  # the answer's message when it names a class (the on-device page fills it too)
+# ... when the class decided on the model's scores does not have the highest shown (calibrated) percentage, as with a
+# logit-adjusted model, which decides for balanced accuracy and shows probabilities of the class mix
+DECIDED = (
+    "The model's answer: {name}. It is decided on the model's own scores (a logit-adjusted model weighs rare "
+    "diagnoses up); the percentages are calibrated to how common each diagnosis is, so another diagnosis can show a "
+    "higher percentage."
+)
+# how the shown percentages are computed (DisplayCalibration.method), for the model card
+SHOWN_CALIBRATION: dict[str, str] = {
+    "temperature": "rescaled with one temperature",
+    "prior-undo+temperature": "computed with the logit adjustment taken back out (the answer itself is decided with "
+    "it, to find rare diagnoses as often as common ones) and rescaled with one temperature",
+    "bias+temperature": "rescaled with one temperature and a correction per diagnosis",
+    "vector": "rescaled with a scale and a correction per diagnosis",
+}
 
 OOD_REASON = (
     "The picture is unlike the dermatoscope images the model learnt from (its features lie outside what 95% of "
@@ -171,7 +186,8 @@ def percent_with_interval(value: float | None, interval: Sequence[float | None] 
 
 def performance_summary(scores: ScoresRow, evaluated: ScoresFile, provenance: list[str]) -> str:
     """The model card's test figures in a few sentences: accuracy and balanced accuracy with their intervals, what
-    the intervals resample, melanoma sensitivity, calibration and whether the scored images were checked unseen."""
+    the intervals resample, melanoma sensitivity, calibration and whether the scored images were checked unseen (an
+    in-sample set is the validation images: never called unseen)."""
     count = f"{evaluated.n_images:,} " if evaluated.n_images else ""
     accuracy = percent_with_interval(scores.accuracy, scores.ci95.get("accuracy"))
     balanced = percent_with_interval(scores.balanced_accuracy, scores.ci95.get("balanced_accuracy"))
@@ -182,7 +198,10 @@ def performance_summary(scores: ScoresRow, evaluated: ScoresFile, provenance: li
     if evaluated.bootstrap:
         sentences.append(f"Intervals: {evaluated.bootstrap.description}.")
     if evaluated.in_sample:
-        sentences.append("These are the validation images the model was chosen on, so the figures are optimistic.")
+        sentences.append(
+            "These are the validation images the model and its thresholds were chosen on (not trained on), so the "
+            "figures are optimistic."
+        )
     at_threshold = scores.at_val_threshold
     if at_threshold is not None and at_threshold.sensitivity is not None:
         cleared = at_threshold.specificity
@@ -190,7 +209,14 @@ def performance_summary(scores: ScoresRow, evaluated: ScoresFile, provenance: li
             f"The melanoma threshold of the referral rule caught {at_threshold.sensitivity:.0%} of the melanomas there"
             + (f" and did not flag {cleared:.0%} of the other lesions." if cleared is not None else ".")
         )
-    if scores.temperature is not None:
+    if scores.display is not None and scores.displayed is not None:
+        shown = scores.displayed
+        sentences.append(
+            f"Calibration: the shown probabilities are {SHOWN_CALIBRATION[scores.display.method]}, fitted on "
+            f"validation images; here their expected calibration error is {shown.ece:.1%} for the top diagnosis and "
+            f"{shown.classwise_ece:.1%} per diagnosis (log loss {shown.log_loss:.3f}, Brier score {shown.brier:.3f})."
+        )
+    elif scores.temperature is not None:
         after = scores.ece_after_temperature
         sentences.append(
             f"Calibration: the shown probabilities are rescaled with a temperature of {scores.temperature:.2f} "
@@ -199,12 +225,18 @@ def performance_summary(scores: ScoresRow, evaluated: ScoresFile, provenance: li
         )
     if provenance:
         checked = all(p == "checked" for p in provenance)
-        sentences.append(
-            "None of the scored images was used in training or validation (checked by content)."
-            if checked
-            else "Whether the scored images were unseen in training is unknown (the checkpoint predates provenance "
-            "records)."
-        )
+        if not checked:
+            sentences.append(
+                "Whether the scored images were unseen in training is unknown (the checkpoint predates provenance "
+                "records)."
+            )
+        elif evaluated.in_sample:  # checked against training only: validation images are what was scored
+            sentences.append(
+                "None of them was used in training (checked by content), but they are not new to the model: they "
+                "chose it."
+            )
+        else:
+            sentences.append("None of the scored images was used in training or validation (checked by content).")
     return " ".join(sentences)
 
 

@@ -155,6 +155,8 @@ class OnDevice:
                     "melanoma_threshold": referral.melanoma_threshold,
                     "target_sensitivity": referral.target_sensitivity,
                     "temperature": referral.temperature,
+                    "display_scale": list(referral.display_scale) if referral.display_scale is not None else None,
+                    "display_bias": list(referral.display_bias) if referral.display_bias is not None else None,
                     "source": referral.source,
                     "malignant_classes": sorted(MALIGNANT),
                     "reasons": {  # the server's sentences, with "{p}" where the probability goes (2 decimals)
@@ -165,6 +167,11 @@ class OnDevice:
                     },
                 },
                 "referral_check": s.referral_check(),
-                "messages": {**content.MESSAGES, "ood_reason": content.OOD_REASON, "most_likely": content.MOST_LIKELY},
+                "messages": {
+                    **content.MESSAGES,
+                    "ood_reason": content.OOD_REASON,
+                    "most_likely": content.MOST_LIKELY,
+                    "decided": content.DECIDED,
+                },
             }
         )

@@ -40,7 +40,10 @@ class ErrorResponse(Schema):
 
 class HealthResponse(Schema):
     status: Literal["ok"]
-    model_version: str = Field(description="<member names>@<first 12 hex of the checkpoints' combined SHA-256>.")
+    model_version: str = Field(
+        description="<member names>@<first 12 hex of a SHA-256 of the checkpoints' SHA-256, their weights, the TTA "
+        "and any logit adjustment>: another TTA is another model version."
+    )
     demo_model: bool = Field(description="True: the served model was trained on the small embedded sample only.")
     in_flight: int = Field(description="Prediction requests admitted now (running or queued).")
 
@@ -56,7 +59,10 @@ class ClassInfo(Schema):
 
 
 class ClassProbability(ClassInfo):
-    probability: float = Field(description="Temperature-calibrated probability, rounded to 4 decimals.")
+    probability: float = Field(
+        description="The shown probability, calibrated on validation to how common each class is (the model card's "
+        "shown_calibration), rounded to 4 decimals."
+    )
 
 
 class ImageCheckResult(Schema):
@@ -126,8 +132,13 @@ class PredictResponse(Schema):
     image_check: ImageCheckResult
     status: Literal["ok", "unsure", "rejected"]
     message: str
-    top_class: ClassProbability | None = Field(description="Null unless status is 'ok'.")
-    probabilities: list[ClassProbability] = Field(description="All classes, most likely first; empty if rejected.")
+    top_class: ClassProbability | None = Field(
+        description="The class decided on the model's scores, with its shown probability; null unless status is "
+        "'ok'. A logit-adjusted model decides for balanced accuracy, so it need not be the first of probabilities."
+    )
+    probabilities: list[ClassProbability] = Field(
+        description="All classes, highest shown probability first; empty if rejected."
+    )
     urgency: Urgency
     referral_check: ReferralCheck
     confidence: Confidence | None = Field(description="Null if rejected.")
@@ -176,6 +187,17 @@ class Bootstrap(Schema):
     description: str
 
 
+class ShownCalibration(Schema):
+    method: str = Field(
+        description="How the shown percentages are computed from the decision probabilities: temperature, "
+        "prior-undo+temperature (a logit adjustment taken back out), bias+temperature or vector."
+    )
+    ece: float = Field(description="Top-label expected calibration error of the shown percentages.")
+    classwise_ece: float = Field(description="Class-wise expected calibration error of the shown percentages.")
+    log_loss: float
+    brier: float
+
+
 class Metrics(Schema):
     """evaluate.py's scores of the served model(s), as given in scores.json."""
 
@@ -186,8 +208,8 @@ class Metrics(Schema):
     tta: str
     bootstrap: Bootstrap | None
     provenance: dict[str, str] = Field(
-        description="Per served checkpoint: 'checked' (no scored image was used in training or validation) or "
-        "'unknown (...)'."
+        description="Per served checkpoint: 'checked' (no scored image was used in training, nor in validation "
+        "unless in_sample: in-sample scores are on the validation images) or 'unknown (...)'."
     )
     accuracy: float | None
     accuracy_ci95: list[float | None] | None
@@ -201,6 +223,16 @@ class Metrics(Schema):
     temperature: float | None
     ece: float | None = Field(description="Expected calibration error before temperature scaling.")
     ece_after_temperature: float | None
+    classwise_ece: float | None = Field(
+        description="Class-wise expected calibration error (every class's probability against its frequency, "
+        "averaged over the classes) before any calibration; null in scores files that predate it."
+    )
+    brier: float | None = Field(description="Multi-class Brier score before any calibration.")
+    log_loss: float | None = Field(description="Log loss before any calibration.")
+    shown_calibration: ShownCalibration | None = Field(
+        description="How calibrated the percentages the answers show are on the evaluated set (evaluate.py's display "
+        "calibration, fitted on validation); null in scores files that predate it."
+    )
     per_class: dict[str, PerClassMetrics]
 
 
@@ -210,6 +242,12 @@ class ReferralRule(Schema):
     target_sensitivity: float | None
     temperature: float
     source: str
+    display_method: str = Field(description="How the shown percentages are computed (see ShownCalibration).")
+    display_scale: list[float] | None = Field(
+        description="Shown percentages: softmax(display_scale * log p + display_bias) per class; null: "
+        "softmax(log p / temperature). The rules compare p itself."
+    )
+    display_bias: list[float] | None
 
 
 class UnsureGate(Schema):

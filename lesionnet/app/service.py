@@ -200,9 +200,11 @@ class LesionService:
                 return {**rejected, "ood": ood, "urgency": {**rejected["urgency"], "reasons": [content.OOD_REASON]}}
             urgency = self.referral.assess(out.probs, self.predictor.class_names)
             unsure = self.gate.unsure(out)
-            classes = self._classes(self.referral.calibrate(out.probs))
-            top = int(np.argmax(out.probs))
+            classes = self._classes(self.referral.calibrate(out.probs))  # the shown percentages, highest first
+            top = int(np.argmax(out.probs))  # the decision: the served probabilities, not the shown ones
             code = self.predictor.class_names[top]
+            decided = next(c for c in classes if c["code"] == code)
+            named = content.MOST_LIKELY if decided["probability"] >= classes[0]["probability"] else content.DECIDED
             config = self.predictor.members[0].data_config
             heatmap = None
             if self.use_cam:
@@ -226,8 +228,8 @@ class LesionService:
         return {
             **answer,
             "status": "unsure" if unsure else "ok",
-            "message": content.MESSAGES["unsure"] if unsure else content.MOST_LIKELY.format(name=classes[0]["name"]),
-            "top_class": None if unsure else classes[0],
+            "message": content.MESSAGES["unsure"] if unsure else named.format(name=decided["name"]),
+            "top_class": None if unsure else decided,
             "probabilities": classes,
             "urgency": urgency,
             "referral_check": self.referral_check(),
@@ -312,6 +314,12 @@ class LesionService:
             "temperature": s.temperature,
             "ece": s.ece,
             "ece_after_temperature": s.ece_after_temperature,
+            "classwise_ece": s.classwise_ece,
+            "brier": s.brier,
+            "log_loss": s.log_loss,
+            "shown_calibration": {"method": s.display.method, **s.displayed.model_dump()}
+            if s.display is not None and s.displayed is not None
+            else None,
             "per_class": {
                 c: figures.model_dump(include={"recall", "precision", "auroc", "support"})
                 for c, figures in s.per_class.items()

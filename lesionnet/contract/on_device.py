@@ -118,7 +118,7 @@ class ReferralReasons(_Strict):
 
 
 class OnDeviceReferral(_Strict):
-    """``ReferralPolicy``'s rule and temperature, with the server's sentences."""
+    """``ReferralPolicy``'s rule, temperature and display calibration, with the server's sentences."""
 
     malignant_threshold: float
     melanoma_threshold: float | None
@@ -127,6 +127,9 @@ class OnDeviceReferral(_Strict):
     source: str
     malignant_classes: list[str]
     reasons: ReferralReasons
+    # shown percentages softmax(display_scale * log p + display_bias); None: softmax(log p / temperature)
+    display_scale: list[float] | None = None
+    display_bias: list[float] | None = None
 
 
 class UploadLimitsSpec(_Strict):

@@ -8,21 +8,34 @@ a bad value (a temperature of "hot") is refused when the file is read, with its 
 
 Version 2 adds ``external`` (the external sets scored in the same run, each with its own rows) and
 ``classes_present``; a version 1 file is the same document without them and is still read.
+
+Version 3 binds every row to what it scored: ``digest`` (:class:`RowDigest`, computed by :func:`write_scores`) is the
+sha256 of the row's canonical JSON together with the row's name and the file's header (the checkpoints by sha256,
+the TTA, the ensemble members and weights, the set), with fingerprints that name a changed field
+(:mod:`lesionnet.contract.digest`). The app serves a file only when every row matches its digest
+(:func:`verify_scores`), and names the field that differs. This detects mistakes and hand edits (a weight, the TTA, a
+threshold changed after evaluate.py wrote the file); it is not a signature. Files of versions 1 and 2 are still read
+(reports, tables) but carry no digest, so the app refuses them: re-run evaluate.py.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+import re
+from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, field_validator
+from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
 
+from lesionnet.contract.digest import changed_fields, fingerprints, sha256_of
 from lesionnet.contract.files import ContractError, read_json, write_json
 
-SCORES_VERSION = 2
-READABLE_SCORES_VERSIONS: tuple[int, ...] = (1, SCORES_VERSION)  # 1: before external sets (a subset of 2)
+SCORES_VERSION = 3
+# 1: before external sets (a subset of 2); 2: before row digests (read, but the app cannot verify it and refuses it)
+READABLE_SCORES_VERSIONS: tuple[int, ...] = (1, 2, SCORES_VERSION)
+FIRST_VERIFIABLE_VERSION = 3
 ENSEMBLE = "ensemble"
 POSTHOC_LA = "+posthoc-la"  # suffix of the rows evaluate.py posthoc_logit_adjustment=true adds (tau fitted on val)
 RE_EVALUATE = "Run evaluate.py on the checkpoints you serve (same TTA) and pass its scores.json."
@@ -96,6 +109,47 @@ class FittedAdjustment(LogitAdjustment):
     of: str
 
 
+# How the shown probabilities are computed from a row's, simplest first (see DisplayCalibration).
+DisplayMethod = Literal["temperature", "prior-undo+temperature", "bias+temperature", "vector"]
+
+
+class DisplayCalibration(BaseModel):
+    """How the probabilities shown for a row are computed from the row's probabilities p: softmax(scale * log p + bias),
+    per class, fitted on validation. Decisions (argmax, the referral thresholds) keep using p itself.
+
+    ``method`` is the family the cross-validated validation log loss (``validation_log_loss``, per candidate) chose:
+    ``temperature`` (scale 1/T, bias 0), ``prior-undo+temperature`` (bias tau * log prior / T: undoes a logit
+    adjustment before the temperature, so a logit-adjusted row shows probabilities of the class mix),
+    ``bias+temperature`` (one scale, a bias per class) or ``vector`` (a scale and a bias per class, Guo et al. 2017).
+    An empty ``validation_log_loss``: too few validation images to cross-validate, the fewest-parameter family.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    method: DisplayMethod
+    scale: list[float]  # per class, positive
+    bias: list[float]  # per class
+    validation_log_loss: dict[str, float] = {}
+
+    @model_validator(mode="after")
+    def _shapes(self) -> DisplayCalibration:
+        if not self.scale or len(self.scale) != len(self.bias) or any(not 0 < a < float("inf") for a in self.scale):
+            raise ValueError(f"scale and bias need one value per class, scale positive: {self.scale}, {self.bias}")
+        return self
+
+
+class CalibrationFigures(BaseModel):
+    """How calibrated a row's shown probabilities are on the scored set: top-label and class-wise ECE, log loss,
+    Brier score."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    ece: float
+    classwise_ece: float
+    log_loss: float
+    brier: float
+
+
 class GroupFigures(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -118,6 +172,19 @@ class BootstrapRecord(BaseModel):
 Interval = tuple[float | None, float | None]  # None: no resample defined the metric
 
 
+class RowDigest(BaseModel):
+    """What binds a row to what it scored (schema version 3): ``sha256`` of the canonical JSON of the row (all its
+    fields but this one), its name and the file's header (``models`` by sha256, ``tta``, ``ensemble`` members and
+    weights, the set, ...; for an external set's row, that set's header too); ``fields``: a short fingerprint of every
+    leaf, grouped by its first two path components, to name what changed. Written by :func:`write_scores`. Detects
+    mistakes and edits, it is not a signature: whoever edits the file can recompute it."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    sha256: str
+    fields: dict[str, str]
+
+
 class ScoresRow(BaseModel):
     """The scores of one row (a checkpoint, the ensemble, or either with post-hoc logit adjustment) on one set."""
 
@@ -129,7 +196,9 @@ class ScoresRow(BaseModel):
     macro_f1: float | None
     macro_auroc: float | None
     log_loss: float
-    ece: float
+    ece: float  # top-label
+    classwise_ece: float | None = None  # every class's probability (None: written before it was reported)
+    brier: float | None = None
     per_class: dict[str, ClassScores]
     confusion_matrix: list[list[int]]  # rows: true class
     melanoma: MelanomaScores | None = None  # None: the model has no melanoma class
@@ -139,9 +208,15 @@ class ScoresRow(BaseModel):
     temperature: float | None = None  # fitted on validation
     ece_after_temperature: float | None = None
     log_loss_after_temperature: float | None = None
+    classwise_ece_after_temperature: float | None = None
+    brier_after_temperature: float | None = None
     logit_adjustment: FittedAdjustment | None = None  # the ``+posthoc-la`` rows only
+    # the probabilities the app shows: how they are computed (fitted on validation), and how calibrated they are here
+    display: DisplayCalibration | None = None
+    displayed: CalibrationFigures | None = None
     # accuracy on images whose lesion trained the model vs the rest (the seed's image-level split only)
     seen_lesions: dict[str, GroupFigures] | None = None
+    digest: RowDigest | None = None  # None: a file of schema version 1 or 2 (see RowDigest)
 
     @property
     def at_val_threshold(self) -> ValidationThreshold | None:
@@ -214,7 +289,18 @@ class ScoresFile(BaseModel):
 
 
 def write_scores(scores: ScoresFile, path: str | Path) -> Path:
-    return write_json(scores, path)
+    """Write ``scores`` with every row's :class:`RowDigest` (set on ``scores`` too), computed on the document exactly
+    as a reader will parse it; a document no reader could parse is refused here."""
+    try:
+        stamped = ScoresFile.model_validate_json(scores.model_dump_json())
+    except ValidationError as err:
+        raise ContractError(f"Refusing to write {path}: read back, it would not be a valid scores file: {err}") from err
+    for (_, external, rows), (_, _, given) in zip(_row_sets(stamped), _row_sets(scores), strict=True):
+        for name, row in rows.items():
+            covered = _covered(stamped, name, row, external)
+            row.digest = RowDigest(sha256=sha256_of(covered), fields=fingerprints(covered))
+            given[name].digest = row.digest
+    return write_json(stamped, path)
 
 
 def read_scores(path: str | Path) -> ScoresFile:
@@ -238,6 +324,7 @@ def scores_for(
     """
     if scores.scores is None:
         raise ContractError(f"{path} has no scores (evaluate.py ran on an unlabelled set). {RE_EVALUATE}")
+    verify_scores(scores, path)
     if scores.tta != tta:
         raise ContractError(f"{path} was computed with tta={scores.tta}, the server runs tta={tta}. {RE_EVALUATE}")
     by_sha = {model.sha256: model for model in scores.models}
@@ -275,3 +362,84 @@ def _row(scores: ScoresFile, path: str | Path, name: str, logit_adjusted: bool) 
             "posthoc_logit_adjustment=true (tau is fitted on validation), or serve without logit_adjustment=true."
         )
     return row
+
+
+# the names of the fields whose edit matters most to the app; any other field is named by its path alone
+FIELD_LABELS = {
+    "name": "row name",
+    "file.schema_version": "schema version",
+    "file.tta": "tta",
+    "file.models[*].sha256": "checkpoint sha256",
+    "file.models[*].name": "model name",
+    "file.ensemble.members": "ensemble members",
+    "file.ensemble.weights": "ensemble weights",
+    "file.ensemble.mode": "ensemble mode",
+    "file.in_sample": "in-sample flag",
+    "row.melanoma.val_threshold.threshold": "melanoma threshold",
+    "row.melanoma.val_threshold.target_sensitivity": "melanoma target sensitivity",
+    "row.temperature": "temperature",
+    "row.logit_adjustment.tau": "logit adjustment tau",
+    "row.logit_adjustment.prior": "logit adjustment prior",
+    "row.display.scale": "display calibration scale",
+    "row.display.bias": "display calibration bias",
+}
+
+
+def _row_sets(scores: ScoresFile) -> Iterator[tuple[str, ExternalSetScores | None, dict[str, ScoresRow]]]:
+    """(where in the file, the external set or None, its rows) for the scored set, then each external set."""
+    yield "", None, scores.scores or {}
+    for index, external in enumerate(scores.external):
+        yield f"external[{index}].", external, external.scores or {}
+
+
+def _json(model: BaseModel, exclude: set[str]) -> Any:
+    """``model`` as the JSON the file holds (the writer's serialisation, e.g. NaN as null), less ``exclude``."""
+    return json.loads(model.model_dump_json(exclude=exclude))
+
+
+def _covered(scores: ScoresFile, name: str, row: ScoresRow, external: ExternalSetScores | None) -> dict[str, Any]:
+    """What a row's digest covers: the row but its digest, its name, the file's header and its set's header."""
+    covered = {"name": name, "row": _json(row, {"digest"}), "file": _json(scores, {"scores", "external"})}
+    if external is not None:
+        covered["set"] = _json(external, {"scores"})
+    return covered
+
+
+def _describe(field: str, where: str, name: str) -> str:
+    """A changed field in words and where it sits in the file: ``melanoma threshold
+    (scores.m.melanoma.val_threshold.threshold)``, ``ensemble weights (ensemble.weights)``, ``tta``."""
+    label = FIELD_LABELS.get(re.sub(r"\[\d+\]", "[*]", field))
+    part, _, rest = field.partition(".")
+    location = {
+        "name": f"{where}scores.{name}",
+        "row": f"{where}scores.{name}.{rest}",
+        "file": rest,
+        "set": f"{where}{rest}",
+    }.get(part, field)
+    return location if label is None or label == location else f"{label} ({location})"
+
+
+def verify_scores(scores: ScoresFile, path: str | Path) -> None:
+    """Refuse ``scores`` unless every row (external sets' too) matches its digest, naming the fields that differ: the
+    file is then the one evaluate.py wrote (checkpoints, TTA, weights, thresholds). A file of schema version 1 or 2
+    carries no digest and is refused with the fix."""
+    for where, external, rows in _row_sets(scores):
+        for name, row in rows.items():
+            location = f"{where}scores.{name}"
+            if row.digest is None:
+                if scores.schema_version < FIRST_VERIFIABLE_VERSION:
+                    raise ContractError(
+                        f"{path} is a scores file of schema version {scores.schema_version}, written before each "
+                        "row carried a digest of what it scored: an edit to it (ensemble weights, TTA, a threshold) "
+                        f"could not be detected, so it is not served. {RE_EVALUATE}"
+                    )
+                raise ContractError(f"{path}: {location} has no digest (removed by an edit?). {RE_EVALUATE}")
+            covered = _covered(scores, name, row, external)
+            if sha256_of(covered) == row.digest.sha256:
+                continue
+            named = [_describe(f, where, name) for f in changed_fields(covered, row.digest.fields)]
+            raise ContractError(
+                f"{path} is not the file evaluate.py wrote: {'; '.join(named) or 'the content of ' + location} "
+                f"changed since (the digest in {location} no longer matches). The digest catches mistakes and edits; "
+                f"it is not a signature. {RE_EVALUATE}"
+            )

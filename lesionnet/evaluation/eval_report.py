@@ -50,10 +50,59 @@ def summary_table(result: ScoresFile) -> pd.DataFrame:
                 else _pair(None, None),
                 "log loss": _fmt(row.log_loss),
                 "ECE": _fmt(row.ece),
+                "class-wise ECE": _fmt(row.classwise_ece),
+                "Brier": _fmt(row.brier),
                 "ECE after T": _fmt(row.ece_after_temperature),
             }
         )
     return pd.DataFrame(rows)
+
+
+CALIBRATION_FIGURES: tuple[tuple[str, str], ...] = (
+    ("ECE", "ece"),
+    ("class-wise ECE", "classwise_ece"),
+    ("log loss", "log_loss"),
+    ("Brier", "brier"),
+)
+
+
+def calibration_table(result: ScoresFile) -> pd.DataFrame:
+    """One row per model: top-label and class-wise ECE, log loss and Brier score of its probabilities, after the
+    temperature alone, and as the app shows them (the display calibration chosen on validation)."""
+    rows = []
+    for name, row in (result.scores or {}).items():
+        stages = {
+            "": {key: getattr(row, key) for _, key in CALIBRATION_FIGURES},
+            "after T: ": {
+                "ece": row.ece_after_temperature,
+                "classwise_ece": row.classwise_ece_after_temperature,
+                "log_loss": row.log_loss_after_temperature,
+                "brier": row.brier_after_temperature,
+            },
+            "shown: ": row.displayed.model_dump() if row.displayed else {},
+        }
+        line = {"model": name, "shown as": row.display.method if row.display else "–"}
+        for prefix, figures in stages.items():
+            line |= {f"{prefix}{label}": _fmt(figures.get(key)) for label, key in CALIBRATION_FIGURES}
+        rows.append(line)
+    return pd.DataFrame(rows)
+
+
+def calibration_section(result: ScoresFile) -> list[str]:
+    """How calibrated each row's probabilities are, top-label and per class, before and after what the app applies."""
+    return [
+        "## Calibration",
+        "",
+        "Top-label ECE looks only at each image's largest probability; class-wise ECE (every class's probability "
+        "against that class's frequency, averaged over the classes), log loss and Brier score see every class. Each "
+        "row's probabilities are as scored (decisions, thresholds), after the validation temperature alone, and as the "
+        'app shows them ("shown as": the family with the lowest cross-validated log loss on the validation split; '
+        "prior-undo+temperature adds a logit adjustment back before the temperature, so a logit-adjusted row decides "
+        "for balanced accuracy but shows probabilities of the class mix).",
+        "",
+        calibration_table(result).to_markdown(index=False),
+        "",
+    ]
 
 
 @dataclass(frozen=True)
@@ -182,22 +231,32 @@ def write_eval_report(result: ScoresFile, class_names: list[str], path: Path) ->
         f"# LesionNet evaluation: {title}",
         "",
         f"Evaluated on the {result.evaluated} ({result.n_images} images); TTA: {result.tta}.",
-        f"Selection, ensemble weights, melanoma threshold and temperature were fitted on the {result.validation}."
+        f"Selection, ensemble weights, melanoma threshold, temperature and the calibration of the shown probabilities "
+        f"were fitted on the {result.validation}."
         if result.validation
         else "No validation split: no threshold or temperature fitted.",
     ]
     unknown = [model.name for model in result.models if model.provenance != "checked"]
-    lines.append(
-        f"**Provenance unknown** for {', '.join(unknown)}: the checkpoint predates provenance records, so it cannot "
-        "be shown that it never saw these images."
-        if unknown
-        else "Provenance checked: no evaluated image is, by id, content or picture, one the models trained or were "
-        "validated on."
-    )
+    if unknown:
+        lines.append(
+            f"**Provenance unknown** for {', '.join(unknown)}: the checkpoint predates (bound) provenance records, "
+            "so it cannot be shown that it never saw these images."
+        )
+    elif result.in_sample:  # checked against the training images only: the scored images are the validation ones
+        lines.append(
+            "Provenance checked against training only: no evaluated image is, by id, content or picture, one the "
+            "models trained on. They are not unseen: they are the validation images the models were chosen on."
+        )
+    else:
+        lines.append(
+            "Provenance checked: no evaluated image is, by id, content or picture, one the models trained or were "
+            "validated on."
+        )
     if result.in_sample:
         lines.append(
-            "**In-sample:** these are the images everything above was fitted on; the figures are optimistic "
-            "and are no estimate of performance on new images."
+            "**In-sample:** these are the validation images the checkpoints, ensemble weights, melanoma threshold "
+            "and temperature were chosen on (not trained on); the figures are optimistic and are no estimate of "
+            "performance on new images."
         )
     lines += [
         f"95% intervals: {result.bootstrap.description}, {result.bootstrap.resamples} resamples."
@@ -206,6 +265,7 @@ def write_eval_report(result: ScoresFile, class_names: list[str], path: Path) ->
         "",
         summary_table(result).to_markdown(index=False),
         "",
+        *calibration_section(result),
         *sets_section(result, class_names),
         f"## {final}",
         "",

@@ -2,8 +2,11 @@
 ``lesionnet.data.run_folder``).
 
 Labels come as a CSV ``image_id,dx`` (HAM10000 codes) or in the ISIC 2018 Task 3 ground-truth
-format (``image,MEL,NV,BCC,AKIEC,BKL,DF,VASC`` one-hot). Predictions and ground truth are written in the ISIC 2018
-Task 3 format by ``lesionnet.data.isic``, so the official scorer (``isic-challenge-scoring``) can check them.
+format (``image,MEL,NV,BCC,AKIEC,BKL,DF,VASC`` one-hot). Either may carry a ``lesion_id`` column: it is kept, so the
+leak guard refuses a lesion the model trained or was validated on (another image of it is a near-duplicate) and the
+confidence intervals resample lesions; a row without one is a lesion of its own. Predictions and ground truth are
+written in the ISIC 2018 Task 3 format by ``lesionnet.data.isic``, so the official scorer (``isic-challenge-scoring``)
+can check them.
 """
 
 from __future__ import annotations
@@ -20,14 +23,16 @@ from lesionnet.data.metadata import DatasetError, preview_items
 
 log = logging.getLogger(__name__)
 IMAGE_SUFFIXES: tuple[str, ...] = (".jpg", ".jpeg", ".png")
+LESION_ID = "lesion_id"  # optional labels column: images of one lesion share it
 
 
 def read_labels(path: str | Path, class_names: Sequence[str] = CLASS_NAMES) -> pd.DataFrame:
-    """``image_id, dx`` from a HAM10000-style CSV or an ISIC 2018 Task 3 ground-truth CSV."""
+    """``image_id, dx`` (and ``lesion_id`` where the file has it) from a HAM10000-style CSV or an ISIC 2018 Task 3
+    ground-truth CSV."""
     path = Path(path)
     if not path.is_file():
         raise DatasetError(f"Labels file not found: {path}.")
-    df = pd.read_csv(path, dtype={"image_id": str, "image": str})
+    df = pd.read_csv(path, dtype={"image_id": str, "image": str, LESION_ID: str})
     if {"image_id", "dx"} <= set(df.columns):
         labels = df[["image_id", "dx"]].copy()
     elif is_isic_ground_truth(df):
@@ -37,6 +42,9 @@ def read_labels(path: str | Path, class_names: Sequence[str] = CLASS_NAMES) -> p
             f"{path}: unknown labels format (columns {list(df.columns)}). Use a CSV with image_id,dx or the ISIC "
             f"2018 Task 3 ground truth with image,{','.join(ISIC_COLUMNS)}."
         )
+    if LESION_ID in df.columns:  # a row without a lesion id is a lesion of its own
+        lesions = df[LESION_ID].str.strip()
+        labels[LESION_ID] = lesions.where(lesions.fillna("") != "", labels["image_id"]).to_numpy()
     unknown = sorted(set(labels["dx"]) - set(class_names))
     if unknown:
         raise DatasetError(f"{path}: labels {unknown} are not among the model's classes {list(class_names)}.")

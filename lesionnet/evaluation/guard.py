@@ -1,41 +1,49 @@
 """Never score a model on images it learnt from or was chosen on, wherever its checkpoint file was copied.
 
-Each checkpoint carries the ids, lesion ids, content hashes and perceptual hashes of its training and validation
-images (``lesionnet.contract.provenance``). The scored set is fingerprinted the same way and compared: the same id,
-the same bytes under another name, or the same picture resized or re-encoded are all refused. The set that chooses
-thresholds and ensemble weights (the run's validation split) may share images with the model's validation record
-(that is its purpose) but never with its training record.
+Each checkpoint carries the ids, lesion ids, content hashes and DCT hashes of its training and validation images
+(``lesionnet.contract.provenance``). The scored set is fingerprinted by the same code (``lesionnet.data.fingerprint``,
+decoding as the inference core does) and compared: the same id, the same bytes under another name, or the same
+picture resized, re-encoded, flipped, rotated, cropped or colour-shifted as the training augmentation does are all
+refused; so is, in an external set whose labels carry ``lesion_id``, any lesion the model trained or was validated on
+(another image of it is a near-duplicate). The set that chooses thresholds and ensemble weights (the run's validation
+split) may share images with the model's validation record (that is its purpose) but never with its training record.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections.abc import Sequence
-from typing import Any
 
 import pandas as pd
 
-from lesionnet.contract.provenance import Overlap, Provenance, ProvenanceError, fingerprint
+from lesionnet.contract.provenance import Overlap, Provenance, ProvenanceError
+from lesionnet.data.fingerprint import fingerprints as fingerprint_files
 from lesionnet.data.metadata import preview_items
 from lesionnet.inference import Member
 
 log = logging.getLogger(__name__)
 CHECKED = "checked"
-UNKNOWN = "unknown (the checkpoint predates provenance records; scored with allow_unknown_provenance=true)"
+UNKNOWN = "unknown (the checkpoint predates bound provenance records; scored with allow_unknown_provenance=true)"
 
 
-def fingerprints(table: pd.DataFrame) -> tuple[list[str], list[str]]:
-    """(sha256, perceptual hash) of every image of a set, in table order."""
-    prints = [fingerprint(path) for path in table["path"]]
-    return [sha for sha, _ in prints], [phash for _, phash in prints]
+def fingerprints(table: pd.DataFrame) -> tuple[list[str], list[bytes]]:
+    """(sha256, the picture's view hashes) of every image of a set, in table order."""
+    prints = fingerprint_files(table["path"])
+    return [p.sha256 for p in prints], [p.views for p in prints]
+
+
+def record_key(record: Provenance) -> str:
+    """What a record's overlap with a set depends on: members of one run (or one split) share it, computed once."""
+    digest = hashlib.sha256(record.table_sha256.encode())
+    for column in (record.sha256, record.dct_windows):
+        digest.update("\n".join(column).encode())
+    return digest.hexdigest()
 
 
 def only(provenance: Provenance, splits: Sequence[str]) -> Provenance:
     """The part of a provenance record from some splits (e.g. only the training images)."""
-    keep = [k for k, split in enumerate(provenance.split) if split in splits]
-    columns = ("image_id", "lesion_id", "split", "sha256", "phash")
-    kept: dict[str, Any] = {c: [getattr(provenance, c)[k] for k in keep] for c in columns}
-    return Provenance(**kept)
+    return provenance.subset(splits)
 
 
 def refuse(member: Member, overlap: Overlap, description: str, learnt_from: str) -> None:
@@ -43,9 +51,27 @@ def refuse(member: Member, overlap: Overlap, description: str, learnt_from: str)
         raise ProvenanceError(
             f"{member.name} ({member.path}) {learnt_from} {len(overlap.images)} image(s) of the {description}: "
             f"{preview_items(overlap.images)} (same id: {len(overlap.same_id)}, same file content: "
-            f"{len(overlap.same_bytes)}, same picture resized or re-encoded: {len(overlap.same_picture)}). Scores on "
-            "those images would be optimistic. Score it on images it never saw: the run's own test split "
-            "(data.split=test with the run folder), or an external set without its training or validation images."
+            f"{len(overlap.same_bytes)}, same picture resized, re-encoded, flipped, rotated, cropped or colour-"
+            f"shifted: {len(overlap.same_picture)}{copies_of(overlap)}). Scores on those images would be optimistic. "
+            "Score it on images it never saw: the run's own test split (data.split=test with the run folder), or an "
+            "external set without its training or validation images."
+        )
+
+
+def copies_of(overlap: Overlap) -> str:
+    pairs = [f"{scored} ~ {recorded}" for scored, recorded in sorted(overlap.copies.items())]
+    return f", e.g. {preview_items(pairs, limit=3)}" if pairs else ""
+
+
+def refuse_lesions(member: Member, overlap: Overlap, description: str, learnt_from: str) -> None:
+    """An external set's lesion ids (labels.csv ``lesion_id``) must be none the model learnt from."""
+    if overlap.same_lesion:
+        raise ProvenanceError(
+            f"{member.name} ({member.path}) {learnt_from} {len(overlap.same_lesion)} lesion(s) of the {description}: "
+            f"{preview_items(overlap.same_lesion)} (by the lesion_id of its labels). Another image of a lesion the "
+            "model learnt from is a near-duplicate of it, so scores on those images would be optimistic. Remove "
+            "those lesions' images (and their rows of the labels file) from the set, or score a checkpoint that "
+            "never saw them."
         )
 
 
@@ -72,6 +98,16 @@ def check_provenance(
     duplicates: dict[str, list[str]] = {"target": [], "selection": []}
     target_prints = fingerprints(target)
     selection_prints = fingerprints(selection) if selection is not None else None
+    found: dict[tuple[str, str], Overlap] = {}  # (set, record_key): members with one record are matched once
+
+    def overlap_of(
+        record: Provenance, which: str, table: pd.DataFrame, prints: tuple[list[str], list[bytes]]
+    ) -> Overlap:
+        key = (which, record_key(record))
+        if key not in found:
+            found[key] = record.overlap(table, *prints)
+        return found[key]
+
     for member in members:
         if member.provenance is None:
             if not allow_unknown:
@@ -85,14 +121,17 @@ def check_provenance(
             status[member.name] = UNKNOWN
             continue
         record = only(member.provenance, ("train",)) if in_sample else member.provenance
-        overlap = record.overlap(target, *target_prints)
+        overlap = overlap_of(record, "target", target, target_prints)
+        learnt_from = "was trained on" if in_sample else "was trained or validated on"
         if run_split:  # the run's own split: ids are disjoint by construction, a content match is a dataset duplicate
             duplicates["target"] += dataset_duplicates(overlap)
             overlap = without(overlap, duplicates["target"])
-        refuse(member, overlap, target_description, "was trained on" if in_sample else "was trained or validated on")
+        refuse(member, overlap, target_description, learnt_from)
+        if not run_split:  # (a run's own split shares lesions only on the legacy image-level split, reported)
+            refuse_lesions(member, overlap, target_description, learnt_from)
         counts[member.name] = {"target_images": len(overlap.images), "target_lesions": len(overlap.same_lesion)}
         if selection is not None and selection_prints is not None:
-            trained = only(member.provenance, ("train",)).overlap(selection, *selection_prints)
+            trained = overlap_of(only(member.provenance, ("train",)), "selection", selection, selection_prints)
             duplicates["selection"] += dataset_duplicates(trained)
             trained = without(trained, duplicates["selection"])
             refuse(
@@ -116,4 +155,5 @@ def without(overlap: Overlap, excluded: Sequence[str]) -> Overlap:
         [i for i in overlap.same_bytes if i not in drop],
         [i for i in overlap.same_picture if i not in drop],
         overlap.same_lesion,
+        {i: recorded for i, recorded in overlap.copies.items() if i not in drop},
     )

@@ -6,6 +6,8 @@ give out-of-fold predictions for all train+val images: the CV estimate (mean ± 
 K times larger than one validation split to fit the temperature and the melanoma threshold on. Those values are
 fitted on the K fold models' out-of-fold predictions and applied to their ensemble: the usual approximation, said
 as such in every output. The test split is never read here; it stays for ``python evaluate.py ckpt=<sweep>``.
+Each fold's held-out images are checked against its checkpoint's provenance (:mod:`lesionnet.evaluation.guard`): a
+checkpoint that trained on them (swapped or copied from another fold run) is refused.
 ``oof_scores.json``'s schema, writer and reader are :mod:`lesionnet.contract.oof`.
 """
 
@@ -21,10 +23,12 @@ from omegaconf import DictConfig
 
 from lesionnet.contract.files import ContractError
 from lesionnet.contract.oof import FittedValue, FoldRun, MeanSd, OofScores, write_oof_scores
+from lesionnet.contract.provenance import ProvenanceError
 from lesionnet.contract.run import RunMetrics
 from lesionnet.data.run_folder import RunFolder
 from lesionnet.data.split import load_folds
 from lesionnet.evaluation import metrics
+from lesionnet.evaluation.guard import check_provenance
 from lesionnet.evaluation.runner import score
 from lesionnet.inference import Member, Predictor, load_members
 
@@ -140,6 +144,32 @@ def held_out_table(run: RunFolder, fold: int, assignment: pd.Series, data_root: 
     return table
 
 
+def check_held_out(member: Member, table: pd.DataFrame, fold: int, allow_unknown: bool) -> list[str]:
+    """Refuse a fold checkpoint that trained on any of the fold's held-out images (by id, content or picture); returns
+    the held-out images that are HAM10000's own duplicates (another id) of its training images, to leave out."""
+    try:
+        _, _, duplicates = check_provenance(
+            [member], table, f"held-out fold {fold}", None, None, allow_unknown=allow_unknown, in_sample=True
+        )
+    except ProvenanceError as err:
+        if member.provenance is None:
+            raise
+        raise ProvenanceError(
+            f"{err} Fold {fold}'s checkpoint must be the model that held fold {fold} out: put back the fold run's own "
+            f"checkpoint (not one swapped or copied from another fold run), or retrain the fold with data.fold={fold}."
+        ) from err
+    if duplicates["target"]:
+        log.warning(
+            "Fold %d: %d held-out image(s) left out, the same photo as a training image of %s under another id "
+            "(a duplicate in the dataset): %s",
+            fold,
+            len(duplicates["target"]),
+            member.name,
+            duplicates["target"],
+        )
+    return duplicates["target"]
+
+
 def predict_fold(
     member: Member, table: pd.DataFrame, fold: int, class_names: list[str], batch_size: int, num_workers: int
 ) -> pd.DataFrame:
@@ -181,8 +211,12 @@ def out_of_fold(cfg: DictConfig) -> OofScores:
     class_names = members[0].class_names
     parts: list[pd.DataFrame] = []
     fold_runs: list[FoldRun] = []
+    left_out: list[str] = []
     for fold, (run, member) in enumerate(zip(runs, members, strict=True)):
         table = held_out_table(run, fold, assignment, cfg.data.root)
+        duplicates = check_held_out(member, table, fold, bool(cfg.get("allow_unknown_provenance", False)))
+        left_out += duplicates
+        table = table[~table["image_id"].isin(duplicates)].reset_index(drop=True)
         part = predict_fold(member, table, fold, class_names, cfg.data.batch_size, cfg.data.num_workers)
         probs, targets = part[class_names].to_numpy(), part["dx"].map(class_names.index).to_numpy()
         fold_scores = metrics.classification_scores(probs, targets, class_names)
@@ -201,7 +235,8 @@ def out_of_fold(cfg: DictConfig) -> OofScores:
         parts.append(part)
         log.info("Fold %d: %d held-out images predicted by %s", fold, len(part), member.path)
     oof = pd.concat(parts, ignore_index=True)
-    if oof["image_id"].duplicated().any() or set(oof["image_id"]) != set(assignment.index[assignment.notna()]):
+    expected = set(assignment.index[assignment.notna()]) - set(left_out)
+    if oof["image_id"].duplicated().any() or set(oof["image_id"]) != expected:
         raise ContractError(f"The folds of {sweep} do not cover every train+val image exactly once.")
 
     probs, targets = oof[class_names].to_numpy(), oof["dx"].map(class_names.index).to_numpy()

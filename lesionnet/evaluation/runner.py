@@ -28,6 +28,8 @@ from lesionnet.contract.scores import (
     ENSEMBLE,
     POSTHOC_LA,
     BootstrapRecord,
+    CalibrationFigures,
+    DisplayCalibration,
     EnsembleRecord,
     ExternalSetScores,
     FittedAdjustment,
@@ -48,7 +50,7 @@ from lesionnet.evaluation.eval_report import write_eval_report
 from lesionnet.evaluation.external_sets import external_table
 from lesionnet.evaluation.guard import check_provenance
 from lesionnet.inference import CheckpointError, Member, Predictor, load_members
-from lesionnet.inference.decision.combine import apply_temperature, combine
+from lesionnet.inference.decision.combine import apply_scaling, apply_temperature, combine
 
 log = logging.getLogger(__name__)
 ENSEMBLE_MODES: tuple[str, ...] = ("none", "mean", "greedy", "fit")
@@ -261,9 +263,11 @@ def score(
     val_probs: np.ndarray | None = None,
     val_targets: np.ndarray | None = None,
     lesion_ids: np.ndarray | None = None,
+    display: DisplayCalibration | None = None,
 ) -> ScoresRow:
     """All metrics of one model (or ensemble), with CIs (resampling lesions when ``lesion_ids`` are given, images
-    otherwise) and the validation-chosen operating points.
+    otherwise) and the validation-chosen operating points; with ``display`` (fitted on validation by
+    :func:`fit_display_calibrations`), how calibrated the probabilities the app shows for the row are.
 
     ``ci95`` holds accuracy and balanced accuracy (mean recall over the classes ``targets`` has) and, where defined,
     melanoma AUROC and sensitivity/specificity at the validation threshold (``mel_auroc``, ``mel_sensitivity``,
@@ -304,10 +308,16 @@ def score(
             balanced_accuracy=metrics.balanced_accuracy(val_probs, val_targets),
         )
         temperature = metrics.fit_temperature(val_probs, val_targets)
-        calibrated = metrics.classification_scores(apply_temperature(probs, temperature), targets, class_names)
+        calibrated = metrics.calibration_figures(apply_temperature(probs, temperature), targets)
         row.temperature = temperature
         row.ece_after_temperature = calibrated["ece"]
         row.log_loss_after_temperature = calibrated["log_loss"]
+        row.classwise_ece_after_temperature = calibrated["classwise_ece"]
+        row.brier_after_temperature = calibrated["brier"]
+    if display is not None:
+        row.display = display
+        shown = apply_scaling(probs, display.scale, display.bias)
+        row.displayed = CalibrationFigures.model_validate(metrics.calibration_figures(shown, targets))
     return row
 
 
@@ -386,6 +396,64 @@ def fit_posthoc_adjustments(
     return fitted
 
 
+def trained_offset(member: Member) -> np.ndarray | None:
+    """tau * log prior of a checkpoint trained with logit-adjusted cross-entropy (``model.logit_adjust_tau``): its
+    softmax is a balanced-class posterior, which adding this back turns into one of the training mix; None if plain."""
+    tau = float(member.model.hparams.get("logit_adjust_tau") or 0.0)
+    prior = member.model.hparams.get("class_prior")
+    return tau * np.log(np.asarray(prior, dtype=np.float64)) if tau and prior else None
+
+
+def display_offsets(
+    members: Sequence[Member], ensemble: EnsembleRecord | None, adjusted: Mapping[str, FittedAdjustment]
+) -> dict[str, np.ndarray | None]:
+    """Per row, the logit adjustment its probabilities carry (tau * log prior, per class), which the shown
+    probabilities may add back (``prior-undo+temperature``): a trained one (logit-adjusted loss), a post-hoc one
+    (``+posthoc-la`` rows), or both; None where there is none, or where ensemble members carry different ones."""
+    offsets = {member.name: trained_offset(member) for member in members}
+    if ensemble is not None:
+        found = [offsets[name] for name in ensemble.members]
+        known = [offset for offset in found if offset is not None]
+        offsets[ENSEMBLE] = None
+        if len(known) == len(found) and all(np.allclose(offset, known[0]) for offset in known):
+            offsets[ENSEMBLE] = known[0]
+        elif known:
+            log.warning("The ensemble's members were trained with different logit adjustments: none is undone.")
+    for row, fitted in adjusted.items():
+        posthoc = fitted.tau * np.log(np.asarray(fitted.prior, dtype=np.float64))
+        trained = offsets.get(fitted.of)
+        offsets[row] = posthoc if trained is None else posthoc + trained
+    return offsets
+
+
+def fit_display_calibrations(
+    cfg: DictConfig,
+    members: Sequence[Member],
+    val_probs: Mapping[str, np.ndarray],
+    val_targets: np.ndarray,
+    val_lesions: np.ndarray | None,
+    ensemble: EnsembleRecord | None,
+    adjusted: Mapping[str, FittedAdjustment],
+) -> dict[str, DisplayCalibration]:
+    """Per row, how the app shows its probabilities: chosen and fitted on the validation split
+    (:func:`~lesionnet.evaluation.metrics.fit_display_calibration`, folds keeping a lesion's images together).
+    Decisions keep the row's own probabilities: a logit-adjusted row decides for balanced accuracy and shows
+    probabilities calibrated to the class mix."""
+    offsets = display_offsets(members, ensemble, adjusted)
+    fitted = {}
+    for name, probs in val_probs.items():
+        fitted[name] = metrics.fit_display_calibration(
+            probs, val_targets, offsets.get(name), groups=val_lesions, seed=cfg.seed
+        )
+        log.info(
+            "Shown probabilities of %s: %s (cross-validated validation log loss %s)",
+            name,
+            fitted[name].method,
+            {key: round(value, 4) for key, value in fitted[name].validation_log_loss.items()} or "not drawn",
+        )
+    return fitted
+
+
 def chosen_rows(
     member_probs: Mapping[str, np.ndarray], ensemble: EnsembleRecord | None, adjusted: Mapping[str, FittedAdjustment]
 ) -> dict[str, np.ndarray]:
@@ -418,10 +486,11 @@ def score_external(
     val_targets: np.ndarray | None,
     out: Path,
     overlap: dict[str, dict[str, int]],
+    display: Mapping[str, DisplayCalibration] | None = None,
 ) -> ExternalSetScores:
     """One external set's predictions (``external/<name>/``, ISIC 2018 format) and scores, every row with the
-    thresholds and temperature chosen on validation; the intervals resample images (external sets have no lesion
-    ids)."""
+    thresholds and temperature chosen on validation; the intervals resample lesions where the labels give every
+    image a ``lesion_id``, images otherwise."""
     folder = out / EXTERNAL_DIR / eval_set.title
     folder.mkdir(parents=True, exist_ok=True)
     image_ids = eval_set.table["image_id"]
@@ -440,7 +509,16 @@ def score_external(
         record.classes_present = classes_present(targets, class_names)
         record.bootstrap = bootstrap_unit(eval_set, cfg.bootstrap)
         record.scores = {
-            name: score(model_probs, targets, class_names, cfg, val_probs.get(name), val_targets, eval_set.lesion_ids)
+            name: score(
+                model_probs,
+                targets,
+                class_names,
+                cfg,
+                val_probs.get(name),
+                val_targets,
+                eval_set.lesion_ids,
+                (display or {}).get(name),
+            )
             for name, model_probs in probs.items()
         }
     return record
@@ -480,8 +558,19 @@ def seen_lesion_breakdown(
 
 
 def write_plots(
-    out: Path, probs: np.ndarray, targets: np.ndarray, class_names: list[str], temperature: float | None
+    out: Path,
+    probs: np.ndarray,
+    targets: np.ndarray,
+    class_names: list[str],
+    temperature: float | None,
+    display: DisplayCalibration | None = None,
 ) -> dict[str, str]:
+    """Confusion matrices, ROC curves and the reliability diagram of the final row; the diagram's calibrated curve is
+    what the app shows (the display calibration, else the temperature)."""
+    if display is not None:
+        calibrated: np.ndarray | None = apply_scaling(probs, display.scale, display.bias)
+    else:
+        calibrated = apply_temperature(probs, temperature) if temperature is not None else None
     cm = np.asarray(metrics.classification_scores(probs, targets, class_names)["confusion_matrix"])
     files = {
         "confusion_counts": plots.plot_confusion_matrix(cm, class_names, out / "confusion_counts.png", normalize=False),
@@ -493,7 +582,7 @@ def write_plots(
             probs,
             targets,
             out / "reliability.png",
-            calibrated=apply_temperature(probs, temperature) if temperature is not None else None,
+            calibrated=calibrated,
         ),
     }
     return {k: Path(v).name for k, v in files.items()}
@@ -565,6 +654,9 @@ def evaluate(cfg: DictConfig) -> ScoresFile:
         adjusted = fit_posthoc_adjustments(cfg, members, class_names, val_member_probs, val_targets, ensemble)
     probs = chosen_rows(member_probs, ensemble, adjusted)
     val_probs = chosen_rows(val_member_probs, ensemble, adjusted) if val is not None else {}
+    display: dict[str, DisplayCalibration] = {}
+    if val is not None and val_targets is not None:
+        display = fit_display_calibrations(cfg, members, val_probs, val_targets, val.lesion_ids, ensemble, adjusted)
 
     for name, model_probs in probs.items():
         write_isic_predictions(target.table["image_id"], model_probs, class_names, out / f"predictions_{name}.csv")
@@ -586,7 +678,16 @@ def evaluate(cfg: DictConfig) -> ScoresFile:
         result.bootstrap = bootstrap_unit(target, cfg.bootstrap)
         result.classes_present = classes_present(targets, class_names)
         result.scores = {
-            name: score(model_probs, targets, class_names, cfg, val_probs.get(name), val_targets, target.lesion_ids)
+            name: score(
+                model_probs,
+                targets,
+                class_names,
+                cfg,
+                val_probs.get(name),
+                val_targets,
+                target.lesion_ids,
+                display.get(name),
+            )
             for name, model_probs in probs.items()
         }
         for row, fitted in adjusted.items():
@@ -594,14 +695,15 @@ def evaluate(cfg: DictConfig) -> ScoresFile:
         for name, breakdown in seen_lesion_breakdown(members, target, probs, targets).items():
             result.scores[name].seen_lesions = breakdown
         result.final = ENSEMBLE if ENSEMBLE in probs else names[0]
-        result.plots = write_plots(
-            out, probs[result.final], targets, class_names, result.scores[result.final].temperature
-        )
+        final = result.scores[result.final]
+        result.plots = write_plots(out, probs[result.final], targets, class_names, final.temperature, final.display)
     for external, external_overlap in externals:
         log.info("Evaluating %s on the %s (%d images)", names, external.description, len(external.table))
         external_probs = chosen_rows(predict(external.table, external.title), ensemble, adjusted)
         result.external.append(
-            score_external(external, external_probs, class_names, cfg, val_probs, val_targets, out, external_overlap)
+            score_external(
+                external, external_probs, class_names, cfg, val_probs, val_targets, out, external_overlap, display
+            )
         )
     write_scores(result, out / "scores.json")
     if target.labelled:

@@ -264,8 +264,10 @@ class Predictor:
 
     @property
     def version(self) -> str:
-        """The served model's identity: member names, then a hash of their checkpoints' sha256 and weights."""
+        """The served model's identity: member names, then a hash of their checkpoints' sha256, weights and TTA (the
+        averaged views give other probabilities: a gate fitted without TTA does not hold with it)."""
         identity = "".join(m.sha256 for m in self.members) + ",".join(f"{w:.6f}" for w in self.weights)
+        identity += f"tta:{self.tta}"
         if self.logit_adjustment is not None:  # another reading of the same weights: gates fitted for it differ
             identity += f"la{self.logit_adjustment.tau:.4f}:" + ",".join(
                 f"{p:.6f}" for p in self.logit_adjustment.prior

@@ -231,8 +231,12 @@ export function preprocess(img, pre) {
 
 // ---------------------------------------------------------------------------------------------------- the answer
 
-function calibrate(probs, temperature) {
-  const logits = probs.map((p) => Math.log(clamp(p, 1e-12, 1)) / temperature);
+// ReferralPolicy.calibrate: the shown percentages, softmax(scale * log p + bias) per class, else softmax(log p / T)
+function calibrate(probs, r) {
+  const logits = probs.map((p, k) => {
+    const logP = Math.log(clamp(p, 1e-12, 1));
+    return r.display_scale ? logP * r.display_scale[k] + r.display_bias[k] : logP / r.temperature;
+  });
   const top = Math.max(...logits);
   const z = logits.map((l) => Math.exp(l - top));
   const total = z.reduce((s, v) => s + v, 0);
@@ -273,10 +277,12 @@ export function answer(policy, check, out, cropBox) {
   const score = gate.method === "energy" ? out.negEnergy : Math.max(...probs);
   const unsure = score < gate.threshold;
   const urgency = assess(probs, policy);
-  const shown = calibrate(probs, policy.referral.temperature);
+  const shown = calibrate(probs, policy.referral);
   const classes = policy.classes.map((c, k) => ({ ...c, probability: round(shown[k], 4) }))
     .sort((a, b) => b.probability - a.probability);
-  const topIndex = probs.indexOf(Math.max(...probs));
+  const topIndex = probs.indexOf(Math.max(...probs)); // the decision: the model's scores, not the shown percentages
+  const decided = classes.find((c) => c.code === policy.classes[topIndex].code);
+  const named = decided.probability >= classes[0].probability ? M.most_likely : M.decided;
   const heatmap = policy.heatmap && out.camGrid ? {
     method: "cam", grid: out.camGrid.map((row) => row.map((v) => round(v, 3))), crop_box: cropBox,
     class_code: policy.classes[topIndex].code, layer: "forward_features" } : null;
@@ -285,8 +291,8 @@ export function answer(policy, check, out, cropBox) {
   return {
     ...base,
     status: unsure ? "unsure" : "ok",
-    message: unsure ? M.unsure : M.most_likely.replace("{name}", classes[0].name),
-    top_class: unsure ? null : classes[0],
+    message: unsure ? M.unsure : named.replace("{name}", decided.name),
+    top_class: unsure ? null : decided,
     probabilities: classes,
     urgency: { ...urgency, refer: urgency.refer ? true : (unsure ? null : false), level, message },
     referral_check: policy.referral_check,

@@ -9,18 +9,26 @@ One module per concern, their public functions gathered here (``metrics.accuracy
 
 - ``inputs``: the checks every function makes (:func:`check_inputs`) and the one way arrays reach torchmetrics;
 - ``classification``: accuracy, balanced accuracy, log loss, per-class AUROC/ROC, :func:`classification_scores`;
-- ``calibration``: expected calibration error and the reliability diagram's bins;
+- ``calibration``: top-label and class-wise expected calibration error, Brier score, the reliability diagram's bins;
 - ``operating_points``: one class against the rest (melanoma): sensitivity/specificity, threshold for a sensitivity;
 - ``bootstrap``: percentile intervals of any metric, resampling lesions or images;
-- ``fits``: what is fitted on validation: temperature, logit adjustment, ensemble weights and greedy selection.
+- ``fits``: what is fitted on validation: temperature, the calibration of the shown probabilities, logit adjustment,
+  ensemble weights and greedy selection.
 """
 
 from lesionnet.evaluation.metrics.bootstrap import bootstrap_ci
-from lesionnet.evaluation.metrics.calibration import ECE_BINS, expected_calibration_error, reliability_bins
+from lesionnet.evaluation.metrics.calibration import (
+    ECE_BINS,
+    brier_score,
+    classwise_calibration_error,
+    expected_calibration_error,
+    reliability_bins,
+)
 from lesionnet.evaluation.metrics.classification import (
     LOG_LOSS_EPS,
     accuracy,
     balanced_accuracy,
+    calibration_figures,
     classification_scores,
     log_loss,
     per_class_auroc,
@@ -29,6 +37,7 @@ from lesionnet.evaluation.metrics.classification import (
 from lesionnet.evaluation.metrics.fits import (
     LOGIT_ADJUSTMENT_GRID,
     SELECTION_METRICS,
+    fit_display_calibration,
     fit_ensemble_weights,
     fit_logit_adjustment,
     fit_temperature,
@@ -46,9 +55,13 @@ __all__ = [
     "accuracy",
     "balanced_accuracy",
     "bootstrap_ci",
+    "brier_score",
+    "calibration_figures",
     "check_inputs",
     "classification_scores",
+    "classwise_calibration_error",
     "expected_calibration_error",
+    "fit_display_calibration",
     "fit_ensemble_weights",
     "fit_logit_adjustment",
     "fit_temperature",

@@ -25,7 +25,11 @@ from torchmetrics.functional.classification import (
     multiclass_roc,
 )
 
-from lesionnet.evaluation.metrics.calibration import expected_calibration_error
+from lesionnet.evaluation.metrics.calibration import (
+    brier_score,
+    classwise_calibration_error,
+    expected_calibration_error,
+)
 from lesionnet.evaluation.metrics.inputs import check_inputs, mean_defined, none_where, plain_float, to_tensors
 
 LOG_LOSS_EPS = 1e-7
@@ -49,6 +53,18 @@ def log_loss(probs: np.ndarray, targets: np.ndarray, eps: float = LOG_LOSS_EPS) 
     """Mean negative log-likelihood of the true class; clipping at ``eps`` keeps one confident miss finite."""
     p_true = probs[np.arange(len(targets)), targets]
     return float(-np.mean(np.log(np.clip(p_true, eps, 1.0))))
+
+
+def calibration_figures(probs: np.ndarray, targets: np.ndarray) -> dict[str, float]:
+    """How calibrated probabilities are, top-label and per class: ``ece`` (top-label), ``classwise_ece``, ``log_loss``
+    and ``brier`` (see ``calibration``)."""
+    probs, targets = check_inputs(probs, targets)
+    return {
+        "ece": expected_calibration_error(probs, targets),
+        "classwise_ece": classwise_calibration_error(probs, targets),
+        "log_loss": log_loss(probs, targets),
+        "brier": brier_score(probs, targets),
+    }
 
 
 def per_class_auroc(probs: np.ndarray, targets: np.ndarray) -> list[float | None]:
@@ -76,7 +92,8 @@ def classification_scores(probs: np.ndarray, targets: np.ndarray, class_names: S
     """All headline metrics as a JSON-serialisable dict (plain floats, lists, ``None`` for undefined values).
 
     Keys: ``accuracy``, ``balanced_accuracy`` (macro recall), ``macro_f1``, ``macro_auroc``, ``log_loss``, ``ece``
-    (top-label, 15 bins, L1), ``per_class`` ({name: {precision, recall, f1, auroc, support}}), ``confusion_matrix``
+    (top-label, 15 bins, L1), ``classwise_ece`` (every class's probability, 15 bins, L1), ``brier``, ``per_class``
+    ({name: {precision, recall, f1, auroc, support}}), ``confusion_matrix``
     (rows = true class) and ``n``.
 
     A class absent from ``targets`` has ``recall``, ``f1`` and ``auroc`` ``None`` (no positives to score) and is left
@@ -109,6 +126,8 @@ def classification_scores(probs: np.ndarray, targets: np.ndarray, class_names: S
         "macro_auroc": mean_defined(per_class_values["auroc"]),
         "log_loss": log_loss(probs, targets),
         "ece": expected_calibration_error(probs, targets),
+        "classwise_ece": classwise_calibration_error(probs, targets),
+        "brier": brier_score(probs, targets),
         "per_class": per_class,
         "confusion_matrix": multiclass_confusion_matrix(p, t, num_classes).tolist(),
     }

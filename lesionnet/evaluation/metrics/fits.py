@@ -1,6 +1,7 @@
-"""What is fitted on validation data and then applied to the evaluated set: the temperature, the logit adjustment's
-tau, the ensemble's weights and its members (greedy selection). Applying them (ensemble mean, logit adjustment,
-temperature) is ``lesionnet.inference.decision.combine``'s, the one implementation the app serves with."""
+"""What is fitted on validation data and then applied to the evaluated set: the temperature, the calibration of the
+shown probabilities, the logit adjustment's tau, the ensemble's weights and its members (greedy selection). Applying
+them (ensemble mean, logit adjustment, temperature, scaling) is ``lesionnet.inference.decision.combine``'s, the one
+implementation the app serves with."""
 
 from __future__ import annotations
 
@@ -9,18 +10,21 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 from scipy.optimize import minimize, minimize_scalar
-from scipy.special import log_softmax
+from scipy.special import log_softmax, softmax
 
+from lesionnet.contract.scores import DisplayCalibration, DisplayMethod
 from lesionnet.evaluation.metrics.classification import LOG_LOSS_EPS, accuracy, balanced_accuracy, log_loss
 from lesionnet.evaluation.metrics.inputs import Metric, check_inputs
-from lesionnet.inference.decision.combine import adjust_logits, as_logits
+from lesionnet.inference.decision.combine import adjust_logits, apply_scaling, as_logits
+
+TEMPERATURE_BOUNDS = (0.05, 20.0)  # T > 1 softens, T < 1 sharpens
 
 
 def _nll_at(logits: np.ndarray, targets: np.ndarray, temperature: float) -> float:
     return float(-np.mean(log_softmax(logits / temperature, axis=1)[np.arange(len(targets)), targets]))
 
 
-def fit_temperature(probs: np.ndarray, targets: np.ndarray, bounds: tuple[float, float] = (0.05, 20.0)) -> float:
+def fit_temperature(probs: np.ndarray, targets: np.ndarray, bounds: tuple[float, float] = TEMPERATURE_BOUNDS) -> float:
     """Temperature T > 0 minimising the NLL of softmax(log p / T): T > 1 softens over-confident predictions.
 
     Optimised over log T within ``bounds``, so the search is symmetric in sharpening and softening; uninformative
@@ -35,6 +39,123 @@ def fit_temperature(probs: np.ndarray, targets: np.ndarray, bounds: tuple[float,
         options={"xatol": 1e-5},
     )
     return float(math.exp(result.x))
+
+
+DISPLAY_CV_FOLDS = 5
+DISPLAY_CV_MIN_IMAGES = 200  # fewer validation images: no cross-validation, the fewest-parameter family is taken
+DISPLAY_BIAS_PENALTY = 1e-4  # L2 on the biases: finite for a class a training fold lacks, and mean-zero
+
+
+def _scaling_nll(
+    params: np.ndarray, logits: np.ndarray, onehot: np.ndarray, per_class_scale: bool
+) -> tuple[float, np.ndarray]:
+    """Mean NLL of softmax(a * logits + b) (+ the bias penalty) and its gradient in params = (a, b); a is one scale
+    or one per class. Convex: the logits are linear in (a, b)."""
+    k = logits.shape[1]
+    scale, bias = (params[:k], params[k:]) if per_class_scale else (params[:1], params[1:])
+    shifted = logits * scale + bias
+    shifted -= shifted.max(axis=1, keepdims=True)
+    log_probs = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
+    residual = (np.exp(log_probs) - onehot) / len(logits)
+    grad_scale = (residual * logits).sum(axis=0) if per_class_scale else np.array([(residual * logits).sum()])
+    grad_bias = residual.sum(axis=0) + 2 * DISPLAY_BIAS_PENALTY * bias
+    loss = float(-(log_probs * onehot).sum() / len(logits) + DISPLAY_BIAS_PENALTY * (bias**2).sum())
+    return loss, np.concatenate([grad_scale, grad_bias])
+
+
+def _fit_scaling(logits: np.ndarray, targets: np.ndarray, per_class_scale: bool) -> tuple[np.ndarray, np.ndarray]:
+    """(scale, bias) per class minimising the NLL of softmax(scale * logits + bias), scales within the temperature
+    bounds (as 1/T)."""
+    k = logits.shape[1]
+    n_scales = k if per_class_scale else 1
+    onehot = np.eye(k)[targets]
+    low, high = 1.0 / TEMPERATURE_BOUNDS[1], 1.0 / TEMPERATURE_BOUNDS[0]
+    result = minimize(
+        _scaling_nll,
+        x0=np.concatenate([np.ones(n_scales), np.zeros(k)]),
+        args=(logits, onehot, per_class_scale),
+        jac=True,
+        method="L-BFGS-B",
+        bounds=[(low, high)] * n_scales + [(None, None)] * k,
+        options={"maxiter": 1000},
+    )
+    scale = result.x[:n_scales]
+    return (scale if per_class_scale else np.full(k, scale[0])), result.x[n_scales:]
+
+
+def _fit_display(
+    probs: np.ndarray, targets: np.ndarray, method: DisplayMethod, offset: np.ndarray | None
+) -> tuple[np.ndarray, np.ndarray]:
+    """(scale, bias) of one family fitted on (probs, targets): see :class:`DisplayCalibration`."""
+    k = probs.shape[1]
+    if method == "temperature":
+        return np.full(k, 1.0 / fit_temperature(probs, targets)), np.zeros(k)
+    if method == "prior-undo+temperature":
+        if offset is None:
+            raise ValueError("prior-undo+temperature needs the row's logit adjustment (tau * log prior) to undo")
+        undone = softmax(as_logits(probs) + offset, axis=1)
+        temperature = fit_temperature(undone, targets)
+        return np.full(k, 1.0 / temperature), offset / temperature
+    return _fit_scaling(as_logits(probs), targets, per_class_scale=method == "vector")
+
+
+def validation_folds(targets: np.ndarray, groups: np.ndarray | None, n_folds: int, seed: int) -> np.ndarray:
+    """A fold per image, stratified by class, keeping the images of one group (lesion) in one fold."""
+    units = np.arange(len(targets)) if groups is None else np.unique(np.asarray(groups), return_inverse=True)[1]
+    n_units = int(units.max()) + 1
+    unit_class = np.zeros(n_units, dtype=np.int64)
+    unit_class[units] = targets  # a lesion has one diagnosis
+    order = np.lexsort((np.random.default_rng(seed).random(n_units), unit_class))
+    fold_of_unit = np.empty(n_units, dtype=np.int64)
+    fold_of_unit[order] = np.arange(n_units) % n_folds
+    return fold_of_unit[units]
+
+
+def fit_display_calibration(
+    probs: np.ndarray,
+    targets: np.ndarray,
+    offset: Sequence[float] | np.ndarray | None = None,
+    groups: np.ndarray | None = None,
+    seed: int = 0,
+    n_folds: int = DISPLAY_CV_FOLDS,
+) -> DisplayCalibration:
+    """How to show a row's probabilities (softmax(scale * log p + bias)), chosen and fitted on validation data.
+
+    Candidates, simplest first: ``temperature``; ``prior-undo+temperature`` when the row's probabilities carry a
+    logit adjustment, ``offset`` = tau * log prior per class (post-hoc or trained), which is added back before the
+    temperature; ``bias+temperature``; ``vector``. Each is scored by its log loss on held-out folds of the validation
+    data (``n_folds``, stratified, a lesion's images in one fold when ``groups`` are given); the lowest wins (ties go
+    to the simpler) and is refitted on all of it. With fewer than ``DISPLAY_CV_MIN_IMAGES`` images nothing is
+    cross-validated: the undo (when there is an offset) or the temperature alone.
+    """
+    probs, targets = check_inputs(probs, targets)
+    k = probs.shape[1]
+    offset_array = None if offset is None else np.asarray(offset, dtype=np.float64)
+    if offset_array is not None and offset_array.shape != (k,):
+        raise ValueError(f"offset needs one value per class ({k}), got {offset}")
+    if offset_array is not None and np.allclose(offset_array, offset_array[0]):
+        offset_array = None  # a constant shift changes no probability: nothing to undo
+    candidates: list[DisplayMethod] = ["temperature"]
+    if offset_array is not None:
+        candidates.append("prior-undo+temperature")
+    candidates += ["bias+temperature", "vector"]
+    cv_loss: dict[str, float] = {}
+    if len(targets) < DISPLAY_CV_MIN_IMAGES:
+        method = candidates[1] if offset_array is not None else candidates[0]
+    else:
+        folds = validation_folds(targets, groups, n_folds, seed)
+        for candidate in candidates:
+            held_out = np.empty_like(probs)
+            for fold in range(n_folds):
+                test = folds == fold
+                scale, bias = _fit_display(probs[~test], targets[~test], candidate, offset_array)
+                held_out[test] = apply_scaling(probs[test], scale, bias)
+            cv_loss[candidate] = log_loss(held_out, targets)
+        method = min(candidates, key=lambda name: (round(cv_loss[name], 9), candidates.index(name)))
+    scale, bias = _fit_display(probs, targets, method, offset_array)
+    return DisplayCalibration(
+        method=method, scale=[float(a) for a in scale], bias=[float(b) for b in bias], validation_log_loss=cv_loss
+    )
 
 
 LOGIT_ADJUSTMENT_GRID: tuple[float, ...] = tuple(np.round(np.arange(0.0, 2.01, 0.1), 2))

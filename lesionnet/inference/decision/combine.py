@@ -1,4 +1,5 @@
-"""Probabilities in, probabilities out: the ensemble mean, post-hoc logit adjustment and temperature scaling.
+"""Probabilities in, probabilities out: the ensemble mean, post-hoc logit adjustment, temperature scaling and the
+calibration of the shown probabilities (per-class scale and bias).
 
 The one implementation of each, used by the inference core (:class:`~lesionnet.inference.Predictor`, hence the app
 and export), by evaluate.py (its rows, and the fits in ``lesionnet.evaluation.metrics``) and by the referral policy
@@ -55,6 +56,19 @@ def combine(
     if logit_adjustment is not None:
         probs = adjust_logits(probs, logit_adjustment.prior, logit_adjustment.tau)
     return probs
+
+
+def apply_scaling(
+    probs: np.ndarray, scale: Sequence[float] | np.ndarray, bias: Sequence[float] | np.ndarray
+) -> np.ndarray:
+    """softmax(scale * log p + bias) per class, over the last axis (one image (K,) or a batch (N, K)): the shown
+    probabilities of a row (``DisplayCalibration`` in scores.json, fitted on validation by evaluate.py). Scale 1/T and
+    bias 0 is temperature scaling; a bias tau * log prior / T undoes a logit adjustment before the temperature."""
+    probs = np.asarray(probs)
+    scale_array, bias_array = np.asarray(scale, dtype=np.float64), np.asarray(bias, dtype=np.float64)
+    if scale_array.shape != (probs.shape[-1],) or bias_array.shape != scale_array.shape or (scale_array <= 0).any():
+        raise ValueError(f"need {probs.shape[-1]} positive scales and {probs.shape[-1]} biases, got {scale}, {bias}")
+    return softmax(as_logits(probs) * scale_array + bias_array, axis=-1)
 
 
 def apply_temperature(probs: np.ndarray, temperature: float) -> np.ndarray:

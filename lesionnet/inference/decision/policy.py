@@ -5,7 +5,9 @@ Referral: a lesion is flagged when P(melanoma) reaches the validation-chosen thr
 when the malignant classes together (mel + bcc + akiec) reach ``malignant_threshold``. Without a scores.json only
 the second rule applies, at a default of 0.3: below one half on purpose, because missing a cancer costs more than
 an unneeded visit; this default is NOT validated. Both rules use the raw ensemble probabilities, the ones the
-threshold was chosen on; the temperature from scores.json only calibrates the probabilities that are displayed.
+threshold was chosen on; the display calibration (or, in older files, the temperature) from scores.json only
+calibrates the probabilities that are displayed: a logit-adjusted model decides with its adjusted probabilities and
+shows probabilities of the class mix.
 
 Unsure: the max softmax probability (MSP, Hendrycks & Gimpel 2017) or the negative energy (logsumexp of the logits,
 Liu et al. 2020) below a threshold set at a low quantile (default 5%) of its values on the training run's validation
@@ -33,7 +35,7 @@ from lesionnet.contract.gates import (
 )
 from lesionnet.contract.scores import ScoresRow
 from lesionnet.data.decode import read_rgb
-from lesionnet.inference.decision.combine import apply_temperature
+from lesionnet.inference.decision.combine import apply_scaling, apply_temperature
 from lesionnet.inference.decision.image_check import CheckThresholds, check_image
 
 if TYPE_CHECKING:  # the core's outputs, read here; the core imports this package's combine (see __init__)
@@ -53,34 +55,53 @@ class ReferralPolicy:
     target_sensitivity: float | None = None
     temperature: float = 1.0
     source: str = "default malignant-probability rule (not validated)"
+    # The shown percentages: softmax(display_scale * log p + display_bias), the row's display calibration from
+    # scores.json (``DisplayCalibration``, fitted on validation); None: softmax(log p / temperature).
+    display_method: str = "temperature"
+    display_scale: tuple[float, ...] | None = None
+    display_bias: tuple[float, ...] | None = None
 
     @classmethod
     def from_scores(cls, scores: ScoresRow | None, malignant_threshold: float = 0.3) -> ReferralPolicy:
-        """The rule evaluate.py measured for the served row: its validation melanoma threshold and temperature."""
+        """The rule evaluate.py measured for the served row: its validation melanoma threshold, temperature and the
+        calibration of the shown percentages."""
         if scores is None:
             return cls(malignant_threshold=malignant_threshold)
-        temperature = scores.temperature if scores.temperature is not None else 1.0
+        shown: dict[str, Any] = {"temperature": scores.temperature if scores.temperature is not None else 1.0}
+        if scores.display is not None:
+            shown |= {
+                "display_method": scores.display.method,
+                "display_scale": tuple(scores.display.scale),
+                "display_bias": tuple(scores.display.bias),
+            }
         at_threshold = scores.at_val_threshold
         if at_threshold is None or at_threshold.threshold is None:
-            return cls(malignant_threshold=malignant_threshold, temperature=temperature)
+            return cls(malignant_threshold=malignant_threshold, **shown)
         return cls(
             malignant_threshold=malignant_threshold,
             melanoma_threshold=at_threshold.threshold,
             target_sensitivity=at_threshold.target_sensitivity,
-            temperature=temperature,
             source=f"melanoma threshold chosen on validation for {at_threshold.target_sensitivity} sensitivity "
             "(evaluate.py scores.json), plus the malignant-probability rule",
+            **shown,
         )
 
     def calibrate(self, probs: np.ndarray) -> np.ndarray:
-        """softmax(log p / T) with the temperature evaluate.py fitted: the percentages shown."""
+        """The percentages shown: the display calibration evaluate.py fitted (softmax(scale * log p + bias)), else
+        softmax(log p / T) with its temperature. Never what the rules or the top class are decided by."""
+        if self.display_scale is not None and self.display_bias is not None:
+            return apply_scaling(probs, self.display_scale, self.display_bias)
         return apply_temperature(probs, self.temperature)
 
     @property
     def _what(self) -> str:
-        """How a rule's number is named: with a temperature the page shows calibrated percentages, while the rules
-        compare the raw probabilities they were chosen on, so the answer must not call both "probability"."""
-        return "probability" if self.temperature == 1.0 else "raw score (before the calibration of the percentages)"
+        """How a rule's number is named: when the page shows calibrated percentages, the rules still compare the raw
+        probabilities they were chosen on, so the answer must not call both "probability"."""
+        if self.display_scale is not None and self.display_bias is not None:
+            identity = all(a == 1.0 for a in self.display_scale) and all(b == 0.0 for b in self.display_bias)
+        else:
+            identity = self.temperature == 1.0
+        return "probability" if identity else "raw score (before the calibration of the percentages)"
 
     def melanoma_reason(self, p_mel: str) -> str:
         """Why the melanoma rule refers, for a probability written as ``p_mel`` (the on-device page gets "{p}")."""
