@@ -321,6 +321,32 @@ def score(
     return row
 
 
+def score_rows(
+    eval_set: EvalSet,
+    probs: Mapping[str, np.ndarray],
+    targets: np.ndarray,
+    class_names: list[str],
+    cfg: DictConfig,
+    val_probs: Mapping[str, np.ndarray],
+    val_targets: np.ndarray | None,
+    display: Mapping[str, DisplayCalibration],
+) -> dict[str, ScoresRow]:
+    """Every row of one set (members, ensemble, post-hoc rows), each with what validation chose for it."""
+    return {
+        name: score(
+            model_probs,
+            targets,
+            class_names,
+            cfg,
+            val_probs.get(name),
+            val_targets,
+            eval_set.lesion_ids,
+            display.get(name),
+        )
+        for name, model_probs in probs.items()
+    }
+
+
 def ensemble_weights(
     cfg: DictConfig, val_probs: dict[str, np.ndarray], val_targets: np.ndarray | None, names: list[str]
 ) -> tuple[list[str], list[float]]:
@@ -508,19 +534,7 @@ def score_external(
         targets = eval_set.targets(class_names)
         record.classes_present = classes_present(targets, class_names)
         record.bootstrap = bootstrap_unit(eval_set, cfg.bootstrap)
-        record.scores = {
-            name: score(
-                model_probs,
-                targets,
-                class_names,
-                cfg,
-                val_probs.get(name),
-                val_targets,
-                eval_set.lesion_ids,
-                (display or {}).get(name),
-            )
-            for name, model_probs in probs.items()
-        }
+        record.scores = score_rows(eval_set, probs, targets, class_names, cfg, val_probs, val_targets, display or {})
     return record
 
 
@@ -677,19 +691,7 @@ def evaluate(cfg: DictConfig) -> ScoresFile:
         targets = target.targets(class_names)
         result.bootstrap = bootstrap_unit(target, cfg.bootstrap)
         result.classes_present = classes_present(targets, class_names)
-        result.scores = {
-            name: score(
-                model_probs,
-                targets,
-                class_names,
-                cfg,
-                val_probs.get(name),
-                val_targets,
-                target.lesion_ids,
-                display.get(name),
-            )
-            for name, model_probs in probs.items()
-        }
+        result.scores = score_rows(target, probs, targets, class_names, cfg, val_probs, val_targets, display)
         for row, fitted in adjusted.items():
             result.scores[row].logit_adjustment = fitted
         for name, breakdown in seen_lesion_breakdown(members, target, probs, targets).items():
