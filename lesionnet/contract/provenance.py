@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import json
 import logging
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
@@ -36,6 +35,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
+
+from lesionnet.contract.digest import canonical, sha256_of
 
 # 2: counts per split, the table digest, the teachers of a distilled student, and the binding to the weights.
 # 3: ``dct_windows`` (hashes of sub-windows, in a canonical D4 orientation, of the picture as the core decodes it)
@@ -69,15 +70,13 @@ def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
 def table_digest(image_id: Sequence[str], lesion_id: Sequence[str], split: Sequence[str]) -> str:
     """sha256 of a split table's (image_id, lesion_id, split) rows, whatever their order (canonical JSON, sorted)."""
     rows = sorted(zip(map(str, image_id), map(str, lesion_id), map(str, split), strict=True))
-    return hashlib.sha256(json.dumps(rows, separators=(",", ":"), ensure_ascii=True).encode()).hexdigest()
+    return sha256_of(rows)
 
 
 def binding_digest(record: Mapping[str, Any], state_dict: Mapping[str, Any]) -> str:
     """sha256 binding a stored provenance record to the weights saved with it: the record's canonical JSON, then each
     ``state_dict`` entry in name order (name, dtype, shape and the tensor's bytes)."""
-    digest = hashlib.sha256(
-        json.dumps(record, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False).encode()
-    )
+    digest = hashlib.sha256(canonical(record).encode())
     for name in sorted(state_dict):
         value = state_dict[name]
         if isinstance(value, torch.Tensor):
