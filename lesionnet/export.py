@@ -8,8 +8,10 @@ The TorchScript file outputs logits. The ONNX graph (:class:`OnDeviceGraph`, wha
 the browser) outputs, from one forward pass, ``logits``, ``probs`` (softmax), ``neg_energy`` (logsumexp of the
 logits, the energy gate's score), ``cam_grid`` (the top class's activation map, ReLU'd and scaled to [0, 1] as the
 app's heatmap; only for global-average-pool + linear heads) and, given the app's fitted OOD gate, ``ood_score``
-(computed by ``lesionnet.inference.decision.ood.mahalanobis_scores`` from the gate's stored means and precision),
-so a runtime only compares them with thresholds. At export every output is compared with PyTorch's on real images; a
+(computed by ``lesionnet.inference.decision.ood.mahalanobis_scores`` from the gate's stored means and precision;
+question 2 of the app, "is this lesion familiar?") and, given the image-type gate, ``image_type_score``
+(``lesionnet.inference.decision.image_type.image_type_logits``; question 1, "is this a dermatoscope image?"), so a
+runtime only compares them with thresholds. At export every output is compared with PyTorch's on real images; a
 mismatch above ``atol`` stops with an error instead of writing a model that silently disagrees.
 """
 
@@ -28,6 +30,7 @@ from lesionnet.contract.on_device import ExportSidecar, write_export_sidecar
 from lesionnet.data.metadata import embedded_sample_images
 from lesionnet.data.transforms import to_hw
 from lesionnet.inference import Member, Predictor, forward, read_rgb
+from lesionnet.inference.decision.image_type import ImageTypeGate, image_type_logits
 from lesionnet.inference.decision.ood import OodDetector, OodGate, mahalanobis_scores
 from lesionnet.inference.predictor import class_activation_maps, has_linear_gap_head
 
@@ -44,7 +47,8 @@ OUTPUTS: dict[str, str] = {
     "probs": "(N, K) softmax of the logits",
     "neg_energy": "(N,) logsumexp of the logits (the energy confidence score; higher = more familiar)",
     "cam_grid": "(N, h, w) class activation map of the top class, ReLU, scaled to [0, 1] (GAP + linear heads)",
-    "ood_score": "(N,) the OOD gate's score of the pooled features (higher = less like a lesion image)",
+    "ood_score": "(N,) the familiarity (OOD) score of the pooled features (higher = less like a validation lesion)",
+    "image_type_score": "(N,) the image-type gate's logit of the stage statistics (higher = more like dermoscopy)",
 }
 
 
@@ -53,8 +57,12 @@ class OnDeviceGraph(torch.nn.Module):
 
     ood_means: torch.Tensor  # buffers, registered in __init__ when a detector is given
     ood_precision: torch.Tensor
+    image_type_weights: torch.Tensor  # buffers, registered when an image-type gate is given
+    image_type_bias: torch.Tensor
 
-    def __init__(self, member: Member, detector: OodDetector | None = None) -> None:
+    def __init__(
+        self, member: Member, detector: OodDetector | None = None, image_type: ImageTypeGate | None = None
+    ) -> None:
         super().__init__()
         self.member = member
         self.network = member.model  # registered, so its parameters are the graph's
@@ -69,10 +77,17 @@ class OnDeviceGraph(torch.nn.Module):
             means, precision = cast(np.ndarray, detector.means), cast(np.ndarray, detector.precision)  # Mahalanobis
             self.register_buffer("ood_means", torch.from_numpy(means.astype(np.float32)))
             self.register_buffer("ood_precision", torch.from_numpy(precision.astype(np.float32)))
+        self.image_type = image_type is not None
+        if image_type is not None:
+            if not hasattr(member.model.model, "forward_intermediates"):
+                raise ExportError(f"{member.name} has no stages to give the image-type gate its statistics.")
+            self.register_buffer("image_type_weights", torch.from_numpy(image_type.weights.astype(np.float32)))
+            self.register_buffer("image_type_bias", torch.tensor(image_type.bias, dtype=torch.float32))
 
     @property
     def output_names(self) -> list[str]:
-        return [n for n in OUTPUTS if (n != "cam_grid" or self.cam) and (n != "ood_score" or self.ood)]
+        present = {"cam_grid": self.cam, "ood_score": self.ood, "image_type_score": self.image_type}
+        return [n for n in OUTPUTS if present.get(n, True)]
 
     def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, ...]:
         out = forward(self.member, image)
@@ -87,6 +102,9 @@ class OnDeviceGraph(torch.nn.Module):
             outputs.append(positive / positive.amax(dim=(1, 2), keepdim=True).clamp_min(1e-30))
         if self.ood:
             outputs.append(mahalanobis_scores(out.features.float(), self.ood_means, self.ood_precision))
+        if self.image_type:
+            stage_stats = cast(torch.Tensor, out.stage_stats)  # checked in __init__
+            outputs.append(image_type_logits(stage_stats, self.image_type_weights, self.image_type_bias))
         return tuple(outputs)
 
 
@@ -126,11 +144,13 @@ def _network(member: Member) -> torch.nn.Module:
     return torch.nn.Sequential(member.model.colour_constancy, member.model.model).eval().cpu()
 
 
-def export_onnx(member: Member, out: Path, opset: int = 18, ood: OodGate | None = None) -> Path:
+def export_onnx(
+    member: Member, out: Path, opset: int = 18, ood: OodGate | None = None, image_type: ImageTypeGate | None = None
+) -> Path:
     import onnx
 
     h, w = to_hw(member.data_config["input_size"])
-    graph = OnDeviceGraph(member, ood.detector if ood is not None else None).eval().cpu()
+    graph = OnDeviceGraph(member, ood.detector if ood is not None else None, image_type).eval().cpu()
     # torch.export-based exporter (PyTorch's default since 2.9, needs onnxscript); the batch size stays dynamic (an
     # example batch of 1 would be specialised: torch.export treats sizes 0 and 1 as constants).
     torch.onnx.export(
@@ -149,6 +169,8 @@ def export_onnx(member: Member, out: Path, opset: int = 18, ood: OodGate | None 
     meta = {**preprocessing_metadata(member), "outputs": {n: OUTPUTS[n] for n in graph.output_names}}
     if ood is not None:
         meta["ood_gate"] = {"method": ood.method, "model_version": ood.model_version, "source": ood.source}
+    if image_type is not None:
+        meta["image_type_gate"] = {"model_version": image_type.model_version, "source": image_type.source}
     for key, value in meta.items():
         model.metadata_props.add(key=key, value=json.dumps(value))
     model.doc_string = f"LesionNet {member.name}: dermatoscopic lesion classifier. Not a diagnosis."
@@ -177,7 +199,9 @@ def run_exported(path: Path, images: torch.Tensor) -> dict[str, np.ndarray]:
         return {"logits": torch.jit.load(str(path)).eval()(images).numpy()}
 
 
-def reference_outputs(member: Member, images: torch.Tensor, ood: OodGate | None = None) -> dict[str, np.ndarray]:
+def reference_outputs(
+    member: Member, images: torch.Tensor, ood: OodGate | None = None, image_type: ImageTypeGate | None = None
+) -> dict[str, np.ndarray]:
     """What the app computes for a preprocessed batch, by its own code: the inference core's forward pass and class
     activation maps, the heatmap's scaling (``unit_grid``) and the OOD gate's score (float64)."""
     from lesionnet.inference.explain import unit_grid  # Grad-CAM's module: the app extra, as onnx
@@ -196,15 +220,22 @@ def reference_outputs(member: Member, images: torch.Tensor, ood: OodGate | None 
             result["cam_grid"] = np.asarray([unit_grid(maps[n, k]) for n, k in enumerate(top)])
         if ood is not None:
             result["ood_score"] = ood.score(out.features.double().cpu().numpy())
+        if image_type is not None:
+            result["image_type_score"] = image_type.score(cast(torch.Tensor, out.stage_stats).double().cpu().numpy())
     return result
 
 
 def parity(
-    member: Member, path: Path, images: torch.Tensor, atol: float = 1e-4, ood: OodGate | None = None
+    member: Member,
+    path: Path,
+    images: torch.Tensor,
+    atol: float = 1e-4,
+    ood: OodGate | None = None,
+    image_type: ImageTypeGate | None = None,
 ) -> dict[str, float]:
     """Largest differences between the app's own computation and the exported file, per output; raises above atol
     (the heatmap grid, which the app rounds to 3 decimals, within 1e-3; the OOD score relative to its size)."""
-    expected, got = reference_outputs(member, images, ood), run_exported(path, images)
+    expected, got = reference_outputs(member, images, ood, image_type), run_exported(path, images)
     diff: dict[str, float] = {
         "max_abs_logit_diff": float(np.abs(got["logits"] - expected["logits"]).max()),
         "max_abs_prob_diff": float(np.abs(_softmax(got["logits"]) - expected["probs"]).max()),
@@ -221,6 +252,11 @@ def parity(
         scale = np.maximum(np.abs(expected["ood_score"]), 1.0)
         diff["max_rel_ood_score_diff"] = float((np.abs(got["ood_score"] - expected["ood_score"]) / scale).max())
         limits["max_rel_ood_score_diff"] = atol
+    if "image_type_score" in got:
+        diff["max_abs_image_type_score_diff"] = float(
+            np.abs(got["image_type_score"] - expected["image_type_score"]).max()
+        )
+        limits["max_abs_image_type_score_diff"] = atol * 10  # a logit of O(10) in float32 against float64
     diff["n_images"] = len(images)
     if any(diff[k] > limit for k, limit in limits.items()):
         raise ExportError(f"{path} disagrees with PyTorch beyond {atol}: {diff}. Do not use it; try another opset.")
@@ -240,21 +276,22 @@ def export(
     atol: float = 1e-4,
     parity_images: Sequence[str | Path] | None = None,
     ood: OodGate | None = None,
+    image_type: ImageTypeGate | None = None,
 ) -> dict[str, Any]:
     """Write the model, check parity, write the sidecar (``lesionnet.contract.on_device.ExportSidecar``); returns the
     sidecar's content. ``ood``: the app's fitted OOD gate, whose score the ONNX graph then outputs (``ood_score``)."""
     if fmt not in FORMATS:
         raise ValueError(f"Unknown format '{fmt}'; use one of {sorted(FORMATS)}.")
-    if ood is not None and fmt != "onnx":
-        raise ExportError("The OOD score goes into the ONNX graph only: use format=onnx with ood_gate=.")
+    if (ood is not None or image_type is not None) and fmt != "onnx":
+        raise ExportError("The gates' scores go into the ONNX graph only: use format=onnx.")
     out = Path(out) if out else member.path.with_suffix(FORMATS[fmt])
     out.parent.mkdir(parents=True, exist_ok=True)
-    path = export_onnx(member, out, opset, ood) if fmt == "onnx" else export_torchscript(member, out)
-    check = parity(member, path, sample_batch(member, parity_images), atol, ood)
+    path = export_onnx(member, out, opset, ood, image_type) if fmt == "onnx" else export_torchscript(member, out)
+    check = parity(member, path, sample_batch(member, parity_images), atol, ood, image_type)
     sidecar = ExportSidecar.model_validate(
         {
             **preprocessing_metadata(member),
-            "outputs": OnDeviceGraph(member, ood.detector if ood else None).output_names
+            "outputs": OnDeviceGraph(member, ood.detector if ood else None, image_type).output_names
             if fmt == "onnx"
             else ["logits"],
             "format": fmt,

@@ -7,9 +7,10 @@
 #   lesionnet serve ckpt=... host=0.0.0.0 ssl_certfile=logs/serve/tls/server.crt ssl_keyfile=logs/serve/tls/server.key
 #
 # The CA is made once per DIR and may only sign the names and IPs given when it was made (X.509 name
-# constraints), so a phone that trusts it trusts it for this server only, not for the whole web. Later runs with
-# the same DIR reuse it and renew the server certificate. ca.key never needs to leave this machine; keep it private
-# and delete DIR (and remove the CA from the phone) when the tests are done.
+# constraints), so a phone that trusts it trusts it for this server only, not for the whole web: given only IPs it
+# can sign no DNS name (only names under the reserved .invalid, which never resolve), given only names no IP. Later
+# runs with the same DIR reuse it and renew the server certificate. ca.key never needs to leave this machine; keep it
+# private and delete DIR (and remove the CA from the phone) when the tests are done.
 set -euo pipefail
 
 usage() {
@@ -34,26 +35,32 @@ if [ "$#" -eq 0 ]; then
 fi
 command -v openssl > /dev/null || { echo "error: openssl is not installed (apt-get install -y openssl)" >&2; exit 1; }
 
-# subjectAltName entries and the CA's name constraints for the given names (an IP gets a /32 or /128 constraint)
-san=() permitted=()
+# subjectAltName entries and the CA's name constraints for the given names (an IP gets a /32 or /128 constraint).
+# A kind of name with no constraint is not constrained at all (RFC 5280), so a kind that was not given is closed:
+# no IP given: every IPv4 and IPv6 address excluded; no DNS name given: only names under .invalid permitted (RFC 6761:
+# they never resolve; OpenSSL's configuration cannot write the empty name that would exclude every DNS name).
+san=() constraint=() ips=0 dns=0
 for name in "$@"; do
   if [[ "$name" =~ ^[0-9]+(\.[0-9]+){3}$ ]]; then
-    san+=("IP:$name") permitted+=("permitted;IP:$name/255.255.255.255")
+    san+=("IP:$name") constraint+=("permitted;IP:$name/255.255.255.255") ips=1
   elif [[ "$name" == *:* ]]; then
-    san+=("IP:$name") permitted+=("permitted;IP:$name/ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff")
+    san+=("IP:$name") constraint+=("permitted;IP:$name/ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff") ips=1
   elif [[ "$name" =~ ^[A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?$ ]]; then
-    san+=("DNS:$name") permitted+=("permitted;DNS:$name")
+    san+=("DNS:$name") constraint+=("permitted;DNS:$name") dns=1
   else
     echo "error: '$name' is neither a host name nor an IP address" >&2
     exit 2
   fi
 done
+[ "$dns" -eq 1 ] || constraint+=("permitted;DNS:invalid")
+[ "$ips" -eq 1 ] || constraint+=("excluded;IP:0.0.0.0/0.0.0.0" "excluded;IP:::/::")
 join() { local IFS=,; echo "$*"; }
 quiet() {  # run openssl without its progress output; on failure show it and stop
   local log
   if ! log="$("$@" 2>&1)"; then echo "$log" >&2; exit 1; fi
 }
 names="$(join "$@")"
+constraints="$(join "${constraint[@]}")"
 
 mkdir -p "$out"
 chmod 700 "$out"
@@ -64,14 +71,20 @@ if [ -f "$out/ca.crt" ]; then
       "$names. Use another -o DIR (or delete $out and remove its CA from the phone)." >&2
     exit 1
   fi
+  if [ "$(cat "$out/ca.constraints" 2> /dev/null)" != "$constraints" ]; then
+    echo "error: the CA in $out was made by an older version of this script, with weaker name constraints. Delete" \
+      "$out (and remove its CA from the phone) and run this again." >&2
+    exit 1
+  fi
   echo "Reusing the CA in $out (for $names)."
 else
   quiet openssl req -x509 -new -newkey rsa:2048 -nodes -sha256 -days 825 \
     -keyout "$out/ca.key" -out "$out/ca.crt" -subj "/CN=LesionNet local CA ($(hostname))" \
     -addext "basicConstraints=critical,CA:TRUE,pathlen:0" \
     -addext "keyUsage=critical,keyCertSign,cRLSign" \
-    -addext "nameConstraints=critical,$(join "${permitted[@]}")"
+    -addext "nameConstraints=critical,$constraints"
   echo "$names" > "$out/ca.names"
+  echo "$constraints" > "$out/ca.constraints"
   echo "Made a CA in $out for $names."
 fi
 

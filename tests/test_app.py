@@ -223,7 +223,8 @@ def test_openapi_documents_the_answer_and_the_error_body(client: TestClient) -> 
         "confidence",
         "image_check",
         "heatmap",
-        "ood",
+        "image_type",
+        "familiarity",
         "model_version",
         "demo_model",
         "disclaimer",
@@ -428,7 +429,7 @@ def test_a_natural_photo_passes_the_image_check_and_needs_the_confidence_gate(ru
     assert check_image(photo).passed
     service = stub_service(run, [0.02, 0.02, 0.35, 0.25, 0.02, 0.3, 0.04], gate=ConfidenceGate("msp", 0.4))
     body = service.analyse(photo)
-    assert body["status"] == "unsure" and body["top_class"] is None and body["urgency"]["refer"] is None
+    assert body["status"] == "unsure" and body["top_class"] is None and body["urgency"]["refer"] is True
 
 
 def stub_service(
@@ -443,7 +444,11 @@ def stub_service(
     service.referral = referral or service.referral
     probs = np.asarray(probs, dtype=np.float64)
     service.predictor.predict_arrays = lambda images, cams=False: Prediction(
-        probs=probs[None], member_probs=probs[None, None], neg_energy=np.zeros(1), features=np.zeros((1, 1))
+        probs=probs[None],
+        member_probs=probs[None, None],
+        neg_energy=np.zeros(1),
+        features=np.zeros((1, 1)),
+        stage_stats=np.zeros((1, 1)),
     )
     return service
 
@@ -461,8 +466,10 @@ def test_low_confidence_is_unsure_and_never_reassures(run: Path) -> None:
     assert flat["status"] == "unsure" and flat["top_class"] is None and len(flat["probabilities"]) == 7
     assert flat["urgency"]["level"] == "see_dermatologist"  # 3/7 malignant mass >= 0.3: still refer
     benign_unsure = stub_service(run, [0.02, 0.02, 0.35, 0.25, 0.02, 0.3, 0.04]).analyse(lesion_like())
-    assert benign_unsure["status"] == "unsure"
-    assert (benign_unsure["urgency"]["refer"], benign_unsure["urgency"]["level"]) == (None, "unknown")
+    assert benign_unsure["status"] == "unsure"  # an unsure answer sends to a doctor, whatever the classes say
+    assert (benign_unsure["urgency"]["refer"], benign_unsure["urgency"]["level"]) == (True, "see_dermatologist")
+    assert benign_unsure["message"] == benign_unsure["urgency"]["message"] == content.MESSAGES["unsure"]
+    assert any("confidence" in reason for reason in benign_unsure["urgency"]["reasons"])
 
 
 def test_with_a_temperature_the_reasons_do_not_call_the_raw_score_a_probability() -> None:
@@ -855,3 +862,30 @@ def test_page_manifest_and_service_worker_are_served(client: TestClient) -> None
     sw = client.get("/sw.js")
     assert sw.status_code == 200 and "javascript" in sw.headers["content-type"] and "fetch" in sw.text
     assert "http://" not in page.text and "https://" not in page.text  # no CDN
+
+
+def test_a_picture_the_image_type_gate_calls_not_dermoscopy_is_refused_with_the_dermatoscope_explanation(
+    run: Path,
+) -> None:
+    """Question 1 is the only refusal by the model: no classes, and words that say what the app can read."""
+    from lesionnet.inference.decision.image_type import ImageTypeGate
+
+    service = stub_service(run, onehot("nv", 0.9))  # the stub's stage statistics: one zero: the logit is the bias
+    service.image_type = ImageTypeGate(weights=np.zeros(1), bias=-2.0, threshold=0.0, model_version="m", tta="none")
+    refused = service.analyse(lesion_like())
+    assert refused["status"] == "rejected" and refused["probabilities"] == [] and refused["familiarity"] is None
+    assert refused["image_type"] == {"dermoscopy": False, "score": -2.0, "threshold": 0.0, "source": ""}
+    assert refused["message"] == content.MESSAGES["not_dermoscopy"] and "dermatoscope" in refused["message"]
+    assert "doctor" in refused["message"] and refused["urgency"]["reasons"] == [content.NOT_DERMOSCOPY_REASON]
+    service.image_type = ImageTypeGate(weights=np.zeros(1), bias=2.0, threshold=0.0, model_version="m", tta="none")
+    answered = service.analyse(lesion_like())
+    assert answered["status"] == "ok" and answered["image_type"]["dermoscopy"] is True
+    assert answered["top_class"]["code"] == "nv"
+
+
+def test_the_melanoma_reason_names_the_validation_target_not_a_measured_catch_rate() -> None:
+    """Validation held few melanomas (8 in a sample run): the reason gives the target the threshold was set for, and
+    never claims it "caught 95% of melanomas in validation"."""
+    policy = ReferralPolicy(melanoma_threshold=0.05, target_sensitivity=0.95)
+    reason = policy.melanoma_reason("0.36")
+    assert "set on validation images to catch 95% of melanomas" in reason and "caught" not in reason

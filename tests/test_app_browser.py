@@ -6,18 +6,23 @@ is missing (``apt-get install -y chromium`` and ``pip install playwright``; no `
 
 from __future__ import annotations
 
+import base64
+import io
 import os
 import re
 import socket
+import struct
 import threading
 import time
-from collections.abc import Iterator
+import zlib
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, features
 
 pytestmark = pytest.mark.browser
 
@@ -29,6 +34,7 @@ sync_api = pytest.importorskip("playwright.sync_api", reason="Playwright is not 
 import uvicorn  # noqa: E402
 
 from lesionnet.app.build import build_app  # noqa: E402
+from lesionnet.app.upload import UploadError, UploadLimits, decode_image  # noqa: E402
 from lesionnet.data.metadata import embedded_sample_images  # noqa: E402
 from tests.test_app import compose_serve  # noqa: E402
 
@@ -258,3 +264,178 @@ def test_api_docs_render_and_run_with_every_other_host_blocked(browser: sync_api
     context.close()
     assert not foreign, f"requests to other hosts: {foreign}"
     assert not errors, f"browser errors: {errors}"
+
+
+# ----------------------------------------------------------------------------- issue 22, item 5: red-team hardening
+
+IMAGE_SIZE = "b64 => imageSize(Uint8Array.from(atob(b64), (c) => c.charCodeAt(0)))"  # app.js's header reader
+
+
+def png_without_pixels(width: int, height: int) -> bytes:
+    """A PNG's signature, IHDR (``width`` x ``height``, RGB) and a few compressed bytes: its size without its pixels."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+    )
+
+
+def encoded(size: tuple[int, int], fmt: str, mode: str = "RGB", **options: object) -> bytes:
+    buf = io.BytesIO()
+    Image.new(mode, size, (200, 120, 90, 255)[: len(mode)]).save(buf, format=fmt, **options)
+    return buf.getvalue()
+
+
+def test_a_photo_with_too_many_pixels_is_refused_before_it_is_decoded(page: sync_api.Page, tmp_path: Path) -> None:
+    """A 20000 x 20000 PNG takes seconds to decode (and the preview would decode it): its header says it is too large,
+    and the page refuses it with the server's message without decoding or sending anything."""
+    huge = tmp_path / "huge.png"
+    huge.write_bytes(png_without_pixels(20_000, 20_000))
+    with pytest.raises(UploadError) as server_says:
+        decode_image(huge.read_bytes(), UploadLimits())  # the served limits (serve.yaml's max_pixels)
+    assert server_says.value.code == "too_many_pixels"
+    requests: list[str] = []
+    page.on("request", lambda r: requests.append(r.url) if "/api/v1/predict" in r.url else None)
+    page.locator("#file").set_input_files(str(huge))
+    status = page.locator("#status")
+    sync_api.expect(status).to_have_text(server_says.value.message)
+    sync_api.expect(status).to_have_class("error")
+    sync_api.expect(page.locator("#submit")).to_be_disabled()
+    sync_api.expect(page.locator("#preview-box")).to_be_hidden()
+    assert page.locator("#preview").get_attribute("src") is None  # never handed to the <img> to decode
+    assert not requests
+    # an ordinary photo is still taken
+    page.locator("#file").set_input_files(str(SAMPLE))
+    sync_api.expect(page.locator("#preview-box")).to_be_visible()
+    sync_api.expect(page.locator("#submit")).to_be_enabled()
+
+
+def test_the_page_reads_the_size_of_png_jpeg_and_webp_files_from_their_headers(page: sync_api.Page) -> None:
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: the stored (unrotated) size is what is counted
+    jpeg_extras = {"exif": exif, "icc_profile": b"\0" * 70_000}  # APP1 and two APP2 segments before the frame header
+    files = {
+        "png": (encoded((37, 23), "PNG"), (37, 23)),
+        "png header only": (png_without_pixels(20_000, 20_000), (20_000, 20_000)),
+        "jpeg with exif and a large profile": (encoded((3001, 7), "JPEG", **jpeg_extras), (3001, 7)),
+        "progressive jpeg": (encoded((37, 23), "JPEG", progressive=True), (37, 23)),
+    }
+    if features.check("webp"):
+        files |= {
+            "webp (VP8)": (encoded((3001, 7), "WEBP", quality=80), (3001, 7)),
+            "webp lossless (VP8L)": (encoded((3001, 7), "WEBP", lossless=True), (3001, 7)),
+            "webp with alpha (VP8X)": (encoded((37, 23), "WEBP", mode="RGBA", quality=80), (37, 23)),
+        }
+    for name, (data, (width, height)) in files.items():
+        size = page.evaluate(IMAGE_SIZE, base64.b64encode(data).decode())
+        assert size == {"width": width, "height": height}, name
+    for not_a_header in (b"not an image", encoded((37, 23), "JPEG")[:12], b"\x89PNG\r\n\x1a\n"):
+        assert page.evaluate(IMAGE_SIZE, base64.b64encode(not_a_header).decode()) is None, not_a_header
+
+
+def test_offline_the_demo_banner_and_model_card_show_at_load(browser: sync_api.Browser, server: str) -> None:
+    """Offline (the on-device mode) the page comes from the service worker and /api/v1/model cannot load: the demo
+    banner and the last model card still show at once, not only after the first analysis."""
+    context = browser.new_context(viewport={"width": 390, "height": 844}, is_mobile=True, has_touch=True)
+    page, errors = watched_page(context)
+    page.goto(server + "/")
+    card = page.request.get(server + "/api/v1/model").json()
+    training = card["training_data"]
+    assert training["demo_model"], "the test checkpoint (a few synthetic images) is a demo model"
+    sync_api.expect(page.locator("#card")).to_contain_text(training["summary"])
+    for _ in range(100):  # the page's files are cached once the service worker controls it (polled by evaluate:
+        if page.evaluate("navigator.serviceWorker.controller !== null"):  # wait_for_function evals, which CSP refuses)
+            break
+        page.wait_for_timeout(100)
+    else:
+        pytest.fail("The service worker did not take control of the page within 10 s.")
+    context.set_offline(True)
+    page.reload()
+    assert page.evaluate("fetch('/api/v1/model').then(() => 'online', () => 'offline')") == "offline"
+    banner = page.locator("#demo-banner")
+    sync_api.expect(banner).to_be_visible()
+    sync_api.expect(banner).to_have_text(training["demo_notice"])
+    sync_api.expect(page.locator("#card")).to_contain_text(training["summary"])
+    sync_api.expect(page.locator("#card")).to_contain_text("model card from your last visit")
+    sync_api.expect(page.locator("#result")).to_be_hidden()  # nothing was analysed
+    context.close()
+    assert all(e.startswith("Failed to load resource: net::ERR_") for e in errors), errors
+
+
+def fulfil_with(body: dict[str, Any]) -> Callable[[sync_api.Route], None]:
+    """A route handler answering every request with ``body`` as JSON."""
+    return lambda route: route.fulfill(json=body)
+
+
+def test_the_page_shows_the_two_questions_and_a_not_dermoscopy_refusal_in_plain_words(
+    page: sync_api.Page, tmp_path: Path
+) -> None:
+    """The server's answer with both verdicts (routed: this test's model has no image-type gate): the page says each
+    question's answer, and a refusal as not dermoscopy shows the words about dermatoscopes and doctors."""
+    from lesionnet.app import content
+
+    photo = tmp_path / "photo.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (300, 400, 3), dtype=np.uint8)).save(photo)
+    answers = {
+        "flagged": {
+            "status": "unsure",
+            "message": content.MESSAGES["unfamiliar"],
+            "image_type": {"dermoscopy": True, "score": 2.0, "threshold": 0.2, "source": "s"},
+            "familiarity": {
+                "familiar": False,
+                "method": "mahalanobis",
+                "score": 9.0,
+                "threshold": 5.0,
+                "percentile": 1.0,
+                "source": "s",
+            },
+            "urgency": {
+                "refer": True,
+                "reasons": ["unfamiliar"],
+                "level": "see_dermatologist",
+                "message": content.MESSAGES["unfamiliar"],
+            },
+        },
+        "refused": {
+            "status": "rejected",
+            "message": content.MESSAGES["not_dermoscopy"],
+            "image_type": {"dermoscopy": False, "score": -3.0, "threshold": 0.2, "source": "s"},
+            "familiarity": None,
+            "urgency": {
+                "refer": None,
+                "reasons": [content.NOT_DERMOSCOPY_REASON],
+                "level": "unknown",
+                "message": content.MESSAGES["not_dermoscopy"],
+            },
+        },
+    }
+    common = {
+        "model_version": "m@1",
+        "demo_model": False,
+        "disclaimer": "Not a diagnosis.",
+        "top_class": None,
+        "probabilities": [],
+        "referral_check": {"message": "checked"},
+        "confidence": None,
+        "heatmap": None,
+        "image_check": {"passed": True, "reasons": [], "stats": {}},
+    }
+    for name, answer in answers.items():
+        page.route("**/api/v1/predict", fulfil_with({**common, **answer}))
+        page.locator("#file").set_input_files(str(photo))
+        page.locator("#submit").click()
+        sync_api.expect(page.locator("#result")).to_be_visible()
+        sync_api.expect(page.locator("#urgency")).to_have_text(answer["message"])
+        questions = page.locator("#questions")
+        if name == "flagged":
+            sync_api.expect(questions).to_have_text(
+                "Dermatoscope image: yes. Like the lesions the model learnt from: no, so it is sent to a doctor."
+            )
+            sync_api.expect(page.locator("#urgency")).to_have_class(re.compile(r"\bsee_dermatologist\b"))
+        else:
+            sync_api.expect(questions).to_have_text("Dermatoscope image: no.")
+            sync_api.expect(page.locator("#urgency")).to_contain_text("dermatoscope")
+        page.unroute("**/api/v1/predict")

@@ -3,16 +3,19 @@ holds up on a phone and a network: HTTPS, stalled connections, security headers,
 
 from __future__ import annotations
 
+import datetime
 import importlib.util
 import io
+import ipaddress
 import json
+import os
 import shutil
 import socket
 import ssl
 import subprocess
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
@@ -25,17 +28,17 @@ from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from lesionnet.app import content
+from lesionnet.app import content, server
 from lesionnet.app import service as service_module
 from lesionnet.app.api import build_api
 from lesionnet.app.build import build_app
 from lesionnet.app.ondevice import RUNTIME_FILES, VENDOR
-from lesionnet.app.schemas import HealthResponse, ModelCard, PredictResponse
+from lesionnet.app.schemas import ErrorResponse, HealthResponse, ModelCard, PredictResponse
 from lesionnet.app.server import server_options
 from lesionnet.app.service import DEMO_MAX_TRAIN_IMAGES, LesionService, demo_reason, member_training
 from lesionnet.app.upload import UploadLimits, decode_image
 from lesionnet.contract.files import ContractError
-from lesionnet.contract.on_device import read_on_device_policy
+from lesionnet.contract.on_device import ON_DEVICE_VERSION, read_on_device_policy
 from lesionnet.contract.scores import BootstrapRecord, read_scores, write_scores
 from lesionnet.data.metadata import embedded_sample_images
 from lesionnet.data.run_folder import RunFolder
@@ -88,7 +91,7 @@ def client(run: Path, full_scores: Path, tmp_path_factory: pytest.TempPathFactor
 
 
 @contextmanager
-def serving(app: FastAPI, options: dict) -> Iterator[int]:
+def serving(app: object, options: dict) -> Iterator[int]:
     """``app`` behind a real uvicorn with ``server_options`` (less host and port) on a free port of 127.0.0.1."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -189,6 +192,33 @@ def test_model_card_test_figures_come_from_scores_json(client: TestClient) -> No
     assert card.metrics_note is None
 
 
+def test_the_model_card_gives_the_melanoma_target_and_how_many_were_caught(client: TestClient) -> None:
+    """A percentage of 8 melanomas is not a rate to quote alone: the target the threshold was set for, and the count."""
+    service: LesionService = client.app.state.service
+    assert service.scores is not None and service.scores.melanoma is not None and service.evaluated is not None
+    row, threshold = service.scores, service.scores.melanoma.val_threshold
+    assert threshold is not None
+    eight = row.model_copy(
+        update={
+            "melanoma": row.melanoma.model_copy(
+                update={"val_threshold": threshold.model_copy(update={"sensitivity": 7 / 8})}
+            ),
+            "per_class": {**row.per_class, "mel": row.per_class["mel"].model_copy(update={"support": 8})},
+            "ci95": {**row.ci95, "mel_sensitivity": (0.47, 1.0)},
+        }
+    )
+    performance = content.performance_summary(eight, service.evaluated, ["checked"])
+    assert (
+        "The melanoma threshold of the referral rule was set on validation images to catch 95% of melanomas; on these "
+        "images it caught 7 of the 8 melanomas (88%; 95% CI 47%-100%) and did not flag 60% of the other lesions."
+    ) in performance
+    # 93% of 20 is no whole number of melanomas (a made-up row): the share only
+    assert (
+        "to catch 95% of melanomas; on these images it caught 93% of the melanomas and"
+        in (service.model_card()["performance"])
+    )
+
+
 def test_an_in_sample_model_card_never_calls_the_scored_images_unseen(client: TestClient) -> None:
     service: LesionService = client.app.state.service
     assert service.evaluated is not None
@@ -269,6 +299,57 @@ def test_https_with_a_certificate_from_the_local_ca_script(run: Path, tmp_path: 
             httpx.get(f"https://127.0.0.1:{port}/healthz", verify=ssl.create_default_context(), timeout=10)
 
 
+def signed_by(tls: Path, san: str) -> bool:
+    """Whether a server certificate for ``san`` signed with the local CA's key verifies against that CA."""
+    leaf = tls / "leaf"
+    leaf.mkdir(exist_ok=True)
+    (leaf / "ext").write_text(f"basicConstraints=critical,CA:FALSE\nsubjectAltName={san}\n")
+    key, csr, crt, ext = (str(leaf / name) for name in ("key", "csr", "crt", "ext"))
+    ca, ca_key = str(tls / "ca.crt"), str(tls / "ca.key")
+    new_key = ["openssl", "req", "-new", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
+    sign = ["openssl", "x509", "-req", "-sha256", "-days", "2", "-CAcreateserial", "-CA", ca, "-CAkey", ca_key]
+    for command in (
+        [*new_key, "-subj", "/CN=leaf", "-keyout", key, "-out", csr],
+        [*sign, "-extfile", ext, "-in", csr, "-out", crt],
+    ):
+        made = subprocess.run(command, capture_output=True, text=True, timeout=60)
+        assert made.returncode == 0, made.stderr
+    verify = ["openssl", "verify", "-CAfile", ca, crt]
+    checked = subprocess.run(verify, capture_output=True, text=True, timeout=60)
+    assert checked.returncode == 0 or "subtree violation" in checked.stdout + checked.stderr, checked
+    return checked.returncode == 0
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None or shutil.which("bash") is None, reason="needs openssl and bash")
+def test_a_local_ca_signs_only_the_kinds_of_name_it_was_made_for(tmp_path: Path) -> None:
+    """A CA for IP addresses only cannot sign a DNS name (any site's), and one for names only cannot sign an IP: a
+    kind of name without a constraint would be unconstrained."""
+    for names, good, foreign in (
+        (["192.168.1.20"], ["IP:192.168.1.20"], ["DNS:example.com", "IP:8.8.8.8"]),
+        (["lesionnet.local"], ["DNS:lesionnet.local"], ["DNS:example.com", "IP:192.168.1.20"]),
+    ):
+        tls = tmp_path / names[0]
+        made = subprocess.run(
+            ["bash", str(MAKE_CA), "-o", str(tls), *names], capture_output=True, text=True, timeout=60
+        )
+        assert made.returncode == 0, made.stderr
+        shown = ["openssl", "x509", "-in", str(tls / "ca.crt"), "-noout", "-text"]
+        text = subprocess.run(shown, capture_output=True, text=True, timeout=60, check=True).stdout
+        assert "X509v3 Name Constraints: critical" in text
+        assert ("DNS:invalid" in text) == (names == ["192.168.1.20"]), text  # only the reserved .invalid names
+        assert ("Excluded:" in text and "IP:0.0.0.0/0.0.0.0" in text) == (names == ["lesionnet.local"]), text
+        assert [san for san in good + foreign if signed_by(tls, san)] == good
+    # a CA made before the constraints were complete is not reused
+    (tmp_path / "192.168.1.20" / "ca.constraints").unlink()
+    again = subprocess.run(
+        ["bash", str(MAKE_CA), "-o", str(tmp_path / "192.168.1.20"), "192.168.1.20"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert again.returncode == 1 and "older version of this script" in again.stderr
+
+
 def test_tls_settings_are_checked_before_serving(run: Path, tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="both ssl_certfile= .* and ssl_keyfile="):
         server_options(serve_cfg(run, tmp_path, f"ssl_certfile={tmp_path}/server.crt"))
@@ -346,6 +427,240 @@ def test_without_a_body_timeout_a_streamed_body_is_still_size_limited(client: Te
     assert r.json()["error"]["message"].startswith("The upload is larger")  # BodyLimit's, not the decoder's
 
 
+# ----------------------------------------------------------------------------- issue 22, item 5: red-team hardening
+
+DEADLINE_S = 2.0  # limits.body_deadline_s of the servers started here (the header and body timeouts: TIMEOUT_S)
+UPLOAD_HEAD = (
+    b"POST /api/v1/predict HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=b\r\n"
+    b"Content-Length: 5000\r\n\r\n" + MULTIPART_HEAD
+)
+
+
+def hardened(client: TestClient, run: Path, tmp: Path, *overrides: str) -> tuple[FastAPI, dict]:
+    """The served model's app and ``server_options`` with the short header, body and whole-body limits used here."""
+    limits = UploadLimits(body_timeout_s=TIMEOUT_S, body_deadline_s=DEADLINE_S)
+    cfg = serve_cfg(run, tmp, f"limits.body_deadline_s={DEADLINE_S}", *overrides)
+    return build_api(client.app.state.service, limits), server_options(cfg)
+
+
+def self_signed(folder: Path) -> tuple[Path, Path]:
+    """A throw-away certificate for 127.0.0.1 and its key (PEM files)."""
+    x509 = pytest.importorskip("cryptography.x509", reason="needs the cryptography package")
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "LesionNet test")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False)
+        .sign(key, hashes.SHA256())
+    )
+    certfile, keyfile = folder / "server.crt", folder / "server.key"
+    certfile.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    keyfile.write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
+    return certfile, keyfile
+
+
+def closed_within(sock: socket.socket, start: float, limit_s: float) -> tuple[bytes, float]:
+    """What the server sends on ``sock`` until it closes the TCP connection, and when that was (seconds after
+    ``start``); fails when it is still open ``limit_s`` after ``start``."""
+    data = b""
+    while True:
+        sock.settimeout(max(0.01, start + limit_s - time.monotonic()))
+        try:
+            chunk = sock.recv(65536)
+        except TimeoutError:
+            pytest.fail(f"the server still held the connection {limit_s} s after it opened (got {data[:80]!r})")
+        except ConnectionResetError:
+            chunk = b""
+        if not chunk:
+            return data, time.monotonic() - start
+        data += chunk
+
+
+def json_error(answer: bytes) -> dict:
+    """The ``error`` of a raw HTTP answer with the app's JSON error body (checked against its schema)."""
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert b"content-type: application/json" in head.lower(), head
+    return ErrorResponse.model_validate_json(body).error.model_dump()
+
+
+@pytest.mark.skipif(not hasattr(ssl, "create_default_context"), reason="no ssl module")
+def test_a_tls_connection_that_sends_no_client_hello_is_closed_after_the_header_timeout(
+    client: TestClient, run: Path, tmp_path: Path
+) -> None:
+    """asyncio waits 60 s for a ClientHello by default, and 30 s for the client's close_notify after a close: both are
+    bounded by the header timeout."""
+    certfile, keyfile = self_signed(tmp_path)
+    app, options = hardened(client, run, tmp_path, f"ssl_certfile={certfile}", f"ssl_keyfile={keyfile}")
+    with serving(app, options) as port:
+        start = time.monotonic()
+        silent = [socket.create_connection(("127.0.0.1", port)) for _ in range(4)]
+        for sock in silent:
+            with sock:
+                answer, seconds = closed_within(sock, start, TIMEOUT_S + MARGIN_S)
+            assert answer == b"" and seconds >= TIMEOUT_S * 0.9, (answer, seconds)
+        # A handshake, then nothing: closed at the header timeout, and the socket freed without the client's reply
+        insecure = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        insecure.check_hostname, insecure.verify_mode = False, ssl.CERT_NONE
+        start = time.monotonic()
+        with insecure.wrap_socket(socket.create_connection(("127.0.0.1", port)), server_hostname="127.0.0.1") as tls:
+            raw = socket.socket(fileno=os.dup(tls.fileno()))  # the TCP stream under TLS: ends when the server closes
+            with raw:
+                _, seconds = closed_within(raw, start, 2 * TIMEOUT_S + MARGIN_S)
+        assert seconds >= TIMEOUT_S * 0.9, seconds
+        # an ordinary HTTPS request is untouched
+        r = httpx.get(f"https://127.0.0.1:{port}/healthz", verify=insecure, timeout=10)
+        assert r.status_code == 200 and r.json()["status"] == "ok"
+
+
+def stalling(port: int, sent: bytes, drip: bytes = b"", every: float = 0.0, **more: object) -> dict:
+    """A client that sends ``sent`` at once, then ``drip`` a byte every ``every`` seconds (driven by :func:`turn`)."""
+    sock = socket.create_connection(("127.0.0.1", port))
+    start = time.monotonic()
+    sock.sendall(sent)
+    sock.setblocking(False)
+    state = {"sock": sock, "start": start, "drip": drip, "every": every, "next": start + every, "answer": b""}
+    return {**state, "closed": None, **more}
+
+
+def turn(client: dict) -> None:
+    """One turn of a stalling client: read what the server sent (or its close), then drip the next byte if due."""
+    now = time.monotonic()
+    try:
+        chunk = client["sock"].recv(65536)
+    except BlockingIOError:
+        chunk = None
+    except OSError:  # reset by the server
+        chunk = b""
+    if chunk == b"":
+        client["closed"] = now - client["start"]
+        return
+    client["answer"] += chunk or b""
+    if client["drip"] and now >= client["next"]:
+        try:
+            client["sock"].send(client["drip"][:1])
+        except OSError:  # closed by the server: its answer is read on the next turn
+            client["drip"] = b""
+        else:
+            client["drip"], client["next"] = client["drip"][1:], now + client["every"]
+
+
+def drive(clients: list[dict], limit_s: float) -> None:
+    """Turn every client until the server closed them all, or ``limit_s`` after the first opened."""
+    try:
+        while any(c["closed"] is None for c in clients) and time.monotonic() - clients[0]["start"] < limit_s:
+            time.sleep(0.05)
+            for client in (c for c in clients if c["closed"] is None):
+                turn(client)
+    finally:
+        for client in clients:
+            client["sock"].close()
+
+
+def test_a_body_trickled_byte_by_byte_is_answered_408_at_the_body_deadline(
+    client: TestClient, run: Path, tmp_path: Path
+) -> None:
+    """One byte every 0.3 s never trips the 1 s stall timeout; the whole body's deadline ends it, in the JSON shape."""
+    app, options = hardened(client, run, tmp_path)
+    with serving(app, options) as port:
+        trickled = stalling(port, UPLOAD_HEAD, b"\0" * 1000, 0.3)
+        drive([trickled], DEADLINE_S + MARGIN_S)
+    answer, seconds = trickled["answer"], trickled["closed"]
+    assert seconds is not None, f"a trickled body held the connection {DEADLINE_S + MARGIN_S} s"
+    assert answer.startswith(b"HTTP/1.1 408 "), answer[:200]
+    assert b"connection: close" in answer.lower()
+    error = json_error(answer)
+    assert (error["status"], error["code"]) == (408, "upload_too_slow")
+    assert f"within {DEADLINE_S:g} seconds" in error["message"]
+    assert DEADLINE_S * 0.9 <= seconds <= DEADLINE_S + MARGIN_S, seconds
+
+
+# (name, bytes sent at once, bytes dripped one at a time, seconds between drips, deadline after the connection opens)
+STALLED = [
+    ("nothing sent", b"", b"", 0.0, TIMEOUT_S),
+    ("half the headers", STALLS["half the headers"], b"", 0.0, TIMEOUT_S),
+    ("headers dripped", b"P", b"OST /api/v1/predict HTTP/1.1\r\nHost: x\r\nX-Pad: " + b"a" * 200, 0.1, TIMEOUT_S),
+    ("half the body", UPLOAD_HEAD + b"\xff\xd8\xff", b"", 0.0, TIMEOUT_S),
+    ("body trickled", UPLOAD_HEAD, b"\0" * 1000, 0.3, DEADLINE_S),
+]
+
+
+def test_many_stalled_connections_are_each_closed_at_their_own_deadline(
+    client: TestClient, run: Path, tmp_path: Path
+) -> None:
+    """Several connections of each kind of stall at once: each is closed within its deadline (counted from the
+    connection's opening, not extended by the bytes it drips) plus a margin, with a 408 where a request began."""
+    app, options = hardened(client, run, tmp_path)
+    limit = max(deadline for *_, deadline in STALLED) + MARGIN_S
+    with serving(app, options) as port:
+        clients = [
+            stalling(port, sent, drip, every, name=name, deadline=deadline)
+            for name, sent, drip, every, deadline in STALLED * 3
+        ]
+        drive(clients, limit)
+    for c in clients:
+        assert c["closed"] is not None, f"{c['name']}: still open {limit} s after it opened"
+        assert c["deadline"] * 0.9 <= c["closed"] <= c["deadline"] + MARGIN_S, (c["name"], c["closed"])
+        assert c["answer"].startswith(b"HTTP/1.1 408 ") == (c["name"] != "nothing sent"), (c["name"], c["answer"])
+
+
+def test_the_connection_closes_at_the_body_deadline_even_when_the_app_never_answers(run: Path, tmp_path: Path) -> None:
+    """The protocol's own deadline, a moment after the app's: an app that reads but never answers cannot hold a
+    trickled body's connection either."""
+
+    async def silent(scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] == "lifespan":
+            while (await receive())["type"] != "lifespan.shutdown":
+                await send({"type": "lifespan.startup.complete"})
+            return await send({"type": "lifespan.shutdown.complete"})
+        while (await receive())["type"] != "http.disconnect":
+            pass
+
+    options = server_options(serve_cfg(run, tmp_path, f"limits.body_deadline_s={DEADLINE_S}"))
+    limit = DEADLINE_S + server.BACKSTOP_S + MARGIN_S
+    with serving(silent, options) as port:
+        trickled = stalling(port, UPLOAD_HEAD, b"\0" * 1000, 0.3)
+        drive([trickled], limit)
+    closed = trickled["closed"]
+    assert closed is not None, "a trickled body held the connection although the app never answered"
+    assert DEADLINE_S <= closed <= limit and trickled["answer"] == b"", trickled
+
+
+def test_errors_the_server_answers_itself_have_the_apps_json_shape(
+    client: TestClient, run: Path, tmp_path: Path
+) -> None:
+    """h11's 400 for a malformed request and the header timeout's 408 come from uvicorn, not the app: same body."""
+    app, options = hardened(client, run, tmp_path)
+    with serving(app, options) as port:
+        with socket.create_connection(("127.0.0.1", port)) as sock:
+            sock.sendall(b"POST /api/v1/predict HTTP/1.1\r\nHost: x\r\nContent-Length: abc\r\n\r\n")
+            answer, _ = closed_within(sock, time.monotonic(), MARGIN_S)
+        assert answer.startswith(b"HTTP/1.1 400 "), answer[:200]
+        assert json_error(answer) == {"status": 400, "code": "bad_request", "message": server.BAD_REQUEST_TEXT}
+        with socket.create_connection(("127.0.0.1", port)) as sock:
+            sock.sendall(STALLS["half the headers"])
+            answer, _ = closed_within(sock, time.monotonic(), TIMEOUT_S + MARGIN_S)
+        assert answer.startswith(b"HTTP/1.1 408 "), answer[:200]
+        assert json_error(answer) == {"status": 408, "code": "header_timeout", "message": server.HEADER_TIMEOUT_TEXT}
+        assert b"x-content-type-options: nosniff" in answer.lower()
+
+
+def test_healthz_is_never_cached(client: TestClient) -> None:
+    assert client.get("/healthz").headers["cache-control"] == "no-store"
+
+
 # ----------------------------------------------------------------------------- 5c: security headers
 
 
@@ -374,7 +689,7 @@ def test_the_on_device_policy_is_the_servers_own_rule_in_its_schema(client: Test
     response = client.get("/on-device/policy.json")
     policy = read_on_device_policy(response.text, "/on-device/policy.json")
     service = client.app.state.service
-    assert policy.schema_version == 1 and policy.model_version == service.predictor.version
+    assert policy.schema_version == ON_DEVICE_VERSION and policy.model_version == service.predictor.version
     assert policy.limits.min_side > 0 and policy.limits.max_pixels > 0
     runtime = all((VENDOR / name).is_file() for name in RUNTIME_FILES.values()) and importlib.util.find_spec("onnx")
     assert policy.available == bool(runtime)
@@ -392,14 +707,17 @@ def test_the_on_device_policy_is_the_servers_own_rule_in_its_schema(client: Test
 @pytest.mark.parametrize(
     "change, message",
     [
-        ({"schema_version": 2}, r"/p.json is an on-device policy of schema version 2; this LesionNet reads version 1"),
+        (
+            {"schema_version": 1},
+            rf"/p.json is an on-device policy of schema version 1; this LesionNet reads version {ON_DEVICE_VERSION}",
+        ),
         ({"available": True, "reason": None}, r"(?s)/p.json is not a valid on-device policy.*needs \['model_url'"),
         ({"limits": {"min_side": "small", "max_pixels": 1}}, r"(?s)not a valid on-device policy.*min_side"),
     ],
 )
 def test_an_on_device_policy_of_another_version_or_a_bad_value_is_refused(change: dict, message: str) -> None:
     served = {
-        "schema_version": 1,
+        "schema_version": ON_DEVICE_VERSION,
         "available": False,
         "reason": "Analysing on this device is not available: it is switched off.",
         "model_version": "m@1",

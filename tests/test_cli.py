@@ -22,6 +22,7 @@ CONFIGS = {
     "train": "train",
     "evaluate": "eval",
     "serve": "serve",
+    "predict": "serve",
     "export": "export",
     "eda": "eda",
     "report": "report",

@@ -83,10 +83,12 @@ def test_cli(ckpt: Path, tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_onnx_outputs_the_apps_cam_grid_and_ood_score_for_a_gap_linear_head(tmp_path: Path) -> None:
-    """The on-device graph: probabilities, energy, the top class's CAM grid and the OOD gate's score, each checked
+def test_onnx_outputs_the_apps_cam_grid_ood_and_image_type_scores_for_a_gap_linear_head(tmp_path: Path) -> None:
+    """The on-device graph: probabilities, energy, the top class's CAM grid, the familiarity (OOD) score and the
+    image-type score, each checked
     against the app's own computation at export (parity raises otherwise) and again here on other images."""
     from lesionnet.export import reference_outputs, run_exported
+    from lesionnet.inference.decision.image_type import fit_image_type
     from lesionnet.inference.decision.ood import fit_ood_features
     from tests.test_cam import member_of
 
@@ -95,12 +97,19 @@ def test_onnx_outputs_the_apps_cam_grid_and_ood_score_for_a_gap_linear_head(tmp_
     gate = fit_ood_features(
         features, "mahalanobis_class", model_version="m", labels=[k % 3 for k in range(40)], groups=list(range(40))
     )
-    sidecar = export(member, "onnx", tmp_path / "m.onnx", ood=gate)
-    assert sidecar["outputs"] == ["logits", "probs", "neg_energy", "cam_grid", "ood_score"]
+    stage_stats = np.random.default_rng(1).normal(size=(40, 1024))  # Lite0's five stages: 2 x (16+24+40+112+320)
+    image_type = fit_image_type(
+        stage_stats, [k % 2 for k in range(40)], [str(k) for k in range(40)], model_version="m", tta="none"
+    )
+    sidecar = export(member, "onnx", tmp_path / "m.onnx", ood=gate, image_type=image_type)
+    assert sidecar["outputs"] == ["logits", "probs", "neg_energy", "cam_grid", "ood_score", "image_type_score"]
     images = sample_batch(member, n=6)
-    got, expected = run_exported(tmp_path / "m.onnx", images), reference_outputs(member, images, gate)
+    got = run_exported(tmp_path / "m.onnx", images)
+    expected = reference_outputs(member, images, gate, image_type)
     np.testing.assert_allclose(got["probs"], expected["probs"], atol=1e-4)
     np.testing.assert_allclose(got["cam_grid"], expected["cam_grid"], atol=2e-3)
     np.testing.assert_allclose(got["ood_score"], expected["ood_score"], rtol=1e-4)
+    np.testing.assert_allclose(got["image_type_score"], expected["image_type_score"], atol=1e-3)
+    assert np.ptp(expected["image_type_score"]) > 0  # the gate's score depends on the image
     with pytest.raises(ExportError, match="kNN"):
         export(member, "onnx", tmp_path / "k.onnx", ood=fit_ood_features(features, "knn", model_version="m", k=2))

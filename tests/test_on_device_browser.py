@@ -69,10 +69,27 @@ def served(trained_run: Path, base: Path, *overrides: str) -> Iterator[tuple[str
         yield url, app.state.service
 
 
+def image_type_gate_file(trained_run: Path, folder: Path) -> Path:
+    """An image-type gate for the run's model, fitted on the stage statistics of lesion-like and pattern pictures (a
+    stand-in for dermoscopy vs other photos: what matters here is that page and server compute the same score)."""
+    from lesionnet.inference import Predictor, load_members
+    from lesionnet.inference.decision.image_type import fit_image_type
+
+    predictor = Predictor(load_members(str(trained_run), device="cpu"))
+    images = [lesion_like(seed=s) for s in range(12)] + list(patterns().values())
+    stats = predictor.predict_arrays(images).stage_stats
+    labels = [1] * 12 + [0] * (len(images) - 12)
+    gate = fit_image_type(stats, labels, [str(k) for k in range(len(images))], predictor.version, "none", folds=3)
+    return gate.save(folder / "image_type_gate.json")
+
+
 @pytest.fixture(scope="module")
 def ood_server(trained_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Any]]:
-    """The served app with the feature-space OOD gate on (fitted on the run's validation split)."""
-    yield from served(trained_run, tmp_path_factory.mktemp("on_device_ood"), "ood.enabled=true")
+    """The served app with both questions on: the familiarity (OOD) gate fitted on the run's validation split and an
+    image-type gate."""
+    base = tmp_path_factory.mktemp("on_device_ood")
+    gate = image_type_gate_file(trained_run, base)
+    yield from served(trained_run, base, "ood.enabled=true", f"image_type.gate_file={gate}")
 
 
 @pytest.fixture(scope="module")
@@ -94,7 +111,7 @@ def open_page(browser: sync_api.Browser, url: str) -> tuple[sync_api.BrowserCont
     return context, page, errors
 
 
-def test_identical_tensors_give_the_servers_probabilities_energy_and_ood_score_in_the_browser(
+def test_identical_tensors_give_the_servers_probabilities_energy_ood_and_image_type_scores_in_the_browser(
     ood_server: tuple[str, Any], browser: sync_api.Browser
 ) -> None:
     url, service = ood_server
@@ -113,6 +130,12 @@ def test_identical_tensors_give_the_servers_probabilities_energy_and_ood_score_i
     ood = service.ood.score(expected.features)
     np.testing.assert_allclose(np.asarray(got["oodScore"]), ood, rtol=1e-4, atol=1e-4)
     assert ((np.asarray(got["oodScore"]) > service.ood.threshold) == service.ood.refuses(expected.features)).all()
+    image_type = service.image_type.score(expected.stage_stats)
+    np.testing.assert_allclose(np.asarray(got["imageTypeScore"]), image_type, atol=1e-3)
+    assert (
+        (np.asarray(got["imageTypeScore"]) < service.image_type.threshold)
+        == (image_type < service.image_type.threshold)
+    ).all()
 
 
 def test_a_colour_constancy_model_gives_the_servers_probabilities_in_the_browser(
@@ -153,12 +176,8 @@ def summary(answer: dict[str, Any]) -> tuple[str, str | None, tuple[str, ...]]:
     return answer["status"], top, tuple(answer["image_check"]["reasons"])
 
 
-def test_from_image_files_the_browser_gives_the_servers_top_class_and_refusals(
-    plain_server: tuple[str, Any], browser: sync_api.Browser, tmp_path: Path
-) -> None:
-    url, service = plain_server
-    files = image_files(tmp_path / "images")
-    expected = [service.analyse(read_rgb(p)) for p in files]
+def analysed_in_the_browser(browser: sync_api.Browser, url: str, files: list[Path]) -> list[dict[str, Any]]:
+    """The page's on-device answers for image files (read from their bytes, as a picked file), with no console error."""
     payload = [
         {"data": base64.b64encode(p.read_bytes()).decode(), "type": "image/png" if p.suffix == ".png" else "image/jpeg"}
         for p in files
@@ -167,6 +186,16 @@ def test_from_image_files_the_browser_gives_the_servers_top_class_and_refusals(
     got = page.evaluate(ANALYSE_FILES, payload)
     context.close()
     assert not errors, errors
+    return got
+
+
+def test_from_image_files_the_browser_gives_the_servers_top_class_and_refusals(
+    plain_server: tuple[str, Any], browser: sync_api.Browser, tmp_path: Path
+) -> None:
+    url, service = plain_server
+    files = image_files(tmp_path / "images")
+    expected = [service.analyse(read_rgb(p)) for p in files]
+    got = analysed_in_the_browser(browser, url, files)
     same = [summary(g) == summary(e) for g, e in zip(got, expected, strict=True)]
     disagree = [
         (p.name, summary(g), summary(e)) for p, g, e, ok in zip(files, got, expected, same, strict=True) if not ok
@@ -232,3 +261,30 @@ def test_without_the_runtime_the_option_is_off_and_says_why(
         sync_api.expect(page.locator("#on-device")).to_be_disabled()
         context.close()
     assert not errors, errors
+
+
+def test_with_both_questions_the_browser_refuses_flags_and_refers_as_the_server_does(
+    ood_server: tuple[str, Any], browser: sync_api.Browser, tmp_path: Path
+) -> None:
+    """Question 1 (image type: the only refusal by the model) and question 2 (familiarity: flag, refer) on the page
+    give the server's verdicts, status, message and urgency for the same files."""
+    url, service = ood_server
+    files = image_files(tmp_path / "images")
+    expected = [service.analyse(read_rgb(p)) for p in files]
+    got = analysed_in_the_browser(browser, url, files)
+
+    def verdicts(answer: dict[str, Any]) -> tuple[Any, ...]:
+        image_type, familiarity = answer["image_type"], answer["familiarity"]
+        return (
+            answer["status"],
+            answer["message"],
+            answer["urgency"]["level"],
+            image_type and image_type["dermoscopy"],
+            familiarity and familiarity["familiar"],
+        )
+
+    same = [verdicts(g) == verdicts(e) for g, e in zip(got, expected, strict=True)]
+    assert sum(same) / len(same) >= 0.95, [
+        (p.name, verdicts(g), verdicts(e)) for p, g, e in zip(files, got, expected, strict=True)
+    ]
+    assert {e["image_type"]["dermoscopy"] for e in expected if e["image_type"]} == {True, False}  # both verdicts seen

@@ -18,6 +18,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from lesionnet.app import content
 from lesionnet.contract.files import ContractError
 from lesionnet.data.run_folder import RunFolder
 from lesionnet.inference import Predictor, load_members
@@ -262,7 +263,9 @@ def test_ood_eval_cli_on_a_trained_run(trained_run: Path, photos: Path, tmp_path
     assert gate.method in {"mahalanobis", "mahalanobis_class", "knn"} and gate.n_images == summary["n_val"]
 
 
-def test_the_app_refuses_what_its_validation_lesions_do_not_look_like(trained_run: Path, tmp_path: Path) -> None:
+def test_the_app_sends_a_lesion_unlike_its_validation_lesions_to_a_doctor_instead_of_refusing_it(
+    trained_run: Path, tmp_path: Path
+) -> None:
     from lesionnet.app.build import build_service
     from lesionnet.data.run_folder import RunFolder
     from tests.test_app import compose_serve, lesion_like
@@ -282,7 +285,10 @@ def test_the_app_refuses_what_its_validation_lesions_do_not_look_like(trained_ru
     features = service.predictor.predict_paths(validation).features  # (noise pictures: the image check refuses them)
     assert service.ood.refuses(features).mean() <= 0.2  # the images it was fitted on (out-of-sample threshold, 95%)
     stranger = service.analyse(lesion_like(seed=5))  # a smooth picture among noise-image "lesions"
-    assert stranger["status"] == "rejected" and stranger["ood"]["refused"] and stranger["probabilities"] == []
-    assert "unlike the dermatoscope images" in stranger["urgency"]["reasons"][0]
+    assert stranger["status"] == "unsure" and not stranger["familiarity"]["familiar"]  # question 2: flagged
+    assert stranger["top_class"] is None and len(stranger["probabilities"]) == len(service.predictor.class_names)
+    assert stranger["urgency"]["level"] == "see_dermatologist" and stranger["urgency"]["refer"] is True
+    assert stranger["message"] == content.MESSAGES["unfamiliar"]
+    assert any("unlike the ones the model learnt" in r for r in stranger["urgency"]["reasons"])
     again = build_service(compose_serve(overrides))  # second start: the cached gate, same threshold
     assert again.ood.threshold == service.ood.threshold

@@ -4,8 +4,9 @@ Inference runs in a fixed thread pool (``workers``) and at most ``max_pending`` 
 (running or waiting); more get 503 with Retry-After. Memory stays bounded under load: a waiting request holds only
 Starlette's spooled copy of its upload (at most 1 MB in memory, the rest in a temporary file) and is read and
 decoded by the worker that takes it, so at most ``workers`` images are decoded at once. An upload that stalls (no
-data for ``UploadLimits.body_timeout_s``) is answered 408 and its connection closed: uvicorn has only a keep-alive
-timeout (the header timeout is in ``lesionnet.app.server``). Responses are typed (``schemas``) so /openapi.json
+data for ``UploadLimits.body_timeout_s``) or is still incomplete ``UploadLimits.body_deadline_s`` after its headers is
+answered 408 and its connection closed: uvicorn has only a keep-alive timeout (the header timeout and the
+connection's own deadlines are in ``lesionnet.app.server``). Responses are typed (``schemas``) so /openapi.json
 documents them; /docs is Swagger UI on assets served by the app (no CDN).
 """
 
@@ -65,7 +66,8 @@ PERMISSIONS_POLICY = (
 SWAGGER_ASSETS = Path(str(files("fastapi_offline") / "static"))
 ERRORS = {
     400: "Bad request (e.g. an empty file)",
-    408: "The upload stalled (no data for limits.body_timeout_s); the connection is closed",
+    408: "The upload stalled (no data for limits.body_timeout_s) or was not complete limits.body_deadline_s after "
+    "the request's headers; the connection is closed",
     413: "File or image too large",
     415: "Not a JPEG, PNG or WebP upload",
     422: "Missing field, more than one 'file' part, or an undecodable, corrupt or too small image",
@@ -110,14 +112,18 @@ def error_response(status: int, code: str, message: str, headers: dict[str, str]
 
 class BodyLimit:
     """Refuse request bodies over ``max_bytes`` (by Content-Length up front, else while the body streams in) and
-    uploads that stall: waiting more than ``timeout_s`` for the next piece of the body answers 408 and closes the
-    connection, so a client that sends half a body cannot hold it open (uvicorn has no body timeout).
+    uploads that stall or crawl: waiting more than ``timeout_s`` for the next piece of the body, or a body still
+    incomplete ``deadline_s`` after the request reached the app (its headers), answers 408 and closes the connection,
+    so a client that sends half a body, or trickles it a byte at a time, cannot hold it open (uvicorn has no body
+    timeout). None: no such limit.
 
-    The timeout applies only until the body is complete: later ``receive()`` calls wait for a disconnect on purpose.
+    The timeouts apply only until the body is complete: later ``receive()`` calls wait for a disconnect on purpose.
     """
 
-    def __init__(self, app: ASGIApp, max_bytes: int, timeout_s: float | None = None) -> None:
-        self.app, self.max_bytes, self.timeout_s = app, max_bytes, timeout_s
+    def __init__(
+        self, app: ASGIApp, max_bytes: int, timeout_s: float | None = None, deadline_s: float | None = None
+    ) -> None:
+        self.app, self.max_bytes, self.timeout_s, self.deadline_s = app, max_bytes, timeout_s, deadline_s
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -129,15 +135,29 @@ class BodyLimit:
         if length is not None and (not length.isdigit() or int(length) > self.max_bytes):
             return await error_response(too_large.status, too_large.code, too_large.message)(scope, receive, send)
         received, body_done, stalled = 0, False, False
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.deadline_s if self.deadline_s is not None else None
 
         async def limited() -> Message:
             nonlocal received, body_done, stalled
             if body_done:
                 return await receive()
+            wait, at_deadline = self.timeout_s, False  # None: no timeout
+            if deadline is not None:
+                left = max(0.0, deadline - loop.time())
+                at_deadline = wait is None or left <= wait  # which limit a timeout here is
+                wait = left if at_deadline else wait
             try:
-                message = await asyncio.wait_for(receive(), self.timeout_s)  # timeout_s None: no timeout
+                message = await asyncio.wait_for(receive(), wait)
             except TimeoutError:
                 stalled = True
+                if at_deadline:
+                    raise UploadError(
+                        408,
+                        "upload_too_slow",
+                        f"The upload was too slow: the photo did not arrive in full within {self.deadline_s:g} "
+                        "seconds. Check the connection and send it again.",
+                    ) from None
                 raise UploadError(
                     408,
                     "upload_timeout",
@@ -221,6 +241,8 @@ def install_security_headers(app: FastAPI) -> None:
             response.headers["Cache-Control"] = "no-store"  # answers about someone's skin are not cached
         elif not request.url.path.startswith("/openapi"):
             response.headers.setdefault("Content-Security-Policy", PAGE_CSP)
+        if request.url.path == "/healthz":  # a liveness probe read from a cache would say nothing about now
+            response.headers["Cache-Control"] = "no-store"
         return response
 
 
@@ -359,7 +381,12 @@ def build_api(
         description=f"Classifies a photo of a skin lesion into 7 HAM10000 classes, with a referral flag, an "
         f"'unsure' answer and a Grad-CAM heatmap. {DISCLAIMER}",
     )
-    app.add_middleware(BodyLimit, max_bytes=limits.max_bytes + MULTIPART_OVERHEAD, timeout_s=limits.body_timeout_s)
+    app.add_middleware(
+        BodyLimit,
+        max_bytes=limits.max_bytes + MULTIPART_OVERHEAD,
+        timeout_s=limits.body_timeout_s,
+        deadline_s=limits.body_deadline_s,
+    )
     app.state.service, app.state.admission = service, admission
     install_error_handlers(app)
     install_security_headers(app)

@@ -19,11 +19,13 @@ from omegaconf import DictConfig
 from lesionnet.app.api import build_api
 from lesionnet.app.ondevice import OnDevice
 from lesionnet.app.service import LesionService
+from lesionnet.app.shipped import with_shipped_model
 from lesionnet.app.upload import UploadLimits
 from lesionnet.contract.files import ContractError
 from lesionnet.contract.scores import read_scores, scores_for
 from lesionnet.data.run_folder import RunFolder
 from lesionnet.inference import Prediction, Predictor, load_members
+from lesionnet.inference.decision.image_type import ImageTypeGate
 from lesionnet.inference.decision.ood import OodGate, fit_ood
 from lesionnet.inference.decision.policy import DEFAULT_MSP_THRESHOLD, ConfidenceGate, ReferralPolicy, fit_gate
 
@@ -195,8 +197,25 @@ def build_ood_gate(cfg: DictConfig, predictor: Predictor, validation: Validation
     return gate
 
 
+def build_image_type_gate(cfg: DictConfig, predictor: Predictor) -> ImageTypeGate | None:
+    """Question 1, "is this a dermatoscope image?": from image_type.gate_file (fitted with negatives the app does not
+    have: bench/image_type_eval.py --gate-out); without one the app cannot tell an ordinary photo from dermoscopy."""
+    gate_file = (cfg.get("image_type") or {}).get("gate_file")
+    if not gate_file:
+        log.warning(
+            "No image-type gate (image_type.gate_file): ordinary photos are not told apart from dermatoscope images. "
+            "Fit one with bench/image_type_eval.py --run <run> --gate-out <folder>."
+        )
+        return None
+    gate = ImageTypeGate.load(gate_file, predictor.version, predictor.tta)
+    log.info("Image-type gate loaded from %s (logit < %.3f refused; %s).", gate_file, gate.threshold, gate.source)
+    return gate
+
+
 def build_service(cfg: DictConfig) -> LesionService:
-    """Load the checkpoints; with a scores.json, serve exactly what it evaluated (same checkpoints, TTA, weights)."""
+    """Load the checkpoints (the shipped model when no ckpt is given); with a scores.json, serve exactly what it
+    evaluated (same checkpoints, TTA, weights)."""
+    cfg = with_shipped_model(cfg)
     members = load_members(cfg.ckpt, device=cfg.device)
     tta, weights, scores, evaluated = cfg.tta, None, None, None
     adjusted = bool(cfg.get("logit_adjustment"))
@@ -221,19 +240,26 @@ def build_service(cfg: DictConfig) -> LesionService:
         referral=referral,
         gate=build_gate(cfg, predictor, validation),
         ood=build_ood_gate(cfg, predictor, validation),
+        image_type=build_image_type_gate(cfg, predictor),
         gradcam=cfg.gradcam,
         scores=scores,
         evaluated=evaluated,
     )
 
 
-def build_app(cfg: DictConfig) -> FastAPI:
-    limits = UploadLimits(
+def upload_limits(cfg: DictConfig) -> UploadLimits:
+    """What an upload (or a photo given to ``lesionnet predict``) may be: serve.yaml's ``limits``."""
+    return UploadLimits(
         max_bytes=int(cfg.limits.max_upload_mb * 2**20),
         max_pixels=int(cfg.limits.max_pixels),
         min_side=int(cfg.limits.min_side),
         body_timeout_s=cfg.limits.body_timeout_s,
+        body_deadline_s=cfg.limits.get("body_deadline_s"),
     )
+
+
+def build_app(cfg: DictConfig) -> FastAPI:
+    limits = upload_limits(cfg)
     service = build_service(cfg)
     on_device = cfg.get("on_device") or {}
     cache_dir = on_device.get("cache_dir") or Path(cfg.paths.output_dir) / "on_device"

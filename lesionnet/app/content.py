@@ -52,8 +52,14 @@ MESSAGES: dict[str, str] = {
     "weeks - and show them this spot.",
     "routine": "Nothing here looks urgent to the model. Keep an eye on the spot and see a doctor if it changes, "
     "bleeds, itches or worries you.",
-    "unsure": "The model is not sure about this image, so it gives no answer. If you are worried about the spot, "
-    "see a doctor.",
+    "unsure": "Unsure: the model cannot tell what this lesion is, so it names no diagnosis. Have the spot checked by "
+    "a doctor (a dermatologist).",
+    "unfamiliar": "Unsure: the model has not seen lesions like this one, so it names no diagnosis. Have the spot "
+    "checked by a doctor (a dermatologist).",
+    "not_dermoscopy": "This app reads dermatoscope images: close-ups taken through a dermatoscope (a magnifier with "
+    "its own light that touches the skin; clip-on ones exist for phones). This picture does not look like one, and "
+    "the model cannot assess an ordinary photo, so it gives no answer. If a spot is new, changing, bleeding or worries "
+    "you, show it to a doctor.",
     "rejected": "This does not look like a close-up photo of a skin lesion, so the model gives no answer. Take a "
     "sharp, well-lit close-up of the spot (ideally through a dermatoscope) and try again.",
 }
@@ -62,9 +68,8 @@ MOST_LIKELY = "Most likely: {name}."  # the answer's message when it names a cla
 # ... when the class decided on the model's scores does not have the highest shown (calibrated) percentage, as with a
 # logit-adjusted model, which decides for balanced accuracy and shows probabilities of the class mix
 DECIDED = (
-    "The model's answer: {name}. It is decided on the model's own scores (a logit-adjusted model weighs rare "
-    "diagnoses up); the percentages are calibrated to how common each diagnosis is, so another diagnosis can show a "
-    "higher percentage."
+    "The model's answer: {name}. It is decided on the model's own scores; the percentages are calibrated to how "
+    "common each diagnosis is, so another diagnosis can show a higher percentage."
 )
 # how the shown percentages are computed (DisplayCalibration.method), for the model card
 SHOWN_CALIBRATION: dict[str, str] = {
@@ -75,10 +80,24 @@ SHOWN_CALIBRATION: dict[str, str] = {
     "vector": "rescaled with a scale and a correction per diagnosis",
 }
 
-OOD_REASON = (
-    "The picture is unlike the dermatoscope images the model learnt from (its features lie outside what 95% of "
-    "the validation lesions look like), so any answer would be a guess."
+NOT_DERMOSCOPY_REASON = (
+    "The image-type check (a classifier of dermatoscope images against ordinary and phone photos) scored it as not a "
+    "dermatoscope image."
 )
+
+
+def unfamiliar_reason(quantile: float) -> str:
+    """Why the familiarity flag sends an image to a doctor (the gate's quantile of validation lesions)."""
+    return (
+        f"The lesion is unlike the ones the model learnt from: stranger than {quantile:.1%} of its validation lesions "
+        "(a distance in the model's features), so its answer would be a guess."
+    )
+
+
+def unsure_reason(score: str, threshold: float, source: str) -> str:
+    """Why the confidence gate sends an image to a doctor (the on-device page gets "{score}")."""
+    return f"The model's confidence {score} is below its threshold {threshold:.2f} ({source})."
+
 
 INTENDED_USE = (
     "Research and education: to show what a classifier trained on dermatoscopic images does with an image. Not for "
@@ -184,6 +203,16 @@ def percent_with_interval(value: float | None, interval: Sequence[float | None] 
     return text
 
 
+def melanomas_caught(sensitivity: float, melanomas: int | None, interval: Sequence[float | None] | None) -> str:
+    """'7 of the 8 melanomas (88%; 95% CI 50%-100%)': the count when the share is a whole number of them, so that a
+    percentage of a handful of melanomas is not read as a precise rate; else '93% of the melanomas'."""
+    caught = sensitivity * melanomas if melanomas else None
+    if caught is None or abs(caught - round(caught)) > 1e-6:
+        return f"{sensitivity:.0%} of the melanomas"
+    ci = f"; 95% CI {interval[0]:.0%}-{interval[1]:.0%}" if interval and None not in interval else ""
+    return f"{round(caught):,} of the {melanomas:,} melanomas ({sensitivity:.0%}{ci})"
+
+
 def performance_summary(scores: ScoresRow, evaluated: ScoresFile, provenance: list[str]) -> str:
     """The model card's test figures in a few sentences: accuracy and balanced accuracy with their intervals, what
     the intervals resample, melanoma sensitivity, calibration and whether the scored images were checked unseen (an
@@ -205,8 +234,13 @@ def performance_summary(scores: ScoresRow, evaluated: ScoresFile, provenance: li
     at_threshold = scores.at_val_threshold
     if at_threshold is not None and at_threshold.sensitivity is not None:
         cleared = at_threshold.specificity
+        melanoma = scores.per_class.get("mel")
+        caught = melanomas_caught(
+            at_threshold.sensitivity, melanoma.support if melanoma else None, scores.ci95.get("mel_sensitivity")
+        )
         sentences.append(
-            f"The melanoma threshold of the referral rule caught {at_threshold.sensitivity:.0%} of the melanomas there"
+            f"The melanoma threshold of the referral rule was set on validation images to catch "
+            f"{at_threshold.target_sensitivity:.0%} of melanomas; on these images it caught {caught}"
             + (f" and did not flag {cleared:.0%} of the other lesions." if cleared is not None else ".")
         )
     if scores.display is not None and scores.displayed is not None:

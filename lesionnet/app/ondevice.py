@@ -3,7 +3,8 @@
 The server hands the page two things, both made from the very objects it answers with:
 
 * ``/on-device/model-<key>.onnx``: the served checkpoint exported by ``lesionnet.export`` with the fitted OOD gate in
-  the graph (outputs: probabilities, the energy score, the top class's CAM grid, the OOD score), exported at the first
+  the graph (outputs: probabilities, the energy score, the top class's CAM grid, the familiarity (OOD) score and the
+  image-type score), exported at the first
   request and cached on disk under a key of the model version and the gate's arrays, so a refitted gate or another
   checkpoint gets a new file name (the service worker keeps model files by name);
 * ``/on-device/policy.json`` (:meth:`OnDevice.policy`, its schema ``lesionnet.contract.on_device.OnDevicePolicy``):
@@ -86,6 +87,10 @@ class OnDevice:
             digest.update(np.ascontiguousarray(ood.detector.means, dtype="<f4").tobytes())
             digest.update(np.ascontiguousarray(ood.detector.precision, dtype="<f4").tobytes())
             digest.update(repr(ood.threshold).encode())
+        image_type = self.service.image_type
+        if image_type is not None:  # the threshold is the page's; the weights are in the graph
+            digest.update(np.ascontiguousarray(image_type.weights, dtype="<f4").tobytes())
+            digest.update(repr(image_type.bias).encode())
         return digest.hexdigest()[:16]
 
     @property
@@ -107,7 +112,13 @@ class OnDevice:
             if not path.is_file():
                 with tempfile.TemporaryDirectory(dir=self.folder) as tmp:
                     member = self.service.predictor.members[0]
-                    sidecar = export(member, "onnx", Path(tmp) / "model.onnx", ood=self.service.ood)
+                    sidecar = export(
+                        member,
+                        "onnx",
+                        Path(tmp) / "model.onnx",
+                        ood=self.service.ood,
+                        image_type=self.service.image_type,
+                    )
                     (Path(tmp) / "model.json").replace(path.with_suffix(".json"))
                     os.replace(Path(tmp) / "model.onnx", path)  # atomic: another server never reads half a file
                 log.info("On-device model exported to %s (parity: %s)", path, sidecar["parity"])
@@ -142,7 +153,10 @@ class OnDevice:
                 "classes": s.class_info(),
                 "image_check": check_spec(s.check),
                 "confidence": {"method": s.gate.method, "threshold": s.gate.threshold, "source": s.gate.source},
-                "ood": None
+                "image_type": None
+                if s.image_type is None
+                else {"threshold": s.image_type.threshold, "source": s.image_type.source},
+                "familiarity": None
                 if ood is None
                 else {
                     "method": ood.method,
@@ -169,7 +183,9 @@ class OnDevice:
                 "referral_check": s.referral_check(),
                 "messages": {
                     **content.MESSAGES,
-                    "ood_reason": content.OOD_REASON,
+                    "not_dermoscopy_reason": content.NOT_DERMOSCOPY_REASON,
+                    "unfamiliar_reason": content.unfamiliar_reason(ood.quantile if ood is not None else 0.95),
+                    "unsure_reason": content.unsure_reason("{score}", s.gate.threshold, s.gate.source),
                     "most_likely": content.MOST_LIKELY,
                     "decided": content.DECIDED,
                 },

@@ -74,7 +74,10 @@ class ImageCheckResult(Schema):
 class Urgency(Schema):
     """Whether to see a dermatologist. A refused image has only refer, level, message and reasons."""
 
-    refer: bool | None = Field(description="True: see a dermatologist; null: no answer (unsure or refused).")
+    refer: bool | None = Field(
+        description="True: see a dermatologist (the referral rule, an unfamiliar lesion or an unsure answer); "
+        "null: no answer (refused)."
+    )
     reasons: list[str]
     melanoma_probability: float | None = None
     malignant_probability: float | None = Field(None, description="P(mel) + P(bcc) + P(akiec), uncalibrated.")
@@ -112,19 +115,30 @@ class ReferralCheck(Schema):
     in_sample: bool | None = Field(description="True: checked on the validation images it was tuned on.")
 
 
-class OodVerdict(Schema):
-    """The feature-space gate: is the image like the dermatoscope images the model was validated on?"""
+class ImageTypeVerdict(Schema):
+    """Question 1: is this a dermatoscope image at all? The only model-based refusal."""
 
+    dermoscopy: bool = Field(description="False: not a dermatoscope image; the answer is 'rejected'.")
+    score: float = Field(description="Logit of a classifier of dermatoscope images vs other photos; higher = more so.")
+    threshold: float = Field(description="Refused below this.")
+    source: str
+
+
+class FamiliarityVerdict(Schema):
+    """Question 2: is the lesion like the ones the model learnt? Never refuses: an unfamiliar lesion is answered
+    'unsure' and sent to a dermatologist."""
+
+    familiar: bool
     method: str = Field(description="mahalanobis | mahalanobis_class | knn, on L2-normalised pooled features.")
     score: float = Field(description="Higher = less like the validation lesions.")
-    threshold: float = Field(description="Refused above this (a high quantile of validation lesion scores).")
+    threshold: float = Field(description="Flagged above this (a high quantile of validation lesion scores).")
     percentile: float = Field(description="Share of validation lesion images scoring at or below this image.")
-    refused: bool
     source: str
 
 
 class PredictResponse(Schema):
-    """One photo's answer: 'ok' (top class), 'unsure' (no label) or 'rejected' (not a lesion photo)."""
+    """One photo's answer: 'ok' (top class), 'unsure' (no label; sent to a dermatologist) or 'rejected' (not a
+    dermatoscope image, or a blank / broken one)."""
 
     model_version: str
     demo_model: bool = Field(description="True: trained on the small embedded sample only; show it as a demo.")
@@ -143,7 +157,12 @@ class PredictResponse(Schema):
     referral_check: ReferralCheck
     confidence: Confidence | None = Field(description="Null if rejected.")
     heatmap: Heatmap | None = Field(description="Null if rejected or heatmaps are off (gradcam=false).")
-    ood: OodVerdict | None = Field(description="Null if the image check refused it first or the gate is off.")
+    image_type: ImageTypeVerdict | None = Field(
+        description="Question 1. Null if the image check refused it first or no image-type gate is fitted."
+    )
+    familiarity: FamiliarityVerdict | None = Field(
+        description="Question 2. Null if refused before it (image check, question 1) or the gate is off."
+    )
 
 
 # ----------------------------------------------------------------------------- /api/v1/model

@@ -1,4 +1,9 @@
-"""One image in, one answer out: image check -> model -> unsure gate -> referral -> Grad-CAM, and the model card.
+"""One image in, one answer out, and the model card.
+
+An image goes: image check (blank, synthetic, broken) -> model -> question 1, "is this a dermatoscope image?"
+(``ImageTypeGate``: the only model-based refusal) -> question 2, "is this lesion unlike the ones the model learnt?"
+(the familiarity score, ``OodGate``: never refuses, sends to a doctor) -> confidence gate ("unsure": sends to a
+doctor too) -> referral rule -> heatmap.
 
 No HTTP here, so the logic can be tested and reused (a CLI, a batch job) without a server.
 """
@@ -22,6 +27,7 @@ from lesionnet.contract.scores import ScoresFile, ScoresRow
 from lesionnet.data.metadata import embedded_sample_root
 from lesionnet.inference import Member, Predictor
 from lesionnet.inference.decision.image_check import CheckThresholds, check_image, thresholds_dict
+from lesionnet.inference.decision.image_type import ImageTypeGate
 from lesionnet.inference.decision.ood import OodGate
 from lesionnet.inference.decision.policy import ConfidenceGate, ReferralPolicy
 from lesionnet.inference.explain import GradCamExplainer, cam_heatmap
@@ -139,7 +145,8 @@ class LesionService:
     referral: ReferralPolicy = field(default_factory=ReferralPolicy)
     gate: ConfidenceGate = field(default_factory=ConfidenceGate)
     check: CheckThresholds = field(default_factory=CheckThresholds)
-    ood: OodGate | None = None  # feature-space "not a dermatoscope image" gate (None: off)
+    ood: OodGate | None = None  # the familiarity score: an unfamiliar lesion is flagged, never refused (None: off)
+    image_type: ImageTypeGate | None = None  # "is this a dermatoscope image?": refuses what is not (None: off)
     gradcam: bool = True
     scores: ScoresRow | None = None  # evaluate.py's scores of the served model, for the model card
     evaluated: ScoresFile | None = None  # what those scores were computed on
@@ -189,17 +196,26 @@ class LesionService:
             "referral_check": self.referral_check(),
             "confidence": None,
             "heatmap": None,
-            "ood": None,
+            "image_type": None,
+            "familiarity": None,
         }
         if not checked.passed:
             return rejected
         with self.predictor.lock:  # Grad-CAM hooks live on the shared modules
             out = self.predictor.predict_arrays([image], cams=self.use_cam).image(0)
-            ood = self.ood_answer(out.features)
-            if ood is not None and ood["refused"]:  # not a dermatoscope image: no classes, no heatmap
-                return {**rejected, "ood": ood, "urgency": {**rejected["urgency"], "reasons": [content.OOD_REASON]}}
+            image_type = self.image_type_answer(out.stage_stats)
+            if image_type is not None and not image_type["dermoscopy"]:  # question 1: not a dermatoscope image
+                message = content.MESSAGES["not_dermoscopy"]
+                return {
+                    **rejected,
+                    "message": message,
+                    "image_type": image_type,
+                    "urgency": {**rejected["urgency"], "message": message, "reasons": [content.NOT_DERMOSCOPY_REASON]},
+                }
+            familiarity = self.familiarity_answer(out.features)
+            unfamiliar = familiarity is not None and not familiarity["familiar"]
             urgency = self.referral.assess(out.probs, self.predictor.class_names)
-            unsure = self.gate.unsure(out)
+            unconfident = self.gate.unsure(out)
             classes = self._classes(self.referral.calibrate(out.probs))  # the shown percentages, highest first
             top = int(np.argmax(out.probs))  # the decision: the served probabilities, not the shown ones
             code = self.predictor.class_names[top]
@@ -213,22 +229,34 @@ class LesionService:
             elif self.explainer is not None:
                 x = self.predictor.preprocess(0, [image])
                 heatmap = asdict(self.explainer.explain(image, x, top, code))
-        if urgency["refer"]:
-            level, message = "see_dermatologist", content.MESSAGES["refer"]
-        elif unsure:  # never reassure when unsure
-            level, message = "unknown", content.MESSAGES["unsure"]
+        reasons = list(urgency["reasons"])  # question 2 and the confidence gate send to a doctor too: never reassure
+        if unfamiliar:
+            reasons.append(content.unfamiliar_reason(self.ood.quantile if self.ood is not None else 0.95))
+        if unconfident:
+            reasons.append(content.unsure_reason(f"{self.gate.score(out):.2f}", self.gate.threshold, self.gate.source))
+        unsure = unfamiliar or unconfident
+        if unfamiliar:
+            message = content.MESSAGES["unfamiliar"]
+        elif unconfident:
+            message = content.MESSAGES["unsure"]
         else:
-            level, message = "routine", content.MESSAGES["routine"]
+            message = named.format(name=decided["name"])
+        level = "see_dermatologist" if reasons else "routine"
         urgency = {
             **urgency,
-            "refer": True if urgency["refer"] else (None if unsure else False),
+            "refer": bool(reasons),
+            "reasons": reasons,
             "level": level,
-            "message": message,
+            "message": content.MESSAGES["refer"]
+            if urgency["refer"]
+            else message
+            if unsure
+            else content.MESSAGES["routine"],
         }
         return {
             **answer,
             "status": "unsure" if unsure else "ok",
-            "message": content.MESSAGES["unsure"] if unsure else named.format(name=decided["name"]),
+            "message": message,
             "top_class": None if unsure else decided,
             "probabilities": classes,
             "urgency": urgency,
@@ -240,20 +268,38 @@ class LesionService:
                 "threshold_source": self.gate.source,
             },
             "heatmap": heatmap,
-            "ood": ood,
+            "image_type": image_type,
+            "familiarity": familiarity,
         }
 
-    def ood_answer(self, features: np.ndarray) -> dict[str, Any] | None:
-        """The feature-space gate's verdict on one image's pooled features (None when the gate is off)."""
+    def image_type_answer(self, stage_stats: np.ndarray | None) -> dict[str, Any] | None:
+        """Question 1 on one image's stage statistics: is it a dermatoscope image? (None when the gate is off.)"""
+        if self.image_type is None:
+            return None
+        if stage_stats is None:
+            raise ValueError(
+                f"{self.predictor.members[0].name} gives no stage statistics (not a timm backbone with stages): the "
+                "image-type gate cannot read it. Serve it without image_type.gate_file."
+            )
+        score = self.image_type.score(stage_stats[None])
+        return {
+            "dermoscopy": not bool(self.image_type.refuses_score(score)[0]),
+            "score": round(float(score[0]), 4),
+            "threshold": round(self.image_type.threshold, 4),
+            "source": self.image_type.source,
+        }
+
+    def familiarity_answer(self, features: np.ndarray) -> dict[str, Any] | None:
+        """Question 2 on one image's pooled features: is the lesion like the ones the model learnt? (None: off.)"""
         if self.ood is None:
             return None
         score = self.ood.score(features[None])  # scored once: the percentile and the verdict come from it
         return {
+            "familiar": not bool(self.ood.refuses_score(score)[0]),
             "method": self.ood.method,
             "score": round(float(score[0]), 4),
             "threshold": round(self.ood.threshold, 4),
             "percentile": round(float(self.ood.percentile_of(score)[0]), 4),
-            "refused": bool(self.ood.refuses_score(score)[0]),
             "source": self.ood.source,
         }
 

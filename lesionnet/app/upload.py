@@ -22,13 +22,15 @@ ALLOWED_TYPES: dict[str, str] = {"image/jpeg": "JPEG", "image/png": "PNG", "imag
 
 @dataclass(frozen=True)
 class UploadLimits:
-    """Bounds on one upload: bytes on the wire, decoded pixels (width x height), the shortest side, and the longest
-    wait for the next piece of its body (None: wait for ever)."""
+    """Bounds on one upload: bytes on the wire, decoded pixels (width x height), the shortest side, the longest wait
+    for the next piece of its body and the longest time for the whole body after the request's headers (None: wait
+    for ever)."""
 
     max_bytes: int = 10 * 1024 * 1024
     max_pixels: int = 40_000_000
     min_side: int = 32
     body_timeout_s: float | None = 15.0
+    body_deadline_s: float | None = 120.0
 
 
 class UploadError(Exception):

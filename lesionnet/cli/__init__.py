@@ -16,6 +16,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("lesionnet.cli.train", "train a model                   (train.yaml; same as python train.py)"),
     "evaluate": ("lesionnet.cli.evaluate", "score checkpoints and ensembles (eval.yaml; same as python evaluate.py)"),
     "serve": ("lesionnet.cli.serve", "start the web app and REST API  (serve.yaml)"),
+    "predict": ("lesionnet.cli.predict", "the app's answer for photos     (serve.yaml; PHOTO... [overrides])"),
     "export": ("lesionnet.cli.export", "export ONNX / TorchScript       (export.yaml)"),
     "eda": ("lesionnet.cli.eda", "exploratory data analysis       (eda.yaml)"),
     "report": ("lesionnet.cli.report", "results table of training runs  (report.yaml)"),

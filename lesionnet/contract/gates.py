@@ -1,5 +1,5 @@
-"""The fitted gates' files: the confidence ("unsure") gate and the feature-space OOD gate, one writer and one reader
-each.
+"""The fitted gates' files: the confidence ("unsure") gate, the feature-space familiarity (OOD) gate and the image-type
+("is this a dermatoscope image?") gate, one writer and one reader each.
 
 Both are fitted on a training run's validation split for one model (``Predictor.version``): by the app at its start
 (``lesionnet.app.build``, cached under ``unsure.cache_dir`` by a hash of everything the fit depends on, so a cached
@@ -21,7 +21,7 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict
 
-from lesionnet.contract.files import read_json, write_json
+from lesionnet.contract.files import ContractError, read_json, write_json
 
 CONFIDENCE_GATE_VERSION = 1
 ConfidenceMethod = Literal["msp", "energy"]
@@ -37,6 +37,18 @@ REFIT_OOD = (
     "Refit the gate for this model: serve without ood.gate_file so that the app fits it on the run's validation "
     "split (a cached gate is refitted by itself), or write one with bench/ood_eval.py --run <run> --gate-out <file>."
 )
+
+
+def check_fitted_for(
+    path: str | Path, fitted: tuple[str, str], serving: tuple[str, str | None], why: str, refit: str
+) -> None:
+    """Refuse a feature-space gate file fitted for another model or TTA: ``fitted`` and ``serving`` are (model
+    version, TTA); a ``serving`` TTA of None is not checked; ``why`` says what the file's numbers mean elsewhere."""
+    (fitted_version, fitted_tta), (version, tta) = fitted, serving
+    if fitted_version != version:
+        raise ContractError(f"{path} was fitted for model {fitted_version}, not {version}: {why}. {refit}")
+    if tta is not None and fitted_tta != tta:
+        raise ContractError(f"{path} was fitted with tta={fitted_tta}, the model now runs tta={tta}. {refit}")
 
 
 # ----------------------------------------------------------------------------- confidence gate
@@ -123,3 +135,41 @@ def write_ood_gate(gate: OodGateFile, path: str | Path) -> Path:
 def read_ood_gate(path: str | Path) -> OodGateFile:
     """The OOD gate file at this version; any problem is a ContractError naming the file and the fix."""
     return read_json(OodGateFile, path, OOD_GATE_VERSION, "feature-space (OOD) gate file", REFIT_OOD)
+
+
+# ----------------------------------------------------------------------------- image-type gate
+
+IMAGE_TYPE_GATE_VERSION = 1
+REFIT_IMAGE_TYPE = (
+    "Fit the dermoscopy gate for this model with bench/image_type_eval.py --run <run> --gate-out <file> and serve "
+    "with image_type.gate_file=<file>."
+)
+
+
+class ImageTypeGateFile(BaseModel):
+    """The "is this a dermatoscope image?" gate as stored: a logistic regression on the L2-normalised pooled features
+    (``weights``, ``bias``), its threshold on the logit, the model it was fitted for and the images it was fitted on."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    schema_version: int = IMAGE_TYPE_GATE_VERSION
+    model_version: str
+    tta: str
+    weights: StoredArray  # (D,)
+    bias: float
+    threshold: float  # refuse when the logit is below it
+    l2: float  # the ridge penalty the weights were fitted with
+    fit: dict[str, Any]  # counts of positives / negatives per source, the threshold rule
+    source: str
+
+
+def write_image_type_gate(gate: ImageTypeGateFile, path: str | Path) -> Path:
+    """Atomically (a server starting at the same time never reads half a file)."""
+    return write_json(gate, path)
+
+
+def read_image_type_gate(path: str | Path) -> ImageTypeGateFile:
+    """The image-type gate file at this version; any problem is a ContractError naming the file and the fix."""
+    return read_json(
+        ImageTypeGateFile, path, IMAGE_TYPE_GATE_VERSION, "image-type (dermoscopy) gate file", REFIT_IMAGE_TYPE
+    )

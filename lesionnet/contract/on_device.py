@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 
 from lesionnet.contract.files import ContractError, read_json, write_json
 
-ON_DEVICE_VERSION = 1
+ON_DEVICE_VERSION = 2
 EXPORT_SIDECAR_VERSION = 1
 RESTART = "Restart the server with this LesionNet version (and reload the page) so that both speak the same version."
 RE_EXPORT = "Export the checkpoint again with this LesionNet version: lesionnet export ckpt=<checkpoint>."
@@ -105,11 +105,20 @@ class OnDeviceConfidence(_Strict):
     source: str
 
 
-class OnDeviceOod(_Strict):
+class OnDeviceFamiliarity(_Strict):
+    """Question 2: the graph's ``ood_score`` above ``threshold`` flags the lesion as unfamiliar (never refused)."""
+
     method: str
     threshold: float
     source: str
     validation_scores: list[float]  # sorted: a score's percentile among the validation lesions
+
+
+class OnDeviceImageType(_Strict):
+    """Question 1: the graph's ``image_type_score`` below ``threshold`` refuses the image as not dermoscopy."""
+
+    threshold: float
+    source: str
 
 
 class ReferralReasons(_Strict):
@@ -155,7 +164,8 @@ class OnDevicePolicy(_Strict):
     classes: list[OnDeviceClass] | None = None
     image_check: ImageCheckSpec | None = None
     confidence: OnDeviceConfidence | None = None
-    ood: OnDeviceOod | None = None
+    image_type: OnDeviceImageType | None = None
+    familiarity: OnDeviceFamiliarity | None = None
     referral: OnDeviceReferral | None = None
     referral_check: dict[str, Any] | None = None  # the API's ReferralCheck (lesionnet.app.schemas)
     messages: dict[str, str] | None = None

@@ -149,3 +149,30 @@ def load_members(specs: str | Sequence[str] | ListConfig, device: str = "auto") 
         if seen[member.name] > 1:
             member.name = f"{member.name}-{member.sha256[:8]}"
     return members
+
+
+SHIPPED_KEYS = ("hyper_parameters", "state_dict", "epoch", "global_step", "pytorch-lightning_version")
+
+
+def half_precision_checkpoint(source: Path, out: Path) -> Path:
+    """A copy of a train.py checkpoint to ship: the weights in float16 (half the bytes; predictions move by ~1e-3),
+    no optimizer or loop state, the same provenance record bound again to the float16 weights.
+
+    The record is first checked against the original weights (``Provenance.from_checkpoint`` raises if it is not the
+    one saved with them), so the new binding vouches for nothing the old one did not. The copy is a new model file
+    (a new sha256): evaluate it and fit the app's gates on it, not on the original."""
+    checkpoint = torch.load(source, map_location="cpu", weights_only=True)
+    hparams = checkpoint.get("hyper_parameters") if isinstance(checkpoint, dict) else None
+    if not hparams or any(k not in hparams for k in REQUIRED_HPARAMS) or "state_dict" not in checkpoint:
+        raise CheckpointError(f"{source} is not a LesionNet checkpoint: give one written by train.py.")
+    provenance = Provenance.from_checkpoint(checkpoint, source)
+    slim = {key: checkpoint[key] for key in SHIPPED_KEYS if key in checkpoint}
+    slim["state_dict"] = {
+        name: tensor.half() if tensor.is_floating_point() else tensor
+        for name, tensor in checkpoint["state_dict"].items()
+    }
+    if provenance is not None:
+        provenance.store(slim)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(slim, out)
+    return out

@@ -59,6 +59,7 @@ class ForwardOutput:
     logits: torch.Tensor  # (N, K)
     features: torch.Tensor  # (N, D) what the classifier sees (pre-logits)
     feature_map: torch.Tensor  # (N, C, H, W) the backbone's last feature map
+    stage_stats: torch.Tensor | None = None  # (N, S) :func:`stage_statistics`; None when the network has no stages
 
 
 def forward(member: Member, images: torch.Tensor) -> ForwardOutput:
@@ -68,9 +69,23 @@ def forward(member: Member, images: torch.Tensor) -> ForwardOutput:
     if classifier.hparams.channels_last:
         images = images.contiguous(memory_format=torch.channels_last)
     network = timm_model(classifier.model)
-    feature_map = network.forward_features(images)
+    stage_stats = None
+    if hasattr(network, "forward_intermediates"):  # timm backbones: the same pass, with each stage's output
+        feature_map, stages = network.forward_intermediates(images)
+        stage_stats = stage_statistics(stages)
+    else:
+        feature_map = network.forward_features(images)
     features = network.forward_head(feature_map, pre_logits=True)
-    return ForwardOutput(logits=network.get_classifier()(features), features=features, feature_map=feature_map)
+    return ForwardOutput(
+        logits=network.get_classifier()(features), features=features, feature_map=feature_map, stage_stats=stage_stats
+    )
+
+
+def stage_statistics(stages: Sequence[torch.Tensor]) -> torch.Tensor:
+    """(N, S) each stage's channel means and standard deviations over the image: colour and texture statistics at
+    every scale of the backbone (what kind of picture it is), where the pooled last features say what lesion it is.
+    Read by the image-type gate (``lesionnet.inference.decision.image_type``)."""
+    return torch.cat([torch.cat([s.float().mean((2, 3)), s.float().std((2, 3))], dim=1) for s in stages], dim=1)
 
 
 def has_linear_gap_head(member: Member) -> bool:
@@ -107,6 +122,7 @@ class ImageOutput:
     neg_energy: float
     features: np.ndarray  # (D,)
     cams: np.ndarray | None = None  # (K, h, w) the first member's class activation maps, when asked for
+    stage_stats: np.ndarray | None = None  # (S,) the first member's :func:`stage_statistics`
 
 
 @dataclass(frozen=True)
@@ -118,6 +134,7 @@ class Prediction:
     neg_energy: np.ndarray  # (N,) logsumexp of the logits, averaged over members and views (higher = familiar)
     features: np.ndarray  # (N, D) the first member's pooled features, mean over TTA views
     cams: np.ndarray | None = None  # (N, K, h, w) the first member's class activation maps (identity view)
+    stage_stats: np.ndarray | None = None  # (N, S) the first member's stage statistics, mean over TTA views
 
     @property
     def msp(self) -> np.ndarray:
@@ -135,6 +152,7 @@ class Prediction:
             neg_energy=self.neg_energy[:stop],
             features=self.features[:stop],
             cams=None if self.cams is None else self.cams[:stop],
+            stage_stats=None if self.stage_stats is None else self.stage_stats[:stop],
         )
 
     def image(self, index: int) -> ImageOutput:
@@ -144,6 +162,7 @@ class Prediction:
             neg_energy=float(self.neg_energy[index]),
             features=self.features[index],
             cams=None if self.cams is None else self.cams[index],
+            stage_stats=None if self.stage_stats is None else self.stage_stats[index],
         )
 
 
@@ -218,12 +237,20 @@ class Predictor:
 
     @torch.inference_mode()
     def _member_pass(self, index: int, batch: torch.Tensor, cams: bool = False) -> tuple[torch.Tensor, ...]:
-        """(mean softmax, mean logsumexp, mean pooled features over the TTA views[, CAMs of the identity view])."""
+        """(mean softmax, mean logsumexp, mean pooled features, mean stage statistics ((N, 0) for a network without
+        stages) over the TTA views[, CAMs of the identity view])."""
         outputs = [forward(self.members[index], view) for view in tta_views(batch, self.tta)]
         probs = torch.stack([o.logits.float().softmax(dim=-1) for o in outputs]).mean(0)
         energy = torch.stack([torch.logsumexp(o.logits.float(), dim=-1) for o in outputs]).mean(0)
         features = torch.stack([o.features.float() for o in outputs]).mean(0)
-        result: tuple[torch.Tensor, ...] = (probs.double().cpu(), energy.double().cpu(), features.double().cpu())
+        stats = [o.stage_stats for o in outputs if o.stage_stats is not None]
+        stage_stats = torch.stack(stats).mean(0) if len(stats) == len(outputs) else features.new_zeros(len(features), 0)
+        result: tuple[torch.Tensor, ...] = (
+            probs.double().cpu(),
+            energy.double().cpu(),
+            features.double().cpu(),
+            stage_stats.double().cpu(),
+        )
         if cams:  # the first view is the identity: its maps line up with the image
             result += (class_activation_maps(self.members[index], outputs[0].feature_map).double().cpu(),)
         return result
@@ -232,9 +259,15 @@ class Predictor:
         member_probs = torch.stack([p[0] for p in passes]).numpy()
         probs = combine(list(member_probs), self.weights.tolist(), self.logit_adjustment)
         energy = torch.stack([p[1] for p in passes]).mean(0).numpy()
-        cams = passes[0][3].numpy() if len(passes[0]) > 3 else None
+        cams = passes[0][4].numpy() if len(passes[0]) > 4 else None
+        stage_stats = passes[0][3].numpy() if passes[0][3].shape[1] else None
         return Prediction(
-            probs=probs, member_probs=member_probs, neg_energy=energy, features=passes[0][2].numpy(), cams=cams
+            probs=probs,
+            member_probs=member_probs,
+            neg_energy=energy,
+            features=passes[0][2].numpy(),
+            cams=cams,
+            stage_stats=stage_stats,
         )
 
     def predict_arrays(self, images: Sequence[np.ndarray], cams: bool = False) -> Prediction:

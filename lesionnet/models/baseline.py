@@ -70,6 +70,15 @@ class KerasBaselineCNN(nn.Module):
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         return self.pool(self.features(x))
 
+    def forward_intermediates(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """(forward_features(x), each conv block's output): timm's interface, so the image-type gate reads this model's
+        stage statistics too."""
+        stages = []
+        for block in self.features:
+            x = block(x)
+            stages.append(x)
+        return self.pool(x), stages
+
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         x = self.head_drop(self.act(self.fc(torch.flatten(x, 1))))
         return x if pre_logits else self.classifier(x)

@@ -262,20 +262,31 @@ export function answer(policy, check, out, cropBox) {
                  image_check: check, on_device: true };
   const rejected = { ...base, status: "rejected", message: M.rejected, top_class: null, probabilities: [],
     urgency: { refer: null, reasons: [], level: "unknown", message: M.rejected }, referral_check: policy.referral_check,
-    confidence: null, heatmap: null, ood: null };
+    confidence: null, heatmap: null, image_type: null, familiarity: null };
   if (!check.passed) return rejected;
-  let ood = null;
-  if (policy.ood) {
-    const scores = policy.ood.validation_scores;
-    ood = { method: policy.ood.method, score: round(out.oodScore, 4), threshold: round(policy.ood.threshold, 4),
-            percentile: round(scores.filter((s) => s <= out.oodScore).length / scores.length, 4),
-            refused: out.oodScore > policy.ood.threshold, source: policy.ood.source };
-    if (ood.refused) return { ...rejected, ood, urgency: { ...rejected.urgency, reasons: [M.ood_reason] } };
+  let imageType = null; // question 1: is this a dermatoscope image? (the only refusal by the model)
+  if (policy.image_type) {
+    const t = policy.image_type;
+    imageType = { dermoscopy: !(out.imageTypeScore < t.threshold), score: round(out.imageTypeScore, 4),
+                  threshold: round(t.threshold, 4), source: t.source };
+    if (!imageType.dermoscopy) {
+      return { ...rejected, message: M.not_dermoscopy, image_type: imageType,
+               urgency: { ...rejected.urgency, message: M.not_dermoscopy, reasons: [M.not_dermoscopy_reason] } };
+    }
   }
+  let familiarity = null; // question 2: is the lesion like the ones the model learnt? (flags, never refuses)
+  if (policy.familiarity) {
+    const f = policy.familiarity, scores = f.validation_scores;
+    familiarity = { familiar: !(out.oodScore > f.threshold), method: f.method, score: round(out.oodScore, 4),
+                    threshold: round(f.threshold, 4),
+                    percentile: round(scores.filter((s) => s <= out.oodScore).length / scores.length, 4),
+                    source: f.source };
+  }
+  const unfamiliar = familiarity !== null && !familiarity.familiar;
   const probs = out.probs;
   const gate = policy.confidence;
   const score = gate.method === "energy" ? out.negEnergy : Math.max(...probs);
-  const unsure = score < gate.threshold;
+  const unconfident = score < gate.threshold;
   const urgency = assess(probs, policy);
   const shown = calibrate(probs, policy.referral);
   const classes = policy.classes.map((c, k) => ({ ...c, probability: round(shown[k], 4) }))
@@ -286,20 +297,26 @@ export function answer(policy, check, out, cropBox) {
   const heatmap = policy.heatmap && out.camGrid ? {
     method: "cam", grid: out.camGrid.map((row) => row.map((v) => round(v, 3))), crop_box: cropBox,
     class_code: policy.classes[topIndex].code, layer: "forward_features" } : null;
-  const [level, message] = urgency.refer ? ["see_dermatologist", M.refer] : unsure ? ["unknown", M.unsure]
-    : ["routine", M.routine];
+  const reasons = [...urgency.reasons]; // an unfamiliar lesion and an unsure answer go to a doctor too
+  if (unfamiliar) reasons.push(M.unfamiliar_reason);
+  if (unconfident) reasons.push(M.unsure_reason.replace("{score}", score.toFixed(2)));
+  const unsure = unfamiliar || unconfident;
+  const message = unfamiliar ? M.unfamiliar : unconfident ? M.unsure : named.replace("{name}", decided.name);
   return {
     ...base,
     status: unsure ? "unsure" : "ok",
-    message: unsure ? M.unsure : named.replace("{name}", decided.name),
+    message,
     top_class: unsure ? null : decided,
     probabilities: classes,
-    urgency: { ...urgency, refer: urgency.refer ? true : (unsure ? null : false), level, message },
+    urgency: { ...urgency, refer: reasons.length > 0, reasons,
+               level: reasons.length > 0 ? "see_dermatologist" : "routine",
+               message: urgency.refer ? M.refer : unsure ? message : M.routine },
     referral_check: policy.referral_check,
     confidence: { method: gate.method, score: round(score, 4), threshold: round(gate.threshold, 4),
                   threshold_source: gate.source },
     heatmap,
-    ood,
+    image_type: imageType,
+    familiarity,
   };
 }
 
@@ -331,6 +348,7 @@ export async function load(policyUrl = "/on-device/policy.json") {
     const rows = (name, width) => Array.from({ length: n }, (_, i) => Array.from(outputs[name].data.slice(i * width, (i + 1) * width)));
     const result = { probs: rows("probs", k), negEnergy: Array.from(outputs.neg_energy.data) };
     if (outputs.ood_score) result.oodScore = Array.from(outputs.ood_score.data);
+    if (outputs.image_type_score) result.imageTypeScore = Array.from(outputs.image_type_score.data);
     if (outputs.cam_grid) {
       const [, gh, gw] = outputs.cam_grid.dims;
       result.camGrid = rows("cam_grid", gh * gw).map((flat) => Array.from({ length: gh }, (_, y) => flat.slice(y * gw, (y + 1) * gw)));
@@ -351,6 +369,7 @@ export async function load(policyUrl = "/on-device/policy.json") {
     const x = preprocess(img, policy.preprocessing);
     const out = await run(x.data, x.dims);
     const one = { probs: out.probs[0], negEnergy: out.negEnergy[0], oodScore: out.oodScore && out.oodScore[0],
+                  imageTypeScore: out.imageTypeScore && out.imageTypeScore[0],
                   camGrid: out.camGrid && out.camGrid[0] };
     return answer(policy, check, one, x.cropBox);
   }

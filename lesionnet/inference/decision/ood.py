@@ -48,7 +48,14 @@ from scipy.stats import rankdata
 from lesionnet.contract.files import ContractError
 from lesionnet.contract.gates import OOD_METHODS as OOD_METHODS  # the methods a gate file may name
 from lesionnet.contract.gates import REFIT_OOD as REFIT
-from lesionnet.contract.gates import OodGateFile, OodMethod, StoredArray, read_ood_gate, write_ood_gate
+from lesionnet.contract.gates import (
+    OodGateFile,
+    OodMethod,
+    StoredArray,
+    check_fitted_for,
+    read_ood_gate,
+    write_ood_gate,
+)
 
 if TYPE_CHECKING:  # the core's outputs, read here; the core imports this package's combine (see __init__)
     from lesionnet.inference.predictor import Prediction, Predictor
@@ -351,13 +358,8 @@ class OodGate:
     def load(cls, path: str | Path, model_version: str, tta: str | None = None) -> OodGate:
         """The gate in ``path``; refused unless fitted for ``model_version`` (``Predictor.version``) and ``tta``."""
         stored = read_ood_gate(path)
-        if stored.model_version != model_version:
-            raise ContractError(
-                f"{path} was fitted for model {stored.model_version}, not {model_version}: its distances mean "
-                f"nothing for another model's features. {REFIT}"
-            )
-        if tta is not None and stored.tta != tta:
-            raise ContractError(f"{path} was fitted with tta={stored.tta}, the model now runs tta={tta}. {REFIT}")
+        why = "its distances mean nothing for another model's features"
+        check_fitted_for(path, (stored.model_version, stored.tta), (model_version, tta), why, REFIT)
         try:
             detector = OodDetector(
                 method=stored.method,

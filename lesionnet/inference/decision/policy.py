@@ -107,7 +107,7 @@ class ReferralPolicy:
         """Why the melanoma rule refers, for a probability written as ``p_mel`` (the on-device page gets "{p}")."""
         return (
             f"Melanoma {self._what} {p_mel} is at or above {self.melanoma_threshold:.2f}, the level "
-            f"that caught {self.target_sensitivity:.0%} of melanomas in validation."
+            f"set on validation images to catch {self.target_sensitivity:.0%} of melanomas."
         )
 
     def malignant_reason(self, p_malignant: str) -> str:
