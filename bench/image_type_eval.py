@@ -34,7 +34,7 @@ import hashlib
 import json
 import sys
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +44,7 @@ import pandas as pd
 from lesionnet.contract.scores import read_scores
 from lesionnet.data.run_folder import RunFolder
 from lesionnet.evaluation.external_sets import external_table
+from lesionnet.evaluation.metrics.operating_points import threshold_for_sensitivity
 from lesionnet.inference import Predictor, load_members, read_rgb
 from lesionnet.inference.decision.image_check import check_image
 from lesionnet.inference.decision.image_type import fit_image_type, out_of_fold_logits
@@ -80,6 +81,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--quantiles", type=float, nargs="+", default=[0.95, 0.975, 0.99, 0.995, 0.999])
     parser.add_argument("--answered", type=float, default=0.80, help="share of images to answer with a class")
     parser.add_argument("--confidence-quantile", type=float, default=0.05, help="the app's unsure.quantile")
+    parser.add_argument(
+        "--referral-targets",
+        type=float,
+        nargs="*",
+        default=[0.95, 0.97, 0.98, 0.99],
+        help="melanoma sensitivities to set the referral threshold for on validation: the trade-off, reported only",
+    )
     parser.add_argument(
         "--ood-method", default="mahalanobis_class", help="the familiarity score (serve.yaml ood.method)"
     )
@@ -246,6 +254,36 @@ def policy_row(s: ImageSet, o: Outcome, mask: np.ndarray) -> dict[str, Any]:
     }
 
 
+def referral_trade_off(
+    sets: dict[str, ImageSet],
+    q1: Any,
+    ood: Any,
+    flag_threshold: float,
+    msp_threshold: float,
+    policy: ReferralPolicy,
+    class_names: Sequence[str],
+    args: argparse.Namespace,
+) -> list[dict[str, Any]]:
+    """The whole policy with the melanoma threshold set on validation for each of ``--referral-targets``: melanomas and
+    nevi of Derm7pt sent to a doctor (what a stricter target costs; the chosen gates unchanged)."""
+    val, derm = sets["val"], sets["derm7pt"]
+    assert val.probs is not None
+    targets = np.array([class_names.index(d) for d in val.table["dx"]])
+    dx = derm.table["dx"].to_numpy()
+    rows = []
+    for target in args.referral_targets:
+        threshold = threshold_for_sensitivity(val.probs, targets, class_names.index("mel"), target)
+        stricter = replace(policy, melanoma_threshold=threshold, target_sensitivity=target)
+        sent = outcome(derm, q1, ood, flag_threshold, msp_threshold, stricter, class_names).sent_to_doctor
+        row: dict[str, Any] = {"target": target, "threshold": threshold}
+        for half in HALVES:
+            mask = part(derm, half)
+            row[f"{half}_melanomas"] = rate(sent[mask & (dx == "mel")])
+        row["report_nevi"] = rate(sent[part(derm, "report") & (dx == "nv")])
+        rows.append(row)
+    return rows
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     run = RunFolder(args.run)
@@ -291,6 +329,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     chosen = min(meeting, key=lambda f: f["quantile"]) if meeting else max(familiarity, key=lambda f: f["quantile"])
     o_derm = outcome(derm, q1, ood, chosen["threshold"], msp_threshold, policy, class_names)
     o_test = outcome(sets["test"], q1, ood, chosen["threshold"], msp_threshold, policy, class_names)
+    trade_off = referral_trade_off(sets, q1, ood, chosen["threshold"], msp_threshold, policy, class_names, args)
     report = {
         "derm7pt report": policy_row(derm, o_derm, report_mask),
         "derm7pt all": policy_row(derm, o_derm, np.ones_like(report_mask)),
@@ -324,11 +363,19 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"| {mel} | {mel_refused} |"
         )
 
+    print("\n## The referral target's trade-off (threshold on validation; the app keeps --scores' own)\n")
+    print(
+        "| val sensitivity target | threshold | Derm7pt choose: melanomas to a doctor | Derm7pt report: melanomas to a "
+        "doctor | Derm7pt report: nevi to a doctor |\n|---|---|---|---|---|"
+    )
+    for t in trade_off:
+        print(
+            f"| {t['target']} | {t['threshold']:.4f} | {fmt(t['choose_melanomas'])} | {fmt(t['report_melanomas'])} | "
+            f"{fmt(t['report_nevi'])} |"
+        )
     if args.gate_out:
         args.gate_out.mkdir(parents=True, exist_ok=True)
         q1.save(args.gate_out / "image_type_gate.json")
-        from dataclasses import replace
-
         replace(ood, threshold=chosen["threshold"], quantile=chosen["quantile"]).save(args.gate_out / "ood_gate.json")
         ConfidenceGate(
             method="msp",
@@ -351,6 +398,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         "fit": q1.fit,
                         "report": q1_report,
                     },
+                    "referral_trade_off": trade_off,
                     "question2": {
                         "candidates": familiarity,
                         "chosen_quantile": chosen["quantile"],
