@@ -47,8 +47,8 @@ from lesionnet.evaluation.external_sets import external_table
 from lesionnet.evaluation.metrics.operating_points import threshold_for_sensitivity
 from lesionnet.inference import Predictor, load_members, read_rgb
 from lesionnet.inference.decision.image_check import check_image
-from lesionnet.inference.decision.image_type import fit_image_type, out_of_fold_logits
-from lesionnet.inference.decision.ood import fit_ood_features, wilson_interval
+from lesionnet.inference.decision.image_type import ImageTypeGate, fit_image_type, out_of_fold_logits
+from lesionnet.inference.decision.ood import OodGate, fit_ood_features, wilson_interval
 from lesionnet.inference.decision.policy import ConfidenceGate, ReferralPolicy
 
 HALVES = ("choose", "report")
@@ -225,20 +225,26 @@ class Outcome:
         return ~self.refused & (self.referred | self.unsure | self.flagged)
 
 
-def outcome(
-    s: ImageSet,
-    q1: Any,
-    ood: Any,
-    flag_threshold: float,
-    msp_threshold: float,
-    policy: ReferralPolicy,
-    class_names: Sequence[str],
-) -> Outcome:
+@dataclass(frozen=True)
+class AppPolicy:
+    """The app's decisions as the bench replays them: question 1, the familiarity flag, the confidence gate and the
+    referral rule."""
+
+    image_type: ImageTypeGate
+    familiarity: OodGate
+    flag_threshold: float
+    msp_threshold: float
+    referral: ReferralPolicy
+    class_names: Sequence[str]
+
+
+def outcome(s: ImageSet, policy: AppPolicy) -> Outcome:
     assert s.features is not None and s.probs is not None and s.msp is not None and s.checked is not None
-    refused = ~s.checked | q1.refuses(s.stage_stats)
-    flagged = ~refused & (ood.score(s.features) > flag_threshold)
-    unsure = ~refused & (s.msp < msp_threshold)
-    referred = ~refused & np.array([policy.assess(p, class_names)["refer"] for p in s.probs])
+    assert s.stage_stats is not None
+    refused = ~s.checked | policy.image_type.refuses(s.stage_stats)
+    flagged = ~refused & (policy.familiarity.score(s.features) > policy.flag_threshold)
+    unsure = ~refused & (s.msp < policy.msp_threshold)
+    referred = ~refused & np.array([policy.referral.assess(p, policy.class_names)["refer"] for p in s.probs])
     return Outcome(refused, unsure, flagged, referred)
 
 
@@ -254,27 +260,19 @@ def policy_row(s: ImageSet, o: Outcome, mask: np.ndarray) -> dict[str, Any]:
     }
 
 
-def referral_trade_off(
-    sets: dict[str, ImageSet],
-    q1: Any,
-    ood: Any,
-    flag_threshold: float,
-    msp_threshold: float,
-    policy: ReferralPolicy,
-    class_names: Sequence[str],
-    args: argparse.Namespace,
-) -> list[dict[str, Any]]:
+def referral_trade_off(sets: dict[str, ImageSet], policy: AppPolicy, args: argparse.Namespace) -> list[dict[str, Any]]:
     """The whole policy with the melanoma threshold set on validation for each of ``--referral-targets``: melanomas and
     nevi of Derm7pt sent to a doctor (what a stricter target costs; the chosen gates unchanged)."""
     val, derm = sets["val"], sets["derm7pt"]
     assert val.probs is not None
+    class_names = list(policy.class_names)
     targets = np.array([class_names.index(d) for d in val.table["dx"]])
     dx = derm.table["dx"].to_numpy()
     rows = []
     for target in args.referral_targets:
         threshold = threshold_for_sensitivity(val.probs, targets, class_names.index("mel"), target)
-        stricter = replace(policy, melanoma_threshold=threshold, target_sensitivity=target)
-        sent = outcome(derm, q1, ood, flag_threshold, msp_threshold, stricter, class_names).sent_to_doctor
+        stricter = replace(policy.referral, melanoma_threshold=threshold, target_sensitivity=target)
+        sent = outcome(derm, replace(policy, referral=stricter)).sent_to_doctor
         row: dict[str, Any] = {"target": target, "threshold": threshold}
         for half in HALVES:
             mask = part(derm, half)
@@ -323,13 +321,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     familiarity = []
     for quantile in args.quantiles:
         threshold = float(np.quantile(ood.validation_scores, quantile))
-        o = outcome(derm, q1, ood, threshold, msp_threshold, policy, class_names)
+        o = outcome(derm, AppPolicy(q1, ood, threshold, msp_threshold, policy, class_names))
         familiarity.append({"quantile": quantile, "threshold": threshold, **policy_row(derm, o, choose_mask)})
     meeting = [f for f in familiarity if f["answered"]["share"] >= args.answered]
     chosen = min(meeting, key=lambda f: f["quantile"]) if meeting else max(familiarity, key=lambda f: f["quantile"])
-    o_derm = outcome(derm, q1, ood, chosen["threshold"], msp_threshold, policy, class_names)
-    o_test = outcome(sets["test"], q1, ood, chosen["threshold"], msp_threshold, policy, class_names)
-    trade_off = referral_trade_off(sets, q1, ood, chosen["threshold"], msp_threshold, policy, class_names, args)
+    app = AppPolicy(q1, ood, chosen["threshold"], msp_threshold, policy, class_names)
+    o_derm, o_test = outcome(derm, app), outcome(sets["test"], app)
+    trade_off = referral_trade_off(sets, app, args)
     report = {
         "derm7pt report": policy_row(derm, o_derm, report_mask),
         "derm7pt all": policy_row(derm, o_derm, np.ones_like(report_mask)),
