@@ -139,8 +139,12 @@ def load_sets(args: argparse.Namespace, run: RunFolder, class_names: Sequence[st
 
 
 def predict_sets(sets: dict[str, ImageSet], predictor: Predictor, args: argparse.Namespace) -> None:
-    """Features, probabilities and image checks of every set; from ``--cache`` when it holds them all."""
+    """Features, probabilities and image checks of every set; from ``--cache`` when it holds them for this very model
+    (the cache records the predictor's version: another checkpoint's features are computed again, not reused)."""
     cached = dict(np.load(args.cache, allow_pickle=False)) if args.cache and args.cache.is_file() else {}
+    if cached and str(cached.get("model_version", "")) != predictor.version:
+        print(f"{args.cache} holds another model's features: computing them again", file=sys.stderr, flush=True)
+        cached = {}
     for name, image_set in sets.items():
         paths = image_set.table["path"].tolist()
         if f"{name}_stage_stats" in cached and len(cached[f"{name}_features"]) == len(paths):
@@ -156,7 +160,7 @@ def predict_sets(sets: dict[str, ImageSet], predictor: Predictor, args: argparse
         image_set.checked = np.array([check_image(read_rgb(p)).passed for p in paths])
         print(f"predicted {name}: {len(paths)} images", file=sys.stderr, flush=True)
     if args.cache and not cached:
-        arrays = {}
+        arrays: dict[str, Any] = {"model_version": np.array(predictor.version)}
         for name, s in sets.items():
             arrays |= {f"{name}_features": s.features, f"{name}_probs": s.probs, f"{name}_msp": s.msp}
             arrays[f"{name}_stage_stats"] = s.stage_stats

@@ -387,3 +387,48 @@ def test_clock_counts_only_the_timed_steps() -> None:
         unfinished = probes.Clock(warmup=1, steps=1)
         unfinished.step_end(1)
         unfinished.result()
+
+
+def test_image_type_eval_reuses_cached_features_only_for_the_same_model(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A cache written for one checkpoint must not feed another one's gates (re-shipping writes to the same folder)."""
+    import argparse
+    import types
+
+    import numpy as np
+    import pandas as pd
+
+    spec = importlib.util.spec_from_file_location("image_type_eval", BENCH / "image_type_eval.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "image_type_eval", module)  # its dataclasses look their module up
+    monkeypatch.syspath_prepend(str(BENCH))
+    spec.loader.exec_module(module)
+    image = REPO_ROOT / "docs" / "app_screenshot.png"
+    calls: list[str] = []
+
+    def predictor(version: str, value: float) -> Any:
+        def predict_paths(paths: list[str], batch_size: int, desc: str) -> Any:
+            calls.append(version)
+            n = len(paths)
+            return types.SimpleNamespace(
+                features=np.full((n, 2), value),
+                probs=np.full((n, 7), 1 / 7),
+                msp=np.full(n, 1 / 7),
+                stage_stats=np.full((n, 4), value),
+            )
+
+        return types.SimpleNamespace(version=version, predict_paths=predict_paths)
+
+    def fresh_sets() -> dict[str, Any]:
+        return {"val": module.ImageSet("val", pd.DataFrame({"path": [str(image)]}))}
+
+    args = argparse.Namespace(cache=tmp_path / "features.npz", batch_size=8)
+    module.predict_sets(fresh_sets(), predictor("model-a", 1.0), args)
+    sets = fresh_sets()
+    module.predict_sets(sets, predictor("model-a", 9.0), args)
+    assert calls == ["model-a"] and sets["val"].features[0, 0] == 1.0  # read from the cache
+    sets = fresh_sets()
+    module.predict_sets(sets, predictor("model-b", 2.0), args)
+    assert calls == ["model-a", "model-b"] and sets["val"].features[0, 0] == 2.0  # computed again
