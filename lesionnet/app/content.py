@@ -5,6 +5,7 @@ Kept apart from the logic so wording can be reviewed (clinically and for readabi
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 from lesionnet.classes import CLASS_LONG_NAMES
@@ -174,18 +175,29 @@ REFERRAL_NOT_CHECKED = "This rule has not been checked on held-out images for th
 def referral_checked(n_images: int, melanomas: int | None, sensitivity: float, in_sample: bool) -> str:
     """Under the urgency message: on how many images the 'see a dermatologist' rule was checked, and what it caught.
 
-    "At least": the melanoma threshold alone caught ``sensitivity`` of them; the malignant-sum rule can only add.
+    "At least": the melanoma threshold alone caught ``sensitivity`` of them; the malignant-sum rule can only add. So
+    the share is rounded down (94.8% is "at least 94%", never "at least 95%") and given as a count when it is one.
     """
-    of = f" of the {melanomas:,} melanomas" if melanomas else " of the melanomas"
+    caught = sensitivity * melanomas if melanomas else None
+    if caught is not None and abs(caught - round(caught)) <= 1e-6:
+        share = f"{round(caught):,} of the {melanomas:,} melanomas ({at_least_percent(sensitivity)})"
+    else:
+        share = f"{at_least_percent(sensitivity)}" + (
+            f" of the {melanomas:,} melanomas" if melanomas else " of the melanomas"
+        )
     if in_sample:
         return (
             f"The 'see a dermatologist' rule was only checked on the {n_images:,} validation images it was tuned on: "
-            f"it caught at least {sensitivity:.0%}{of} there, and may catch fewer on new images."
+            f"it caught at least {share} there, and may catch fewer on new images."
         )
     return (
-        f"The 'see a dermatologist' rule was checked on {n_images:,} held-out images: it caught at least "
-        f"{sensitivity:.0%}{of} there."
+        f"The 'see a dermatologist' rule was checked on {n_images:,} held-out images: it caught at least {share} there."
     )
+
+
+def at_least_percent(share: float) -> str:
+    """A share as a whole percentage rounded down ('at least' must not round up); float noise aside (0.93 -> 93%)."""
+    return f"{math.floor(share * 100 + 1e-9)}%"
 
 
 # ----------------------------------------------------------------------------- test figures
