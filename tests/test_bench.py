@@ -389,9 +389,7 @@ def test_clock_counts_only_the_timed_steps() -> None:
         unfinished.result()
 
 
-def test_image_type_eval_reuses_cached_features_only_for_the_same_model(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_image_type_eval_reuses_cached_features_only_for_the_same_model(tmp_path: Path) -> None:
     """A cache written for one checkpoint must not feed another one's gates (re-shipping writes to the same folder)."""
     import argparse
     import types
@@ -399,12 +397,9 @@ def test_image_type_eval_reuses_cached_features_only_for_the_same_model(
     import numpy as np
     import pandas as pd
 
-    spec = importlib.util.spec_from_file_location("image_type_eval", BENCH / "image_type_eval.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, "image_type_eval", module)  # its dataclasses look their module up
-    monkeypatch.syspath_prepend(str(BENCH))
-    spec.loader.exec_module(module)
+    from tests.test_ood import load_script
+
+    module = load_script(BENCH / "image_type_eval.py")
     image = REPO_ROOT / "docs" / "app_screenshot.png"
     calls: list[str] = []
 

@@ -86,3 +86,17 @@ def test_failed_run_does_not_stop_the_sweep_and_report_collects_the_rest(tmp_pat
 def test_report_without_runs_says_what_to_give(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="No metrics.json under"):
         collect(tmp_path)
+
+
+def test_the_default_cpu_recipe_is_issue_21s_winner_and_the_shipped_models_recipe() -> None:
+    """``experiment=cpu_lite0`` names the default CPU recipe in one place: colour constancy and acquisition
+    augmentation (issue 21's choice, docs/RESULTS.md), the data config the shipped model was trained with."""
+    from lesionnet.app.shipped import SHIPPED_MODEL
+    from lesionnet.data.run_folder import RunFolder
+
+    default = compose_train(["experiment=cpu_lite0"])
+    winner = compose_train(["experiment=cpu_lite0_cc_acq"])
+    assert default.data == winner.data and default.model == winner.model and default.trainer == winner.trainer
+    assert default.data.colour_constancy.method == "shades_of_gray" and default.data.augment.acquisition.jpeg.p > 0
+    shipped = RunFolder(SHIPPED_MODEL).metrics().config
+    assert shipped["data"]["colour_constancy"] == dict(default.data.colour_constancy)

@@ -144,7 +144,9 @@ def _range(value: Sequence[float]) -> tuple[float, float]:
 def acquisition_ops(acquisition: Mapping[str, Mapping[str, Any]]) -> list[A.BasicTransform]:
     """What another dermatoscope, camera or upload path does to an image, as albumentations transforms, in the order
     light and optics act before the file is written: gamma, the dark circular field, lower resolution (down- then
-    up-scaled), Gaussian or motion blur, JPEG re-encoding. Each entry is ``{p: ..., <its range>: [low, high]}``."""
+    up-scaled), Gaussian or motion blur, JPEG re-encoding. Each entry is ``{p: ..., <its range>: [low, high]}``.
+    No hair-like occluder: albumentations (2.0.8) has none (its dropouts cut rectangles), and issue 21 asked for one
+    only if it did."""
     unknown = sorted(set(acquisition) - set(ACQUISITION_KEYS))
     if unknown:
         raise ValueError(f"data.augment.acquisition: unknown entries {unknown}; use {list(ACQUISITION_KEYS)}.")
