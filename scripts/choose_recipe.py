@@ -22,8 +22,9 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from lesionnet.contract.files import ContractError
 from lesionnet.contract.provenance import file_sha256
-from lesionnet.contract.scores import ScoresRow, read_scores
+from lesionnet.contract.scores import POSTHOC_LA, ScoresRow, read_scores, scores_for
 from lesionnet.data.run_folder import RunFolder
 
 
@@ -76,18 +77,23 @@ def scored_run(pair: str, external: str) -> ScoredRun:
     if not sep:
         raise SystemExit(f"{pair!r}: give each run as <train run folder>=<evaluate.py folder>.")
     run = RunFolder(run_path)
-    scores = read_scores(Path(eval_path) / "scores.json")
-    best = run.best_checkpoint()
-    if [model.sha256 for model in scores.models] != [file_sha256(best)]:
-        raise SystemExit(f"{eval_path}/scores.json did not score {best} alone: evaluate.py ckpt={run.path} again.")
+    path = Path(eval_path) / "scores.json"
+    scores = read_scores(path)
+    best = [file_sha256(run.best_checkpoint())]
+    try:  # the rows of exactly this checkpoint, unedited (their digests), without TTA
+        plain_name, plain, _ = scores_for(scores, path, best, tta="none")
+        adjusted_name: str | None = None
+        adjusted = None
+        if plain_name + POSTHOC_LA in (scores.scores or {}):
+            adjusted_name, adjusted, _ = scores_for(scores, path, best, tta="none", logit_adjusted=True)
+    except ContractError as err:
+        raise SystemExit(f"{err} (run {run.path})") from err
     sets = [ext for ext in scores.external if ext.name == external and ext.scores]
-    if not sets or scores.scores is None:
-        raise SystemExit(f"{eval_path}/scores.json has no labelled '{external}' set: evaluate with 'external=[...]'.")
-    ((plain_name, plain),) = [(n, r) for n, r in scores.scores.items() if r.logit_adjustment is None]
-    adjusted = next((r for r in scores.scores.values() if r.logit_adjustment is not None), None)
+    if not sets:
+        raise SystemExit(f"{path} has no labelled '{external}' set: evaluate with 'external=[{external}]'.")
     external_rows = sets[0].scores
     assert external_rows is not None
-    external_adjusted = next((external_rows[n] for n, r in scores.scores.items() if r.logit_adjustment), None)
+    external_adjusted = external_rows[adjusted_name] if adjusted_name is not None else None
     config = run.metrics().config
     return ScoredRun(
         run=run.path,

@@ -129,9 +129,9 @@ def test_the_answer_says_the_referral_rule_was_checked_and_on_what(client: TestC
 
 def test_at_least_never_rounds_up_and_gives_the_count_when_there_is_one() -> None:
     """165 of 174 melanomas is 94.8%: "at least 95%" would claim more than was measured."""
-    message = content.referral_checked(1520, 174, 165 / 174, in_sample=False)
-    assert "it caught at least 165 of the 174 melanomas (94%) there." in message
-    assert "95%" not in message
+    message = content.referral_checked(1520, 174, 0.9482758620689655, in_sample=False)  # as scores.json keeps it
+    assert message.endswith("it caught at least 165 of the 174 melanomas there.")
+    assert content.referral_checked(1520, None, 0.9482758620689655, in_sample=False).endswith("at least 94% there.")
 
 
 def test_without_a_validated_threshold_the_answer_says_not_checked(run: Path) -> None:

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from omegaconf import OmegaConf
 
 from lesionnet.results_table import collect, write_results_table
 from lesionnet.training import train
@@ -99,4 +100,6 @@ def test_the_default_cpu_recipe_is_issue_21s_winner_and_the_shipped_models_recip
     assert default.data == winner.data and default.model == winner.model and default.trainer == winner.trainer
     assert default.data.colour_constancy.method == "shades_of_gray" and default.data.augment.acquisition.jpeg.p > 0
     shipped = RunFolder(SHIPPED_MODEL).metrics().config
+    assert shipped["task_name"] == "cpu_lite0_cc_acq"
     assert shipped["data"]["colour_constancy"] == dict(default.data.colour_constancy)
+    assert shipped["data"]["augment"]["acquisition"] == OmegaConf.to_container(default.data.augment.acquisition)

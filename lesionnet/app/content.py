@@ -176,15 +176,14 @@ def referral_checked(n_images: int, melanomas: int | None, sensitivity: float, i
     """Under the urgency message: on how many images the 'see a dermatologist' rule was checked, and what it caught.
 
     "At least": the melanoma threshold alone caught ``sensitivity`` of them; the malignant-sum rule can only add. So
-    the share is rounded down (94.8% is "at least 94%", never "at least 95%") and given as a count when it is one.
+    it says the count when there is one ("at least 165 of the 174 melanomas", the model card's count), else the
+    share rounded down (94.8% is "at least 94%", never "at least 95%").
     """
-    caught = sensitivity * melanomas if melanomas else None
-    if caught is not None and abs(caught - round(caught)) <= 1e-6:
-        share = f"{round(caught):,} of the {melanomas:,} melanomas ({at_least_percent(sensitivity)})"
+    caught = caught_count(sensitivity, melanomas)
+    if caught is not None:
+        share = f"{caught:,} of the {melanomas:,} melanomas"
     else:
-        share = f"{at_least_percent(sensitivity)}" + (
-            f" of the {melanomas:,} melanomas" if melanomas else " of the melanomas"
-        )
+        share = f"{math.floor(sensitivity * 100 + 1e-9)}%" + (f" of the {melanomas:,} melanomas" if melanomas else "")
     if in_sample:
         return (
             f"The 'see a dermatologist' rule was only checked on the {n_images:,} validation images it was tuned on: "
@@ -195,9 +194,12 @@ def referral_checked(n_images: int, melanomas: int | None, sensitivity: float, i
     )
 
 
-def at_least_percent(share: float) -> str:
-    """A share as a whole percentage rounded down ('at least' must not round up); float noise aside (0.93 -> 93%)."""
-    return f"{math.floor(share * 100 + 1e-9)}%"
+def caught_count(sensitivity: float, melanomas: int | None) -> int | None:
+    """How many of ``melanomas`` a sensitivity is, when it is a whole number of them (scores.json keeps the share)."""
+    caught = sensitivity * melanomas if melanomas else None
+    if caught is None or abs(caught - round(caught)) > 1e-6:
+        return None
+    return round(caught)
 
 
 # ----------------------------------------------------------------------------- test figures
@@ -218,11 +220,11 @@ def percent_with_interval(value: float | None, interval: Sequence[float | None] 
 def melanomas_caught(sensitivity: float, melanomas: int | None, interval: Sequence[float | None] | None) -> str:
     """'7 of the 8 melanomas (88%; 95% CI 50%-100%)': the count when the share is a whole number of them, so that a
     percentage of a handful of melanomas is not read as a precise rate; else '93% of the melanomas'."""
-    caught = sensitivity * melanomas if melanomas else None
-    if caught is None or abs(caught - round(caught)) > 1e-6:
+    caught = caught_count(sensitivity, melanomas)
+    if caught is None:
         return f"{sensitivity:.0%} of the melanomas"
     ci = f"; 95% CI {interval[0]:.0%}-{interval[1]:.0%}" if interval and None not in interval else ""
-    return f"{round(caught):,} of the {melanomas:,} melanomas ({sensitivity:.0%}{ci})"
+    return f"{caught:,} of the {melanomas:,} melanomas ({sensitivity:.0%}{ci})"
 
 
 def performance_summary(scores: ScoresRow, evaluated: ScoresFile, provenance: list[str]) -> str:
