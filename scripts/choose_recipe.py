@@ -30,13 +30,12 @@ from lesionnet.data.run_folder import RunFolder
 
 @dataclass(frozen=True)
 class ScoredRun:
-    """One seed of one recipe: its plain row and its post-hoc logit-adjusted row, internal and external."""
+    """One seed of one recipe: its plain row (internal and external) and its external post-hoc logit-adjusted row."""
 
     run: Path
     recipe: str
     seed: int
     plain: ScoresRow
-    adjusted: ScoresRow | None
     external_plain: ScoresRow
     external_adjusted: ScoresRow | None
 
@@ -83,9 +82,8 @@ def scored_run(pair: str, external: str) -> ScoredRun:
     try:  # the rows of exactly this checkpoint, unedited (their digests), without TTA
         plain_name, plain, _ = scores_for(scores, path, best, tta="none")
         adjusted_name: str | None = None
-        adjusted = None
         if plain_name + POSTHOC_LA in (scores.scores or {}):
-            adjusted_name, adjusted, _ = scores_for(scores, path, best, tta="none", logit_adjusted=True)
+            adjusted_name, _, _ = scores_for(scores, path, best, tta="none", logit_adjusted=True)
     except ContractError as err:
         raise SystemExit(f"{err} (run {run.path})") from err
     sets = [ext for ext in scores.external if ext.name == external and ext.scores]
@@ -100,7 +98,6 @@ def scored_run(pair: str, external: str) -> ScoredRun:
         recipe=str(config.get("task_name")),
         seed=int(config.get("seed", -1)),
         plain=plain,
-        adjusted=adjusted,
         external_plain=external_rows[plain_name],
         external_adjusted=external_adjusted,
     )
